@@ -1,0 +1,225 @@
+"""Multi-scale Glow with a learned prior and exact per-sample log-likelihood.
+
+Structure for `n_levels` L and `steps_per_level` K:
+
+    for each level: squeeze -> K x FlowStep -> split (all but the last level)
+
+Each split keeps half of the channels and factors out the other half, whose prior is a
+Gaussian conditioned on the kept half. The top latent has a learned prior. The model works
+in "y space" (dequantized pixels in [-0.5, 0.5), see `glow.likelihood`); everything about
+data and bits per dimension lives outside this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from glow.flows import FlowStep, ZeroConv2d, gaussian_log_density, squeeze, unsqueeze
+
+__all__ = ["Glow", "GlowConfig", "SplitPrior"]
+
+COUPLINGS = ("affine", "additive")
+
+
+@dataclass
+class GlowConfig:
+    """Architecture of a Glow model. Everything here changes the function it computes."""
+
+    image_size: int = 32
+    in_channels: int = 3
+    n_levels: int = 3
+    steps_per_level: int = 8
+    hidden_channels: int = 64
+    coupling: str = "affine"
+    lu: bool = True
+    learn_top: bool = True
+    n_bits: int = 8
+    coupling_actnorm: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field and value."""
+        if self.n_levels < 1:
+            raise ValueError(f"n_levels must be >= 1, got {self.n_levels}")
+        if self.steps_per_level < 1:
+            raise ValueError(f"steps_per_level must be >= 1, got {self.steps_per_level}")
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+        if self.hidden_channels < 1:
+            raise ValueError(f"hidden_channels must be >= 1, got {self.hidden_channels}")
+        if self.image_size < 2 or self.image_size % (2**self.n_levels):
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by 2**n_levels = {2**self.n_levels}"
+            )
+        if self.coupling not in COUPLINGS:
+            raise ValueError(f"coupling must be one of {COUPLINGS}, got {self.coupling!r}")
+        if not 1 <= self.n_bits <= 8:
+            raise ValueError(f"n_bits must be in 1..8, got {self.n_bits}")
+
+    @property
+    def n_dims(self) -> int:
+        return self.in_channels * self.image_size**2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Stable short hash of the architecture (stored in checkpoints and dumps)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GlowConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown GlowConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+class SplitPrior(nn.Module):
+    """Gaussian prior of the factored-out half, conditioned on the kept half."""
+
+    def __init__(self, num_channels: int):
+        super().__init__()
+        self.n_keep = num_channels // 2
+        self.conv = ZeroConv2d(self.n_keep, 2 * (num_channels - self.n_keep))
+
+    def mean_log_std(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.conv(kept.to(self.conv.conv.weight.dtype))
+        return h[:, 0::2], h[:, 1::2]
+
+
+class Glow(nn.Module):
+    def __init__(self, config: GlowConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        affine = config.coupling == "affine"
+        channels = config.in_channels
+        size = config.image_size
+        self.levels = nn.ModuleList()
+        self.priors = nn.ModuleList()
+        self.latent_shapes: list[tuple[int, int, int]] = []
+        for level in range(config.n_levels):
+            channels, size = channels * 4, size // 2
+            self.levels.append(
+                nn.ModuleList(
+                    FlowStep(channels, config.hidden_channels, affine, config.lu, config.coupling_actnorm)
+                    for _ in range(config.steps_per_level)
+                )
+            )
+            if level < config.n_levels - 1:
+                self.priors.append(SplitPrior(channels))
+                self.latent_shapes.append((channels - channels // 2, size, size))
+                channels = channels // 2
+        self.latent_shapes.append((channels, size, size))
+        top = torch.zeros(1, 2 * channels, size, size)
+        if config.learn_top:
+            self.top_prior = nn.Parameter(top)
+        else:
+            self.register_buffer("top_prior", top)
+
+    # -- shapes and checks -------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c = self.config
+        return (c.in_channels, c.image_size, c.image_size)
+
+    def _check_input(self, y: torch.Tensor) -> None:
+        if y.dim() != 4 or tuple(y.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"expected input of shape (B, {', '.join(map(str, self.input_shape))}), "
+                f"got {tuple(y.shape)}"
+            )
+        if not y.is_floating_point():
+            raise ValueError(f"expected a floating-point input (dequantized pixels), got {y.dtype}")
+
+    def _top_mean_log_std(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.top_prior.expand(batch, -1, -1, -1)
+        return h[:, 0::2], h[:, 1::2]
+
+    # -- density -----------------------------------------------------------------------
+    def forward_flow(self, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+        """y -> (latents, sum of log-determinants, log prior density of each latent).
+
+        All per sample. Latents are ordered from the first split to the top.
+        """
+        self._check_input(y)
+        dtype = self.top_prior.dtype
+        x = y.to(dtype)
+        logdet = x.new_zeros(x.shape[0])
+        latents, log_priors = [], []
+        for level, steps in enumerate(self.levels):
+            x = squeeze(x)
+            for step in steps:
+                x, ld = step(x)
+                logdet = logdet + ld
+            if level < len(self.priors):
+                prior = self.priors[level]
+                kept, factored = x[:, : prior.n_keep], x[:, prior.n_keep :]
+                mean, log_std = prior.mean_log_std(kept)
+                log_priors.append(gaussian_log_density(factored, mean, log_std))
+                latents.append(factored)
+                x = kept
+        mean, log_std = self._top_mean_log_std(x.shape[0])
+        log_priors.append(gaussian_log_density(x, mean, log_std))
+        latents.append(x)
+        return latents, logdet, log_priors
+
+    def log_prob(self, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample log p_y(y) in nats: log N(z; prior) + sum of log-determinants."""
+        _, logdet, log_priors = self.forward_flow(y)
+        return logdet + torch.stack(log_priors).sum(0)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.log_prob(y)
+
+    def encode(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """y -> every latent (one per split plus the top); `decode` inverts it exactly."""
+        return self.forward_flow(y)[0]
+
+    # -- inverse -----------------------------------------------------------------------
+    def _reverse(self, top: torch.Tensor, factored) -> torch.Tensor:
+        """Run the flow backwards from the top latent.
+
+        `factored(level, kept)` returns the factored-out latent of that level.
+        """
+        x = top
+        for level in reversed(range(len(self.levels))):
+            if level < len(self.priors):
+                x = torch.cat([x, factored(level, x)], 1)
+            for step in reversed(self.levels[level]):
+                x = step.reverse(x)
+            x = unsqueeze(x)
+        return x
+
+    def decode(self, latents: list[torch.Tensor]) -> torch.Tensor:
+        """Inverse of `encode`."""
+        if len(latents) != len(self.latent_shapes):
+            raise ValueError(f"expected {len(self.latent_shapes)} latents, got {len(latents)}")
+        for z, shape in zip(latents, self.latent_shapes):
+            if tuple(z.shape[1:]) != shape:
+                raise ValueError(f"latent of shape {tuple(z.shape)} does not match (B, {shape})")
+        return self._reverse(latents[-1], lambda level, kept: latents[level])
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Draw n samples in y space, every prior standard deviation scaled by `temperature`."""
+        device, dtype = self.top_prior.device, self.top_prior.dtype
+
+        def draw(mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+            eps = torch.randn(mean.shape, generator=generator, dtype=dtype, device=generator.device if generator else device)
+            return mean + temperature * torch.exp(log_std) * eps.to(device)
+
+        def factored(level: int, kept: torch.Tensor) -> torch.Tensor:
+            return draw(*self.priors[level].mean_log_std(kept))
+
+        return self._reverse(draw(*self._top_mean_log_std(n)), factored)
