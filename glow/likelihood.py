@@ -22,6 +22,7 @@ __all__ = [
     "bits_per_dim",
     "eval_noise",
     "log_p_x",
+    "perturb_pixels",
     "postprocess",
     "preprocess",
     "quantize",
@@ -100,3 +101,19 @@ def bits_per_dim(log_p_y, n_dims: int, n_bits: int):
     """
     return -log_p_x(log_p_y, n_dims, n_bits) / (n_dims * math.log(2.0))
 
+
+
+def perturb_pixels(x: torch.Tensor, prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each uint8 value with a uniform random one with probability `prob`.
+
+    The input perturbation of the background model of Ren et al. (2019): it keeps the
+    local statistics a flow latches onto and destroys the semantics.
+    """
+    if not 0.0 <= prob < 1.0:
+        raise ValueError(f"perturbation probability must be in [0, 1), got {prob}")
+    if prob == 0.0:
+        return x
+    device = generator.device if generator is not None else x.device
+    mask = torch.rand(x.shape, generator=generator, device=device) < prob
+    noise = torch.randint(0, 256, x.shape, generator=generator, device=device, dtype=torch.uint8)
+    return torch.where(mask.to(x.device), noise.to(x.device), x)

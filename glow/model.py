@@ -91,7 +91,8 @@ class SplitPrior(nn.Module):
         self.conv = ZeroConv2d(self.n_keep, 2 * (num_channels - self.n_keep))
 
     def mean_log_std(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.conv(kept.to(self.conv.conv.weight.dtype))
+        with torch.autocast(kept.device.type, enabled=False):  # priors stay in full precision
+            h = self.conv(kept.to(self.conv.conv.weight.dtype))
         return h[:, 0::2], h[:, 1::2]
 
 

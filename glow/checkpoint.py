@@ -1,0 +1,152 @@
+"""Checkpoints: `runs/<name>/checkpoints/step-%08d/` with a COMPLETE marker written last.
+
+A step directory holds
+    state/              accelerate state (model, optimizer, RNG per rank, registered objects)
+    model.safetensors   weights for evaluation (the EMA weights when EMA is enabled)
+    meta.json           step, model config and hash, config hash, data, seed
+    COMPLETE            written by rank 0 after every rank saved: only then the step counts
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from glow.model import Glow, GlowConfig
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "complete_checkpoints",
+    "latest_checkpoint",
+    "load_model",
+    "prune_checkpoints",
+    "read_meta",
+    "resolve_checkpoint",
+    "step_dir",
+    "write_export",
+]
+
+log = logging.getLogger(__name__)
+STEP_RE = re.compile(r"^step-(\d{8})$")
+COMPLETE = "COMPLETE"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name))]
+    return sorted(found)
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    return [(s, p) for s, p in _step_dirs(Path(run_dir)) if (p / COMPLETE).is_file()]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    complete = complete_checkpoints(run_dir)
+    return complete[-1][1] if complete else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step dir, a run dir, or `<run>/checkpoints/latest` -> a complete step dir."""
+    path = Path(path)
+    if path.name == "latest":
+        path = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    if (path / COMPLETE).is_file():
+        return path
+    if STEP_RE.match(path.name):
+        raise FileNotFoundError(f"checkpoint {path} is not complete (no {COMPLETE} file) or does not exist")
+    run_dir = path.parent if path.name == "checkpoints" else path
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
+    return latest
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; drop older ones and stale partial saves."""
+    complete = complete_checkpoints(run_dir)
+    if not complete:
+        return
+    newest = complete[-1][0]
+    keep_steps = {s for s, _ in complete[-keep:]}
+    for step, path in _step_dirs(Path(run_dir)):
+        stale_partial = step < newest and not (path / COMPLETE).is_file()
+        if (step not in keep_steps and (path / COMPLETE).is_file()) or stale_partial:
+            # Remove the marker first: a crash mid-delete leaves an incomplete dir, never
+            # a "complete" one with files missing.
+            (path / COMPLETE).unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def write_export(directory: Path, state_dict: dict[str, torch.Tensor], meta: dict) -> None:
+    """model.safetensors + meta.json (rank 0 only; before COMPLETE)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"model_hash": meta["model_hash"], "step": str(meta["step"])})
+        os.replace(tmp, directory / "model.safetensors")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
+
+
+def read_meta(step_path: str | Path) -> dict:
+    path = Path(step_path) / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path} is missing: not a glow-ood checkpoint") from err
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Glow, dict]:
+    """Model weights and meta of a checkpoint (never the optimizer), in eval mode."""
+    step_path = resolve_checkpoint(path)
+    meta = read_meta(step_path)
+    config = GlowConfig.from_dict(meta["model_config"])
+    if config.hash() != meta["model_hash"]:
+        raise ValueError(
+            f"{step_path / 'meta.json'}: model_hash {meta['model_hash']} does not match its model_config "
+            f"({config.hash()}); the checkpoint was written by an incompatible version"
+        )
+    model = Glow(config)
+    model.load_state_dict(load_file(str(step_path / "model.safetensors")))
+    meta["path"] = str(step_path)
+    return model.to(device).eval(), meta

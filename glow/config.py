@@ -1,0 +1,160 @@
+"""Typed training configuration: dataclass defaults <- YAML file <- dotted overrides.
+
+OmegaConf structured configs do the merging and validation: an unknown key or a value of
+the wrong type is an error that names the key. The resolved config is written to
+`<run>/config.yaml`; its hash goes into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from glow.model import GlowConfig
+
+__all__ = ["Config", "ConfigError", "config_hash", "load_config", "to_yaml"]
+
+
+class ConfigError(ValueError):
+    """A configuration the user has to fix; the message says where and how."""
+
+
+@dataclass
+class RunConfig:
+    name: str = MISSING  # the run directory is <root>/<name>: a requeued job finds itself
+    root: str = "runs"
+    logger: str = "wandb"  # wandb | none (wandb is offline unless WANDB_MODE says otherwise)
+    wandb_project: str = "glow-ood"
+    init_from: str = ""  # warm start: a checkpoint step dir whose model weights are loaded
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/shards"
+    dataset: str = "demo"
+    split: str = "train"
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    hflip: bool = False
+    batches_per_epoch: int = 1000  # per process; the stream is reseeded every epoch
+    perturb_prob: float = 0.0  # Ren et al. 2019 background model: replace pixels with noise
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"  # adam | adamax
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    schedule: str = "constant"  # constant | cosine (after warm-up)
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    grad_clip: float = 50.0  # max global grad norm; 0 disables
+    grad_accum: int = 1
+    ema_decay: float = 0.0  # 0 disables; the EMA weights are sampled from and exported
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 64  # per process
+    max_steps: int = 1000
+    precision: str = "fp32"  # fp32 | bf16 (coupling networks only)
+    log_every: int = 10
+    sample_every: int = 500
+    sample_temperatures: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.9, 1.0])
+    samples_per_temperature: int = 8
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: GlowConfig = field(default_factory=GlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+
+_CHOICES = {
+    ("run", "logger"): ("wandb", "none"),
+    ("optim", "optimizer"): ("adam", "adamax"),
+    ("optim", "schedule"): ("constant", "cosine"),
+    ("train", "precision"): ("fp32", "bf16"),
+}
+
+
+def _validate(cfg: Config) -> None:
+    for (section, key), allowed in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{section}.{key} must be one of {allowed}, got {value!r}")
+    positive = {
+        "train.batch_size": cfg.train.batch_size,
+        "train.max_steps": cfg.train.max_steps,
+        "train.log_every": cfg.train.log_every,
+        "train.sample_every": cfg.train.sample_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "train.max_bad_steps": cfg.train.max_bad_steps,
+        "optim.grad_accum": cfg.optim.grad_accum,
+        "data.batches_per_epoch": cfg.data.batches_per_epoch,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if not 0.0 <= cfg.optim.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}")
+    if not 0.0 <= cfg.data.perturb_prob < 1.0:
+        raise ConfigError(f"data.perturb_prob must be in [0, 1), got {cfg.data.perturb_prob}")
+    try:
+        cfg.model.validate()
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from err
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file at `path` <- `key=value` overrides; returns a validated Config."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            layers.append(OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        if OmegaConf.is_missing(merged.run, "name"):
+            raise ConfigError("run.name is not set: give it in the config file or as run.name=<name>")
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        source = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"invalid configuration{source}: {err}") from err
+    _validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of the resolved config (stored in every checkpoint)."""
+    blob = json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,123 @@
+"""Logging and experiment tracking.
+
+stdlib logging: the main process at INFO to stdout and `<run>/log.txt`, the others at
+WARNING. `metrics.jsonl` is the source of truth; wandb mirrors it. wandb runs offline
+unless the user sets WANDB_MODE, and never asks for a key (it takes one from its own
+login or environment if the user chose online mode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["MetricsLog", "Tracker", "git_sha", "setup_logging"]
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(run_dir: Path | None, is_main: bool, rank: int = 0) -> None:
+    """Configure the root logger once per process."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_glow", False):
+            root.removeHandler(handler)
+    level = logging.INFO if is_main else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if run_dir is not None and is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "log.txt"))
+    prefix = "" if is_main else f"[rank {rank}] "
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter(prefix + FORMAT))
+        handler._glow = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+    # accelerate reports every file of every save at INFO; keep the run log readable.
+    for noisy in ("accelerate", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class MetricsLog:
+    """Append-only `metrics.jsonl`; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+        from glow.checkpoint import atomic_write_text
+
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+class Tracker:
+    """wandb mirror of the metrics (or nothing, with logger 'none')."""
+
+    def __init__(self, kind: str, run_dir: Path, project: str, name: str, config: dict):
+        self.run = None
+        if kind != "wandb":
+            return
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        resume_id = _wandb_id(run_dir, name)
+        self.run = wandb.init(
+            project=project, name=name, id=resume_id, resume="allow",
+            dir=str(run_dir), config=config,
+        )
+
+    def log(self, record: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(record, step=step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _wandb_id(run_dir: Path, name: str) -> str:
+    """A stable id per run directory, so a requeued job continues the same wandb run."""
+    path = run_dir / "wandb_id"
+    if path.exists():
+        return path.read_text().strip()
+    run_id = f"{name[:40]}-{hashlib.sha256(f'{run_dir.resolve()}{time.time()}'.encode()).hexdigest()[:8]}"
+    path.write_text(run_id)
+    return run_id

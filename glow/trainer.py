@@ -1,0 +1,476 @@
+"""The training loop: distributed-correct, exactly resumable, preemptible.
+
+`Trainer(cfg, accelerator).fit()` returns a process exit code:
+    0                 finished (`train.max_steps` reached)
+    EXIT_STOPPED (75) stopped on request (SIGUSR1, SIGTERM or `<run>/STOP`), a complete
+                      checkpoint saved and `<run>/STOPPED` written: resumable, requeue it
+    EXIT_FAILED (1)   too many consecutive non-finite steps; the last complete checkpoint
+                      is untouched
+
+Exactness: the data stream is a function of (seed, epoch, rank) and the number of batches
+consumed; the dequantization noise comes from the torch RNG, which accelerate saves per
+rank. Resuming from step N therefore continues bit for bit where a straight run would be.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import resource
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from glow import checkpoint as ckpt
+from glow.config import Config, config_hash, to_yaml
+from glow.data import make_train_loader
+from glow.flows import set_actnorm_reducer
+from glow.likelihood import bits_per_dim, perturb_pixels, preprocess
+from glow.model import Glow
+from glow.sampling import save_sample_grid
+from glow.tracking import MetricsLog, Tracker, git_sha, setup_logging
+
+__all__ = ["EXIT_FAILED", "EXIT_STOPPED", "Trainer", "lr_factor", "make_accelerator"]
+
+log = logging.getLogger(__name__)
+EXIT_STOPPED = 75
+EXIT_FAILED = 1
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base learning rate at `step`: linear warm-up, then constant or cosine."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class TrainState:
+    """Counters saved with every checkpoint (registered with accelerate)."""
+
+    def __init__(self):
+        self.step = 0
+        self.images_seen = 0
+        self.bad_in_a_row = 0
+        self.skipped_total = 0
+        self.window: list[float] = []  # losses since the last metrics line (so resumed lines match)
+
+    def state_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+class StopFlag:
+    """Set by SIGUSR1 / SIGTERM; the trainer polls it once per step."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+
+    def install(self) -> None:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+
+    def uninstall(self) -> None:
+        for sig, handler in getattr(self, "_previous", {}).items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+def _all_reduce_mean(accelerator: Accelerator):
+    """ActNorm statistics reducer: the mean over every rank's first batch."""
+
+    def reduce(mean: torch.Tensor, sq_mean: torch.Tensor):
+        if accelerator.num_processes == 1:
+            return mean, sq_mean
+        stats = torch.stack([mean, sq_mean]).contiguous()
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        stats /= accelerator.num_processes
+        return stats[0], stats[1]
+
+    return reduce
+
+
+def _fault_injection_pause() -> None:
+    """Tests only: sleep between saving the state and writing COMPLETE, so that a test
+    can kill the process in the middle of a checkpoint save."""
+    seconds = float(os.environ.get("GLOW_TEST_PAUSE_BEFORE_COMPLETE", "0"))
+    if seconds > 0:
+        log.warning("GLOW_TEST_PAUSE_BEFORE_COMPLETE: pausing %.1f s before COMPLETE", seconds)
+        time.sleep(seconds)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    def __init__(self, cfg: Config, accelerator: Accelerator, resume: bool = True):
+        self.cfg = cfg
+        self.acc = accelerator
+        self.resume = resume
+        self.run_dir = cfg.run_dir
+        self.state = TrainState()
+        self.stop = StopFlag()
+        self.tracker: Tracker | None = None
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed and cfg.optim.grad_accum != 1:
+            raise ValueError("optim.grad_accum > 1 is not supported with DeepSpeed; set it in the DeepSpeed config")
+
+    # -- set-up ------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> Path | None:
+        """Create the run dir, clear stale stop markers, pick the checkpoint to resume."""
+        acc, run_dir = self.acc, self.run_dir
+        resume_from = ckpt.latest_checkpoint(run_dir) if self.resume else None
+        if acc.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for marker in ("STOP", "STOPPED"):
+                (run_dir / marker).unlink(missing_ok=True)
+            if not self.resume and ckpt.complete_checkpoints(run_dir):
+                raise FileExistsError(
+                    f"{run_dir / 'checkpoints'} already holds checkpoints and --no-resume was given: "
+                    "choose another run.name or move that directory away"
+                )
+        acc.wait_for_everyone()
+        setup_logging(run_dir, acc.is_main_process, acc.process_index)
+        if resume_from is not None:
+            meta = ckpt.read_meta(resume_from)
+            if meta["model_hash"] != self.cfg.model.hash():
+                raise ValueError(
+                    f"cannot resume {resume_from}: its model config (hash {meta['model_hash']}, "
+                    f"{meta['model_config']}) differs from the requested one (hash {self.cfg.model.hash()}, "
+                    f"{self.cfg.model.to_dict()}); use another run.name, or --no-resume in a fresh run dir"
+                )
+            if meta["config_hash"] != config_hash(self.cfg):
+                log.warning("resuming %s with a changed (model-compatible) config", resume_from)
+        if acc.is_main_process:
+            ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(self.cfg))
+        return resume_from
+
+    def _log_startup(self, resume_from: Path | None) -> None:
+        c = self.cfg
+        log.info(
+            "glow-ood train: run %s, git %s, world size %d, device %s, distributed %s",
+            self.run_dir, git_sha(), self.acc.num_processes, self.acc.device, self.acc.distributed_type,
+        )
+        if "SLURM_JOB_ID" in os.environ:
+            log.info("slurm job %s, restart count %s, node %s", os.environ["SLURM_JOB_ID"],
+                     os.environ.get("SLURM_RESTART_COUNT", "0"), os.environ.get("SLURMD_NODENAME", "?"))
+        log.info("global batch %d = %d per process x %d processes x %d accumulation",
+                 self.global_batch, c.train.batch_size, self.acc.num_processes, c.optim.grad_accum)
+        log.info("model %s (hash %s), %d parameters", c.model.to_dict(), c.model.hash(),
+                 sum(p.numel() for p in self.model_unwrapped.parameters()))
+        log.info("resuming from %s" % resume_from if resume_from else "starting from scratch")
+
+    @property
+    def global_batch(self) -> int:
+        c = self.cfg
+        return c.train.batch_size * self.acc.num_processes * c.optim.grad_accum
+
+    def _build(self, resume_from: Path | None) -> None:
+        c, acc = self.cfg, self.acc
+        torch.manual_seed(c.train.seed)  # identical initial weights on every rank
+        model = Glow(c.model).to(acc.device)
+        if c.run.init_from and resume_from is None:
+            source = ckpt.resolve_checkpoint(c.run.init_from)
+            meta = ckpt.read_meta(source)
+            if meta["model_hash"] != c.model.hash():
+                raise ValueError(f"init_from {source}: model hash {meta['model_hash']} != {c.model.hash()}")
+            model.load_state_dict(load_file(str(source / "model.safetensors")))
+            log.info("warm start from %s", source)
+        self.model_unwrapped = model
+        if resume_from is None:
+            self._init_actnorm(model)
+        self.ema = None
+        if c.optim.ema_decay > 0:
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(c.optim.ema_decay), use_buffers=True)
+        optim_cls = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[c.optim.optimizer]
+        optimizer = optim_cls(model.parameters(), lr=c.optim.lr, betas=tuple(c.optim.betas),
+                              weight_decay=c.optim.weight_decay)
+        # Not passed through accelerate.prepare: its scheduler wrapper steps once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_factor(step, c.optim.warmup_steps, c.train.max_steps, c.optim.schedule, c.optim.min_lr_ratio),
+        )
+        if self.deepspeed:  # no DataLoader goes through prepare(): tell DeepSpeed the batch
+            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = c.train.batch_size
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model_unwrapped = acc.unwrap_model(self.model)
+        acc.register_for_checkpointing(self.state, self.scheduler)
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+        if resume_from is not None:
+            acc.load_state(str(resume_from / "state"))
+            log.info("resumed at step %d (%d images seen)", self.state.step, self.state.images_seen)
+        else:
+            # Different dequantization noise per rank; restored from the checkpoint on resume.
+            torch.manual_seed(c.train.seed * 1000 + 1 + acc.process_index)
+
+    def _init_actnorm(self, model: Glow) -> None:
+        """One data-dependent init pass whose statistics are averaged over all ranks."""
+        c = self.cfg
+        batch = next(iter(self._loader(epoch=0, skip=0)))
+        generator = torch.Generator().manual_seed(c.train.seed * 1000 + 7 + self.acc.process_index)
+        x = batch.to(self.acc.device)
+        y = preprocess(x, c.model.n_bits, torch.rand(x.shape, generator=generator).to(self.acc.device))
+        set_actnorm_reducer(model, _all_reduce_mean(self.acc))
+        with torch.no_grad():
+            model.log_prob(y)
+        set_actnorm_reducer(model, None)
+
+    # -- data --------------------------------------------------------------------------
+    def _loader(self, epoch: int, skip: int):
+        c = self.cfg.data
+        return make_train_loader(
+            c.root, c.dataset, c.split, batch_size=self.cfg.train.batch_size, seed=self.cfg.train.seed,
+            epoch=epoch, rank=self.acc.process_index, world_size=self.acc.num_processes,
+            num_workers=c.num_workers, batches_per_epoch=c.batches_per_epoch, hflip=c.hflip,
+            shuffle_buffer=c.shuffle_buffer, skip_batches=skip,
+        )
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        """Endless stream of this rank's batches, starting where the resumed step left off."""
+        consumed = self.state.step * self.cfg.optim.grad_accum
+        per_epoch = self.cfg.data.batches_per_epoch
+        epoch, skip = divmod(consumed, per_epoch)
+        while True:
+            yield from self._loader(epoch, skip)
+            epoch, skip = epoch + 1, 0
+
+    # -- one step ----------------------------------------------------------------------
+    def _loss(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        x = x.to(self.acc.device, non_blocking=True)
+        if c.data.perturb_prob > 0:
+            x = perturb_pixels(x, c.data.perturb_prob)
+        y = preprocess(x, c.model.n_bits, torch.rand(x.shape, device=x.device))
+        with torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=c.train.precision == "bf16"):
+            log_p_y = self.model(y)
+        return bits_per_dim(log_p_y.float(), c.model.n_dims, c.model.n_bits).mean()
+
+    def _global(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """Mean loss over ranks and whether any rank wants to stop: one all-reduce."""
+        stop = self.stop.requested or (self.acc.is_main_process and (self.run_dir / "STOP").exists())
+        packed = torch.stack([loss.detach().float(), torch.tensor(float(stop), device=loss.device)])
+        packed = self.acc.reduce(packed, reduction="sum")
+        return packed[0].item() / self.acc.num_processes, packed[1].item() > 0
+
+    def train_step(self, batches: Iterator[torch.Tensor]) -> tuple[float, float | None, bool]:
+        """One optimizer step over `grad_accum` micro-batches -> (loss, grad norm, stop)."""
+        c, acc = self.cfg, self.acc
+        accum = c.optim.grad_accum
+        total, finite, stop = 0.0, True, False
+        for i in range(accum):
+            loss = self._loss(next(batches))
+            value, want_stop = self._global(loss)
+            stop = stop or want_stop
+            if not math.isfinite(value):
+                finite = False
+            if not finite:
+                continue  # keep consuming the micro-batches: the stream position stays exact
+            total += value / accum
+            if i < accum - 1:
+                with acc.no_sync(self.model):
+                    acc.backward(loss / accum)
+            else:
+                acc.backward(loss / accum)
+        grad_norm = None
+        if finite:
+            max_norm = c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf")
+            norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+            grad_norm = None if norm is None else float(norm)
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                finite = False
+        if finite:
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model_unwrapped)
+            self.state.bad_in_a_row = 0
+        else:
+            self.state.bad_in_a_row += 1
+            self.state.skipped_total += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                        self.state.step, self.state.bad_in_a_row)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.images_seen += self.global_batch
+        return (total if finite else float("nan")), grad_norm, stop
+
+    # -- outputs -----------------------------------------------------------------------
+    def _export_model(self) -> Glow:
+        return self.ema.module if self.ema is not None else self.model_unwrapped
+
+    def check_replicas(self, when: str) -> list[str]:
+        """Digest of every parameter and buffer on each rank; raise if any rank differs.
+
+        Catches silent divergence (a rank-dependent init, a missed all-reduce) at once.
+        """
+        digest = hashlib.sha256()
+        for name, tensor in self.model_unwrapped.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        local = digest.hexdigest()[:16]
+        codes = torch.tensor([int(local[i : i + 4], 16) for i in range(0, 16, 4)], device=self.acc.device)
+        gathered = self.acc.gather(codes).view(-1, 4).tolist()
+        digests = ["".join(f"{v:04x}" for v in row) for row in gathered]
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"model replicas differ across ranks {when}: {digests}")
+        log.info("parameters identical on %d ranks %s (digest %s)", len(digests), when, local)
+        return digests
+
+    def save_checkpoint(self) -> Path:
+        acc, step = self.acc, self.state.step
+        directory = ckpt.step_dir(self.run_dir, step)
+        if acc.is_main_process and directory.exists():
+            shutil.rmtree(directory)  # a partial save of an interrupted attempt
+        acc.wait_for_everyone()
+        acc.save_state(str(directory / "state"))
+        digests = self.check_replicas(f"at step {step}")
+        _fault_injection_pause()
+        if acc.is_main_process:
+            meta = {
+                "step": step,
+                "images_seen": self.state.images_seen,
+                "model_config": self.cfg.model.to_dict(),
+                "model_hash": self.cfg.model.hash(),
+                "config_hash": config_hash(self.cfg),
+                "data": {"root": self.cfg.data.root, "dataset": self.cfg.data.dataset},
+                "seed": self.cfg.train.seed,
+                "ema": self.ema is not None,
+                "perturb_prob": self.cfg.data.perturb_prob,
+                "replica_digests": digests,
+                "world_size": acc.num_processes,
+            }
+            ckpt.write_export(directory, self._export_model().state_dict(), meta)
+            ckpt.atomic_write_text(directory / ckpt.COMPLETE, f"{step}\n")
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+            log.info("checkpoint %s", directory)
+        acc.wait_for_everyone()
+        return directory
+
+    def save_samples(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        t = self.cfg.train
+        path = self.run_dir / "samples" / f"step-{self.state.step:08d}.png"
+        model = self._export_model()
+        was_training = model.training
+        model.eval()
+        save_sample_grid(model, path, t.sample_temperatures, t.samples_per_temperature, seed=t.seed)
+        model.train(was_training)
+        if self.tracker is not None:
+            self.tracker.log_image("samples", path, self.state.step)
+
+    # -- the loop ----------------------------------------------------------------------
+    def fit(self) -> int:
+        c, acc = self.cfg, self.acc
+        resume_from = self._prepare_run_dir()
+        self._build(resume_from)
+        self._log_startup(resume_from)
+        self.check_replicas("after initialization" if resume_from is None else "after resuming")
+        self.stop.install()
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        if acc.is_main_process:
+            metrics.truncate_after(self.state.step)
+            self.tracker = Tracker(c.run.logger, self.run_dir, c.run.wandb_project, c.run.name, _flat(c))
+        try:
+            return self._loop(metrics)
+        finally:
+            self.stop.uninstall()
+            if self.tracker is not None:
+                self.tracker.close()
+
+    def _loop(self, metrics: MetricsLog) -> int:
+        c, acc, state = self.cfg, self.acc, self.state
+        self.model.train()
+        batches = self._batches()
+        bar = tqdm(total=c.train.max_steps, initial=state.step, disable=not (acc.is_main_process and c.train.progress),
+                   desc="train", dynamic_ncols=True)
+        timed_steps = 0
+        tick = time.perf_counter()
+        while state.step < c.train.max_steps:
+            loss, grad_norm, stop = self.train_step(batches)
+            state.window.append(loss)
+            timed_steps += 1
+            bar.update(1)
+            if math.isfinite(loss):
+                bar.set_postfix(bpd=f"{loss:.3f}")
+            if state.bad_in_a_row >= c.train.max_bad_steps:
+                log.error("%d consecutive non-finite steps: stopping; the last complete checkpoint (%s) is intact",
+                          state.bad_in_a_row, ckpt.latest_checkpoint(self.run_dir))
+                return EXIT_FAILED
+            if state.step % c.train.log_every == 0 or state.step == c.train.max_steps:
+                elapsed = time.perf_counter() - tick
+                record = {
+                    "step": state.step,
+                    "images_seen": state.images_seen,
+                    "loss": sum(state.window) / len(state.window),
+                    "bpd": loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "images_per_s": timed_steps * self.global_batch / max(elapsed, 1e-9),
+                    "peak_memory_mb": _peak_memory_mb(acc.device),
+                    "skipped_steps": state.skipped_total,
+                }
+                if acc.is_main_process:
+                    metrics.write(record)
+                    if self.tracker is not None:
+                        self.tracker.log(record, state.step)
+                state.window, timed_steps, tick = [], 0, time.perf_counter()
+            if state.step % c.train.sample_every == 0:
+                self.save_samples()
+            if state.step % c.train.checkpoint_every == 0 or state.step == c.train.max_steps or stop:
+                self.save_checkpoint()
+            if stop and state.step < c.train.max_steps:
+                bar.close()
+                reason = self.stop.signal_name or "STOP file"
+                log.info("stop requested (%s): stopped at step %d with a complete checkpoint; exit %d (resumable)",
+                         reason, state.step, EXIT_STOPPED)
+                if acc.is_main_process:
+                    ckpt.atomic_write_text(self.run_dir / "STOPPED", f"{state.step}\n")
+                return EXIT_STOPPED
+        bar.close()
+        log.info("finished: %d steps, %d images", state.step, state.images_seen)
+        return 0
+
+
+def _flat(cfg: Config) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def make_accelerator() -> Accelerator:
+    """An Accelerator that trains on GPUs, or on CPUs with gloo where there are none.
+
+    On a CPU-only machine plain DDP needs `cpu=True`; DeepSpeed needs `cpu=False` with a
+    gloo process group instead (with `cpu=True` accelerate silently drops DeepSpeed).
+    """
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if torch.cuda.is_available():
+        return Accelerator(mixed_precision="no")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return Accelerator(mixed_precision="no", kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    return Accelerator(cpu=True, mixed_precision="no")

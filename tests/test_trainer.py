@@ -1,0 +1,259 @@
+"""The training entry point, run for real: DDP over gloo, exact resume, preemption, crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from glow.checkpoint import complete_checkpoints, load_model, step_dir
+from glow.trainer import EXIT_FAILED, EXIT_STOPPED, lr_factor
+from tests.toydata import REPO, build_toy_shards, cpu_env, run, train_command
+
+pytestmark = pytest.mark.slow
+TIMING_KEYS = {"images_per_s", "peak_memory_mb"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return build_toy_shards(tmp_path_factory.mktemp("shards"))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(step_dir(run_dir, step) / "model.safetensors"))
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def wait_until(predicate, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"process ended early with {proc.returncode}:\n{out[-3000:]}")
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 10, 100, "constant") == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, "constant") == 1.0
+    assert lr_factor(50, 10, 100, "constant") == 1.0
+    assert lr_factor(10, 10, 100, "cosine") == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 10, 100, "cosine") == pytest.approx(0.5)
+
+
+def test_two_processes_stay_identical_and_learn(shards, tmp_path):
+    result = run(train_command(tmp_path, shards, nproc=2))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (tmp_path / "tiny" / "log.txt").read_text()
+    assert "world size 2" in log  # the CPU launch trap would silently give 1
+    assert "parameters identical on 2 ranks after initialization" in log
+    for _, path in complete_checkpoints(tmp_path / "tiny"):
+        meta = json.loads((path / "meta.json").read_text())
+        assert meta["world_size"] == 2
+        assert len(meta["replica_digests"]) == 2 and len(set(meta["replica_digests"])) == 1
+    losses = [m["loss"] for m in metrics(tmp_path / "tiny")]
+    assert all(map(lambda v: v == v and abs(v) < 1e3, losses))
+    assert losses[-1] < losses[0] - 0.2
+    assert (tmp_path / "tiny" / "samples" / "step-00000010.png").is_file()
+    # The global batch counts both processes.
+    assert metrics(tmp_path / "tiny")[-1]["images_seen"] == 20 * 8 * 2
+
+
+def _actnorm_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from glow.flows import ActNorm
+    from glow.trainer import _all_reduce_mean
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+    class Acc:
+        num_processes = world
+
+    layer = ActNorm(3)
+    layer.reducer = _all_reduce_mean(Acc())
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(2, 16, 3, 4, 4, generator=g) * torch.tensor([1.0, 3.0]).view(2, 1, 1, 1, 1)
+    layer(data[rank])
+    torch.save(layer.state_dict(), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_actnorm_init_uses_statistics_of_all_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_actnorm_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(a["loc"], b["loc"]) and torch.equal(a["log_scale"], b["log_scale"])
+    # Equal to a local init on the union of both ranks' batches.
+    from glow.flows import ActNorm
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(2, 16, 3, 4, 4, generator=g) * torch.tensor([1.0, 3.0]).view(2, 1, 1, 1, 1)
+    union = ActNorm(3)
+    union(data.reshape(32, 3, 4, 4))
+    assert torch.allclose(a["log_scale"], union.log_scale, atol=1e-6)
+
+
+def test_stop_signal_then_resume_is_bitwise_identical_to_straight_run(shards, tmp_path):
+    common = ("train.max_steps=30", "data.num_workers=2", "train.checkpoint_every=10")
+    straight = run(train_command(tmp_path / "a", shards, *common))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    cmd = train_command(tmp_path / "b", shards, *common)
+    proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    run_dir = tmp_path / "b" / "tiny"
+    wait_until(lambda: (run_dir / "metrics.jsonl").exists() and metrics(run_dir)[-1]["step"] >= 12, 120, proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED, out[-3000:]
+    stopped_at = int((run_dir / "STOPPED").read_text())
+    assert 12 <= stopped_at < 30
+    assert complete_checkpoints(run_dir)[-1][0] == stopped_at  # a complete checkpoint at the stop
+
+    resumed = run(cmd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed at step {stopped_at}" in (run_dir / "log.txt").read_text()
+    assert not (run_dir / "STOPPED").exists()
+    assert_bitwise_equal(final_weights(tmp_path / "a" / "tiny", 30), final_weights(run_dir, 30))
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
+    assert strip(metrics(tmp_path / "a" / "tiny")) == strip(metrics(run_dir))
+
+
+def test_kill_9_during_checkpoint_save_keeps_previous_checkpoint(shards, tmp_path):
+    cmd = train_command(tmp_path, shards, "train.max_steps=15", "train.checkpoint_every=5")
+    env = cpu_env(GLOW_TEST_PAUSE_BEFORE_COMPLETE="4")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    run_dir = tmp_path / "tiny"
+    partial = step_dir(run_dir, 10)
+    wait_until(lambda: (partial / "state").is_dir() and (step_dir(run_dir, 5) / "COMPLETE").exists(), 120, proc)
+    time.sleep(1.0)  # inside the save, before COMPLETE
+    proc.kill()
+    proc.wait()
+    assert not (partial / "COMPLETE").exists()
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [5]
+    model, meta = load_model(run_dir / "checkpoints" / "latest")
+    assert meta["step"] == 5
+
+    resumed = run(cmd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 5" in (run_dir / "log.txt").read_text()
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [5, 10, 15]
+
+
+def test_config_errors_are_clear(shards, tmp_path):
+    def dry(*overrides):
+        return run(train_command(tmp_path, shards, "--dry-run", *overrides))
+
+    assert dry().returncode == 0
+    bad_key = dry("train.bogus=1")
+    assert bad_key.returncode != 0 and "bogus" in bad_key.stderr
+    bad_type = dry("train.max_steps=many")
+    assert bad_type.returncode != 0 and "train.max_steps" in bad_type.stderr
+    bad_choice = dry("optim.optimizer=sgd")
+    assert bad_choice.returncode != 0 and "optim.optimizer" in bad_choice.stderr
+
+    first = run(train_command(tmp_path, shards, "train.max_steps=5"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    incompatible = run(train_command(tmp_path, shards, "train.max_steps=10", "model.hidden_channels=8"))
+    assert incompatible.returncode != 0
+    assert "cannot resume" in incompatible.stderr and "hidden_channels" in incompatible.stderr
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(shards, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from glow.config import load_config
+    from glow.trainer import Trainer
+
+    cfg = load_config(REPO / "train" / "configs" / "tiny.yaml", [
+        f"run.root={tmp_path}", f"data.root={shards}", "data.dataset=toy", "train.max_steps=40",
+        "train.max_bad_steps=3", "train.checkpoint_every=4", "train.log_every=1",
+    ])
+    original = Trainer._loss
+    bad_steps = {5} | set(range(9, 40))  # one isolated bad step, then a run of them
+
+    def loss(self, x):
+        value = original(self, x)
+        return value * float("nan") if self.state.step in bad_steps else value
+
+    monkeypatch.setattr(Trainer, "_loss", loss)
+    trainer = Trainer(cfg, Accelerator(cpu=True))
+    before = {}
+
+    original_step = Trainer.train_step
+
+    def step(self, batches):
+        if self.state.step == 5:
+            before.update({k: v.clone() for k, v in self.model_unwrapped.state_dict().items()})
+        out = original_step(self, batches)
+        if self.state.step == 6:
+            after = self.model_unwrapped.state_dict()
+            assert all(torch.equal(before[k], after[k]) for k in before)  # no update on a bad step
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert trainer.fit() == EXIT_FAILED
+    rows = metrics(tmp_path / "tiny")
+    assert rows[5]["skipped_steps"] == 1 and rows[4]["skipped_steps"] == 0
+    assert [s for s, _ in complete_checkpoints(tmp_path / "tiny")][-1] == 8
+    assert load_model(tmp_path / "tiny")[1]["step"] == 8  # the last good checkpoint is intact
+
+
+def test_wandb_offline_writes_files_and_contacts_no_network(shards, tmp_path):
+    env = cpu_env()
+    env.pop("WANDB_MODE")
+    trace = tmp_path / "connect.trace"
+    cmd = ["strace", "-f", "-qq", "-e", "trace=connect", "-o", str(trace),
+           *train_command(tmp_path, shards, "run.logger=wandb", "train.max_steps=4")]
+    result = run(cmd, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "tiny" / "wandb").glob("offline-run-*"))
+    remote = [
+        line for line in trace.read_text().splitlines()
+        if "sin_addr" in line or "sin6_addr" in line
+        if not any(local in line for local in ('inet_addr("127.', "::1", "inet_pton(AF_INET6, \"::1\""))
+    ]
+    assert remote == []
+
+
+@pytest.mark.skipif(os.environ.get("GLOW_SKIP_DEEPSPEED") == "1", reason="GLOW_SKIP_DEEPSPEED=1")
+def test_deepspeed_zero2_trains_saves_and_resumes(shards, tmp_path):
+    pytest.importorskip("deepspeed")
+    launch = ("--use_deepspeed", "--zero_stage", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--gradient_accumulation_steps", "1")
+    env = cpu_env()
+    env.pop("ACCELERATE_USE_CPU")  # with cpu=True accelerate silently drops DeepSpeed
+    first = run(train_command(tmp_path, shards, "train.max_steps=6", nproc=2, launcher_args=launch), env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    log = (tmp_path / "tiny" / "log.txt").read_text()
+    assert "DistributedType.DEEPSPEED" in log and "world size 2" in log
+    second = run(train_command(tmp_path, shards, "train.max_steps=10", nproc=2, launcher_args=launch), env=env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed at step 6" in (tmp_path / "tiny" / "log.txt").read_text()
+    assert complete_checkpoints(tmp_path / "tiny")[-1][0] == 10
