@@ -1,0 +1,394 @@
+"""Write WebDataset tar shards from an image source, with a manifest, resume and verification.
+
+Layout: ``<root>/<dataset>/<split>/<dataset>-<split>-%06d.tar`` plus ``manifest.json``.
+Each sample holds ``<key>.png`` (lossless uint8 RGB) and ``<key>.json``
+({dataset, split, index, source, label, ...}); the key is the zero-padded item index.
+
+A build is resumable and reproducible:
+
+* item ``i`` of a source always lands in shard ``i // samples_per_shard`` (a skipped bad
+  item leaves a gap in the keys, never shifts later items), so every shard is a pure
+  function of the settings;
+* tar headers carry no time or owner and PNGs are written with fixed options, so a shard's
+  sha256 does not depend on when or where it was written;
+* a shard is written to ``<name>.tmp`` and renamed when complete; the manifest
+  (``complete: false`` until the end) is rewritten atomically after every shard, so a
+  rerun keeps shards whose sha256 matches and rebuilds the rest;
+* the manifest holds a fingerprint of the settings; a build with other settings into the
+  same directory is refused unless ``overwrite=True``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+PNG_COMPRESS_LEVEL = 6
+KEY_FORMAT = "%08d"
+
+
+class ShardError(RuntimeError):
+    """A shard set on disk is missing, corrupt, or does not match its manifest."""
+
+
+class BuildRefused(ShardError):
+    """A directory already holds shards built with other settings."""
+
+
+class BadSourceImage(ValueError):
+    """A source image could not be read; ``path`` names it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot read source image {path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def tool_version() -> str:
+    try:
+        import glow
+
+        return str(getattr(glow, "__version__", "0.1.0"))
+    except ImportError:  # pragma: no cover
+        return "0.1.0"
+
+
+@dataclasses.dataclass
+class Source:
+    """What a builder needs from a data source (see ``glow.sources`` / ``glow.synthetic``).
+
+    ``payloads(start, stop)`` runs in the main process and returns picklable payloads for
+    items ``start..stop-1``; ``process(payload)`` runs in a worker and returns
+    ``(index, image uint8 HxWx3, meta)`` where meta holds at least ``source`` and ``label``
+    (or raises :class:`BadSourceImage`). ``settings`` (resolution, preprocessing, source
+    description) and ``items_digest`` make the fingerprint; ``extra`` goes to the manifest.
+    """
+
+    dataset: str
+    split: str
+    n: int
+    payloads: Callable[[int, int], list]
+    process: Callable[[Any], tuple]
+    settings: dict
+    items_digest: str = ""
+    extra: dict = dataclasses.field(default_factory=dict)
+    shard_stats: Callable[[list[dict]], dict] | None = None
+    total_stats: Callable[[list[dict]], dict] | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def digest_strings(items: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for s in items:
+        h.update(s.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def split_dir(root: str | os.PathLike, dataset: str, split: str) -> Path:
+    return Path(root) / dataset / split
+
+
+def shard_name(dataset: str, split: str, i: int) -> str:
+    return f"{dataset}-{split}-{i:06d}.tar"
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected a uint8 HxWx3 image, got {img.dtype} {img.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(img, "RGB").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _worker(job: tuple) -> tuple:
+    """Decode/transform/encode one item in a pool worker. Errors travel back as values."""
+    process, payload = job
+    try:
+        index, img, meta = process(payload)
+        return ("ok", index, encode_png(img), meta, tuple(img.shape))
+    except BadSourceImage as exn:
+        return ("bad", exn.path, exn.reason)
+
+
+# --------------------------------------------------------------------------- building
+def fingerprint(settings: dict) -> str:
+    return hashlib.sha256(canonical_json(settings).encode()).hexdigest()[:16]
+
+
+def _base_manifest(src: Source, samples_per_shard: int) -> dict:
+    basis = {
+        "format": FORMAT_VERSION,
+        "dataset": src.dataset,
+        "split": src.split,
+        "samples_per_shard": samples_per_shard,
+        "n_items": src.n,
+        "items_digest": src.items_digest,
+        **src.settings,
+    }
+    return {
+        **basis,
+        "fingerprint": fingerprint(basis),
+        "tool_version": tool_version(),
+        "extra": src.extra,
+        "shards": [],
+        "count": 0,
+        "skipped": [],
+        "complete": False,
+    }
+
+
+def _finish(man: dict, src: Source) -> dict:
+    man["count"] = sum(s["count"] for s in man["shards"])
+    man["skipped"] = [k for s in man["shards"] for k in s.get("skipped", [])]
+    if src.total_stats is not None:
+        man["stats"] = src.total_stats([s.get("stats", {}) for s in man["shards"]])
+    return man
+
+
+def _clear_dir(d: Path, dataset: str, split: str) -> None:
+    for p in d.glob(f"{dataset}-{split}-*.tar*"):
+        p.unlink()
+    for name in (MANIFEST, MANIFEST + ".tmp"):
+        (d / name).unlink(missing_ok=True)
+
+
+def _reusable_shards(d: Path, old: dict, n_shards: int) -> dict[int, dict]:
+    """Shards of a previous build with the same settings whose file matches its sha256."""
+    keep = {}
+    for entry in old.get("shards", []):
+        i = entry["shard"]
+        path = d / entry["name"]
+        if i >= n_shards or not path.exists():
+            continue
+        if path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]:
+            keep[i] = entry
+        else:
+            logger.warning("shard %s does not match its manifest sha256; rebuilding it", path)
+    return keep
+
+
+def build(
+    src: Source,
+    root: str | os.PathLike,
+    *,
+    samples_per_shard: int = 10000,
+    workers: int = 0,
+    overwrite: bool = False,
+    skip_bad: bool = False,
+    progress: bool = True,
+    _after_shard: Callable[[int], None] | None = None,
+) -> dict:
+    """Write ``src`` as shards under ``root/<dataset>/<split>/`` and return the manifest.
+
+    Raises :class:`BuildRefused` when the directory holds a build with other settings
+    (pass ``overwrite=True`` to replace it) and :class:`BadSourceImage` on the first
+    unreadable item unless ``skip_bad`` (then the item is recorded in ``skipped``).
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if src.n < 1:
+        raise ValueError(f"source {src.dataset}/{src.split} has no items")
+    d = split_dir(root, src.dataset, src.split)
+    d.mkdir(parents=True, exist_ok=True)
+    man = _base_manifest(src, samples_per_shard)
+    n_shards = -(-src.n // samples_per_shard)
+    mpath = d / MANIFEST
+    old = None
+    if mpath.exists():
+        try:
+            old = json.loads(mpath.read_text())
+        except json.JSONDecodeError:
+            old = {"fingerprint": "<unreadable manifest>"}
+        if old.get("fingerprint") != man["fingerprint"]:
+            if not overwrite:
+                raise BuildRefused(
+                    f"{d} already holds shards built with other settings (fingerprint "
+                    f"{old.get('fingerprint')} != {man['fingerprint']}); use another output "
+                    f"directory or pass --overwrite to replace them"
+                )
+            logger.info("overwriting the previous build in %s", d)
+            _clear_dir(d, src.dataset, src.split)
+            old = None
+    for p in d.glob(f"{src.dataset}-{src.split}-*.tar.tmp"):
+        p.unlink()  # leftovers of an interrupted build
+    keep = _reusable_shards(d, old, n_shards) if old else {}
+    if keep:
+        logger.info("%s/%s: %d of %d shards already complete", src.dataset, src.split, len(keep), n_shards)
+    entries: dict[int, dict] = dict(keep)
+    man["shards"] = [entries[i] for i in sorted(entries)]
+    write_json_atomic(mpath, man)
+
+    pool = multiprocessing.get_context().Pool(workers) if workers > 0 else None
+    bar = tqdm(total=src.n, desc=f"{src.dataset}/{src.split}", unit="img", disable=not progress or None)
+    try:
+        for i in range(n_shards):
+            start, stop = i * samples_per_shard, min(src.n, (i + 1) * samples_per_shard)
+            if i in entries:
+                bar.update(stop - start)
+                continue
+            entries[i] = _write_shard(src, d, i, start, stop, pool, skip_bad, bar)
+            man["shards"] = [entries[j] for j in sorted(entries)]
+            write_json_atomic(mpath, _finish(man, src))
+            if _after_shard is not None:
+                _after_shard(i)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    man["complete"] = True
+    _finish(man, src)
+    if man["count"] == 0:
+        raise ShardError(f"every item of {src.dataset}/{src.split} was skipped as unreadable")
+    write_json_atomic(mpath, man)
+    logger.info("%s/%s: %d samples in %d shards at %s", src.dataset, src.split, man["count"], n_shards, d)
+    return man
+
+
+def _write_shard(src: Source, d: Path, i: int, start: int, stop: int, pool, skip_bad: bool, bar) -> dict:
+    name = shard_name(src.dataset, src.split, i)
+    final, tmp = d / name, d / (name + ".tmp")
+    jobs = [(src.process, p) for p in src.payloads(start, stop)]
+    results = pool.imap(_worker, jobs, chunksize=16) if pool is not None else map(_worker, jobs)
+    count, skipped, metas, shape = 0, [], [], None
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for res in results:
+                bar.update(1)
+                if res[0] == "bad":
+                    if not skip_bad:
+                        raise BadSourceImage(res[1], res[2] + " (pass --skip-bad to skip unreadable images)")
+                    logger.warning("skipping unreadable image %s: %s", res[1], res[2])
+                    skipped.append({"source": res[1], "error": res[2]})
+                    continue
+                _, index, png, meta, img_shape = res
+                if shape is None:
+                    shape = img_shape
+                elif img_shape != shape:
+                    raise ShardError(f"item {index} has shape {img_shape}, expected {shape}")
+                key = KEY_FORMAT % index
+                record = {"dataset": src.dataset, "split": src.split, "index": int(index), **meta}
+                record.setdefault("label", None)
+                record.setdefault("source", None)
+                metas.append(record)
+                _add_member(tar, key + ".png", png)
+                _add_member(tar, key + ".json", canonical_json(record).encode())
+                count += 1
+        f.flush()
+        os.fsync(f.fileno())
+    entry = {
+        "shard": i,
+        "name": name,
+        "count": count,
+        "first_index": start,
+        "last_index": stop - 1,
+        "bytes": tmp.stat().st_size,
+        "sha256": sha256_file(tmp),
+        "skipped": skipped,
+    }
+    if src.shard_stats is not None:
+        entry["stats"] = src.shard_stats(metas)
+    os.replace(tmp, final)
+    return entry
+
+
+# --------------------------------------------------------------------------- verification
+def load_manifest(root: str | os.PathLike, dataset: str, split: str) -> dict:
+    path = split_dir(root, dataset, split) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no shard manifest at {path}: build the shards first (python shards/build.py ... --out {root})"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exn:
+        raise ShardError(f"manifest {path} is not valid JSON ({exn}); rebuild the shards") from exn
+
+
+def verify(root: str | os.PathLike, dataset: str, split: str) -> dict:
+    """Check every shard of ``root/dataset/split`` against the manifest.
+
+    Checks: the build is complete, each shard exists, its size and sha256 match, it reads
+    as a tar holding ``count`` samples each with a ``.png`` and a ``.json``.
+    Returns ``{"dataset", "split", "shards", "count"}``; raises :class:`ShardError` listing
+    every problem found.
+    """
+    man = load_manifest(root, dataset, split)
+    d = split_dir(root, dataset, split)
+    problems = []
+    if not man.get("complete"):
+        problems.append(f"{d / MANIFEST}: the build is incomplete; rerun the same build command to resume it")
+    for entry in man["shards"]:
+        path = d / entry["name"]
+        if not path.exists():
+            problems.append(f"{path}: missing")
+            continue
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: sha256/size differs from the manifest (corrupt or replaced)")
+            continue
+        try:
+            with tarfile.open(path, "r") as tar:
+                names = tar.getnames()
+        except (tarfile.TarError, OSError) as exn:
+            problems.append(f"{path}: not a readable tar ({exn})")
+            continue
+        keys = {n.rsplit(".", 1)[0] for n in names}
+        pngs = {n[:-4] for n in names if n.endswith(".png")}
+        jsons = {n[:-5] for n in names if n.endswith(".json")}
+        if len(keys) != entry["count"] or pngs != keys or jsons != keys:
+            problems.append(f"{path}: holds {len(keys)} samples ({len(pngs)} png, {len(jsons)} json), "
+                            f"manifest says {entry['count']}")
+    total = sum(e["count"] for e in man["shards"])
+    if total != man.get("count"):
+        problems.append(f"{d / MANIFEST}: shard counts sum to {total}, manifest count is {man.get('count')}")
+    if problems:
+        raise ShardError("verification failed:\n  " + "\n  ".join(problems))
+    return {"dataset": dataset, "split": split, "shards": len(man["shards"]), "count": total}
