@@ -1,0 +1,76 @@
+"""Merge the evaluation dumps of a run into figures and the OOD table (no GPU, files only).
+
+\b
+Examples:
+  # CelebA vs SVHN (Kirichenko et al. 2020), newest evaluated step
+  python eval/figures.py --run runs/celeba32 --in celeba --ood svhn/test
+  # the CPU demo, a given step, shards moved since the dumps were written
+  python eval/figures.py --run runs/demo --step 3000 --in demo --ood digits/test --data-root data/shards
+
+Reads runs/<name>/eval/step-N/dumps/<dataset>-<split>.npz (written by
+`eval/evaluate.py --task dump`) and writes runs/<name>/figures/: distributions.png,
+exp1.png, exp2.png, samples.png, ood.json, ood.md.
+"""
+
+from pathlib import Path
+
+import click
+
+from glow.figures import make_figures
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True), required=True,
+              metavar="DIR", help="Run directory runs/<name>.")
+@click.option("--step", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Evaluated step (default: newest under <run>/eval/).")
+@click.option("--in", "in_dataset", required=True, metavar="DATASET", help="In-distribution dataset, e.g. celeba.")
+@click.option("--in-split", default="test", show_default=True, help="In-distribution held-out split.")
+@click.option("--train-split", default="train", show_default=True,
+              help="In-distribution training split (distributions and typicality; optional dump).")
+@click.option("--ood", "ood_specs", multiple=True, required=True, metavar="DATASET/SPLIT",
+              help="OOD set, repeatable, e.g. svhn/test.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Shard root for the images (default: the one recorded in the dumps).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Output folder (default <run>/figures).")
+@click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images per panel in exp1/exp2.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the typicality batches.")
+@click.option("--wandb/--no-wandb", "use_wandb", default=False, show_default=True,
+              help="Also log the figures to the run's wandb run (offline unless WANDB_MODE says otherwise).")
+@click.option("--wandb-project", default="glow-ood", show_default=True)
+def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root, out_dir, k, seed,
+         use_wandb, wandb_project):
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    tracker = None
+    if use_wandb:
+        from glow.tracking import Tracker
+
+        tracker = Tracker("wandb", Path(run_dir), wandb_project, Path(run_dir).name, config={})
+    try:
+        res = make_figures(run_dir, in_dataset, ood_specs, step=step, in_split=in_split, train_split=train_split,
+                           out_dir=out_dir, data_root=data_root, k=k, seed=seed)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    finally:
+        if tracker is not None and tracker.run is not None:
+            tracker.close()
+    click.echo(f"figures in {res.out_dir}:")
+    for p in res.files:
+        click.echo(f"  {p}")
+    for name, why in res.skipped.items():
+        click.echo(f"  skipped {name}: {why}")
+    t = res.table
+    click.echo(f"\nin-distribution {t['in_distribution']}, step {t['step']}, model {t['model_hash']}")
+    click.echo(f"{'OOD set':<24}{'score':<22}{'AUROC':>8}{'FPR@95':>8}")
+    for spec, rows in t["ood"].items():
+        for name in ("log_likelihood", "complexity_corrected", "png_complexity", "typicality_m25"):
+            if name in rows:
+                click.echo(f"{spec:<24}{name:<22}{rows[name]['auroc']:>8.4f}{rows[name]['fpr_at_95_tpr']:>8.4f}")
+
+
+if __name__ == "__main__":
+    main()

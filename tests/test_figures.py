@@ -1,0 +1,170 @@
+"""glow.figures / eval/figures.py on synthetic dumps: every file valid, mismatched dumps refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from glow import figures, metrics
+
+REPO = Path(__file__).resolve().parents[1]
+STEP = 100
+D = 32 * 32 * 3
+
+
+def write_dump(step_dir: Path, dataset: str, split: str, bpd: np.ndarray, *, model_hash: str = "m0",
+               step: int = STEP, complexity: bool = True, data_root: str = "/nonexistent") -> Path:
+    n = bpd.size
+    path = step_dir / "dumps" / f"{dataset}-{split}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = dict(
+        key=np.array([f"{i:08d}" for i in range(n)]), index=np.arange(n, dtype=np.int64),
+        label=np.full(n, -1, np.int64), bpd=bpd.astype(np.float64), log_p=-bpd * D * np.log(2.0),
+        step=np.array(step), model_hash=np.array(model_hash), checkpoint=np.array(f"runs/r/checkpoints/step-{step:08d}"),
+        dataset=np.array(dataset), split=np.array(split), data_root=np.array(data_root), n_bits=np.array(8),
+    )
+    if complexity:
+        arrays["complexity_bpd"] = bpd - 1.0 + 0.1 * np.random.default_rng(n).normal(size=n)
+    np.savez(path, **arrays)
+    return path
+
+
+def fake_loader(calls: list | None = None):
+    def load(root, dataset, split, keys):
+        if calls is not None:
+            calls.append((root, dataset, split, list(keys)))
+        return {k: np.full((32, 32, 3), (int(k) * 37) % 256, np.uint8) for k in keys}
+    return load
+
+
+def make_run(tmp_path: Path, *, train: bool = True, samples: bool = True) -> Path:
+    rng = np.random.default_rng(0)
+    run = tmp_path / "runs" / "r"
+    step_dir = run / "eval" / f"step-{STEP:08d}"
+    if train:
+        write_dump(step_dir, "celeba", "train", rng.normal(3.5, 0.2, 120))
+    write_dump(step_dir, "celeba", "test", rng.normal(3.5, 0.2, 60))
+    write_dump(step_dir, "svhn", "test", rng.normal(3.0, 0.3, 55))
+    if samples:
+        Image.new("RGB", (20, 10), (200, 10, 10)).save(step_dir / "samples.png")
+    return run
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as im:
+        im.verify()
+
+
+def test_make_figures_writes_every_file(tmp_path):
+    run = make_run(tmp_path)
+    calls: list = []
+    res = figures.make_figures(run, "celeba", ["svhn/test"], image_loader=fake_loader(calls), k=9)
+    out = run / "figures"
+    assert res.out_dir == out and not res.skipped
+    for name in ("distributions.png", "exp1.png", "exp2.png", "samples.png"):
+        assert_png(out / name)
+    assert (out / "samples.png").read_bytes() == (run / "eval" / f"step-{STEP:08d}" / "samples.png").read_bytes()
+
+    table = json.loads((out / "ood.json").read_text())
+    assert table["step"] == STEP and table["model_hash"] == "m0" and table["in_distribution"] == "celeba/test"
+    rows = table["ood"]["svhn/test"]
+    assert set(rows) == {"log_likelihood", "complexity_corrected", "png_complexity",
+                         "typicality_m1", "typicality_m2", "typicality_m10", "typicality_m25"}
+    for r in rows.values():
+        assert set(r) == {"auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "n_in", "n_out"}
+    d_in = figures.load_dump(run / "eval" / f"step-{STEP:08d}" / "dumps" / "celeba-test.npz")
+    d_out = figures.load_dump(run / "eval" / f"step-{STEP:08d}" / "dumps" / "svhn-test.npz")
+    assert rows["log_likelihood"] == metrics.ood_metrics(d_in.log_p, d_out.log_p)
+    assert rows["log_likelihood"]["auroc"] < 0.2  # the synthetic OOD set is "more likely"
+    assert rows["png_complexity"] == metrics.ood_metrics(-d_in.complexity_bpd, -d_out.complexity_bpd)
+    assert (rows["typicality_m25"]["n_in"], rows["typicality_m25"]["n_out"]) == (2, 2)
+    assert table["bpd"]["svhn/test"]["count"] == 55
+    assert table["bpd"]["celeba/test"]["mean"] == pytest.approx(d_in.bpd.mean())
+
+    md = (out / "ood.md").read_text()
+    assert "| OOD set | score | AUROC |" in md
+    for name in rows:
+        assert f"| svhn/test | {name} | {rows[name]['auroc']:.4f} |" in md
+    # exp figures asked for the extremes: 9 highest-likelihood SVHN keys among others
+    top = [str(k) for k in d_out.key[np.argsort(d_out.log_p)[::-1][:9]]]
+    assert ("/nonexistent", "svhn", "test", top) in calls
+
+
+def test_without_train_dump_and_samples(tmp_path):
+    run = make_run(tmp_path, train=False, samples=False)
+    res = figures.make_figures(run, "celeba", ["svhn/test"], image_loader=fake_loader())
+    rows = json.loads((run / "figures" / "ood.json").read_text())["ood"]["svhn/test"]
+    assert not any(name.startswith("typicality") for name in rows)
+    assert "samples.png" in res.skipped and not (run / "figures" / "samples.png").exists()
+    assert_png(run / "figures" / "distributions.png")
+
+
+def test_mismatched_dumps_refused(tmp_path):
+    run = make_run(tmp_path)
+    step_dir = run / "eval" / f"step-{STEP:08d}"
+    bad = write_dump(step_dir, "svhn", "test", np.ones(10), model_hash="other")
+    with pytest.raises(ValueError, match="refusing to merge") as e:
+        figures.make_figures(run, "celeba", ["svhn/test"], image_loader=fake_loader())
+    assert str(bad) in str(e.value) and "celeba-test.npz" in str(e.value)
+    write_dump(step_dir, "svhn", "test", np.ones(10), step=STEP + 1)  # other checkpoint
+    with pytest.raises(ValueError, match="checkpoint"):
+        figures.load_dumps([step_dir / "dumps" / "celeba-test.npz", bad])
+    with pytest.raises(FileNotFoundError, match="gaussian-test.npz"):
+        figures.make_figures(run, "celeba", ["gaussian/test"], image_loader=fake_loader())
+
+
+def test_wandb_hook_uses_active_run_only(tmp_path, monkeypatch):
+    logged = []
+    fake = types.SimpleNamespace(Image=lambda p: ("img", p), run=None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    png = tmp_path / "a.png"
+    assert figures.log_figures_to_wandb([png], 5) is False
+    fake.run = types.SimpleNamespace(log=lambda rec, **kw: logged.append(rec))
+    assert figures.log_figures_to_wandb([png, tmp_path / "ood.md"], 5) is True
+    assert logged == [{"figures/a": ("img", str(png)), "figures/eval_step": 5}]
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("eval_figures_cli", REPO / "eval" / "figures.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_cli_with_real_shards(tmp_path):
+    """The CLI end to end: images from real (tiny) shards through glow.data.load_images, the
+    complexity term computed from them (dumps without it), newest step chosen by default."""
+    from tests.fakedata import build_small_shards
+
+    root = tmp_path / "shards"
+    build_small_shards(root, n=30, samples_per_shard=20, dataset="gaussian", split="test")
+    build_small_shards(root, n=26, samples_per_shard=20, dataset="gaussian-smooth", split="test", seed=1)
+    run = tmp_path / "runs" / "r"
+    rng = np.random.default_rng(0)
+    old = run / "eval" / "step-00000050"
+    write_dump(old, "gaussian", "test", rng.normal(5, 0.1, 30), model_hash="old", step=50)
+    new = run / "eval" / f"step-{STEP:08d}"
+    write_dump(new, "gaussian", "test", rng.normal(5, 0.1, 30), complexity=False, data_root=str(root))
+    write_dump(new, "gaussian-smooth", "test", rng.normal(4, 0.1, 26), complexity=False, data_root=str(root))
+    result = CliRunner().invoke(_cli(), ["--run", str(run), "--in", "gaussian", "--ood", "gaussian-smooth/test",
+                                         "-k", "4"])
+    assert result.exit_code == 0, result.output
+    assert "gaussian-smooth/test" in result.output and "png_complexity" in result.output
+    assert "skipped samples.png" in result.output
+    out = run / "figures"
+    for name in ("distributions.png", "exp1.png", "exp2.png"):
+        assert_png(out / name)
+    table = json.loads((out / "ood.json").read_text())
+    assert table["step"] == STEP and "complexity_corrected" in table["ood"]["gaussian-smooth/test"]
+
+    bad = CliRunner().invoke(_cli(), ["--run", str(run), "--step", "50", "--in", "gaussian", "--ood", "x/test"])
+    assert bad.exit_code != 0 and "x-test.npz" in bad.output
