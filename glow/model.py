@@ -19,12 +19,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from glow.couplings import MASKS, SPATIAL_MASKS, make_coupling
 from glow.flows import FlowStep, ZeroConv2d, gaussian_log_density, squeeze, unsqueeze
 
 __all__ = ["Glow", "GlowConfig", "SplitPrior"]
 
 COUPLINGS = ("affine", "additive")
+# Fields added after checkpoints existed: left out of the hash while at these defaults, so the
+# hash (and resuming) of every model that predates them is unchanged.
+_HASH_DEFAULTS = {"mask": "channel", "coupling_bottleneck": 0}
 
 
 @dataclass
@@ -41,6 +46,8 @@ class GlowConfig:
     learn_top: bool = True
     n_bits: int = 8
     coupling_actnorm: bool = False
+    mask: str = "channel"  # channel | checkerboard | cycle | cycle_patch (glow.couplings)
+    coupling_bottleneck: int = 0  # l > 0: coupling net through an l-dim global bottleneck
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field and value."""
@@ -60,6 +67,17 @@ class GlowConfig:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {self.coupling!r}")
         if not 1 <= self.n_bits <= 8:
             raise ValueError(f"n_bits must be in 1..8, got {self.n_bits}")
+        if self.mask not in MASKS:
+            raise ValueError(f"mask must be one of {MASKS}, got {self.mask!r}")
+        smallest = self.image_size // 2**self.n_levels  # spatial size of the last level
+        if self.mask in SPATIAL_MASKS and (smallest < 2 or smallest % 2):
+            raise ValueError(
+                f"mask {self.mask!r} needs an even spatial size >= 2 at every level, but image_size "
+                f"{self.image_size} with n_levels {self.n_levels} gives {smallest}x{smallest} at the last "
+                "level: use fewer levels or a larger image"
+            )
+        if self.coupling_bottleneck < 0:
+            raise ValueError(f"coupling_bottleneck must be >= 0 (0 = off), got {self.coupling_bottleneck}")
 
     @property
     def n_dims(self) -> int:
@@ -70,7 +88,8 @@ class GlowConfig:
 
     def hash(self) -> str:
         """Stable short hash of the architecture (stored in checkpoints and dumps)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        values = {k: v for k, v in self.to_dict().items() if not (k in _HASH_DEFAULTS and v == _HASH_DEFAULTS[k])}
+        blob = json.dumps(values, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @classmethod
@@ -101,6 +120,9 @@ class Glow(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        # Runtime option (not architecture): recompute each flow step in the backward pass
+        # instead of storing its activations. Set by glow.performance.apply_fast_paths.
+        self.checkpoint_steps = False
         affine = config.coupling == "affine"
         channels = config.in_channels
         size = config.image_size
@@ -111,8 +133,9 @@ class Glow(nn.Module):
             channels, size = channels * 4, size // 2
             self.levels.append(
                 nn.ModuleList(
-                    FlowStep(channels, config.hidden_channels, affine, config.lu, config.coupling_actnorm)
-                    for _ in range(config.steps_per_level)
+                    FlowStep(channels, config.hidden_channels, affine, config.lu, config.coupling_actnorm,
+                             coupling=self._coupling(channels, size, index))
+                    for index in range(config.steps_per_level)
                 )
             )
             if level < config.n_levels - 1:
@@ -125,6 +148,14 @@ class Glow(nn.Module):
             self.top_prior = nn.Parameter(top)
         else:
             self.register_buffer("top_prior", top)
+
+    def _coupling(self, channels: int, size: int, index: int) -> nn.Module | None:
+        """Step `index`'s coupling; None (FlowStep's default, Glow's channel split) unless a variant is set."""
+        c = self.config
+        if c.mask == "channel" and c.coupling_bottleneck == 0:
+            return None
+        return make_coupling(channels, c.hidden_channels, mask=c.mask, index=index, affine=c.coupling == "affine",
+                             actnorm=c.coupling_actnorm, bottleneck=c.coupling_bottleneck, size=(size, size))
 
     # -- shapes and checks -------------------------------------------------------------
     @property
@@ -159,7 +190,10 @@ class Glow(nn.Module):
         for level, steps in enumerate(self.levels):
             x = squeeze(x)
             for step in steps:
-                x, ld = step(x)
+                if self.checkpoint_steps and torch.is_grad_enabled():  # glow.performance
+                    x, ld = checkpoint(step, x, use_reentrant=False, preserve_rng_state=False)
+                else:
+                    x, ld = step(x)
                 logdet = logdet + ld
             if level < len(self.priors):
                 prior = self.priors[level]
@@ -214,13 +248,28 @@ class Glow(nn.Module):
         self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Draw n samples in y space, every prior standard deviation scaled by `temperature`."""
-        device, dtype = self.top_prior.device, self.top_prior.dtype
+        noise_device = generator.device if generator is not None else self.top_prior.device
+        noise = [
+            torch.randn((n, *shape), generator=generator, dtype=self.top_prior.dtype, device=noise_device)
+            for shape in self.latent_shapes
+        ]
+        return self.sample_from_noise(noise, temperature)
 
-        def draw(mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-            eps = torch.randn(mean.shape, generator=generator, dtype=dtype, device=generator.device if generator else device)
-            return mean + temperature * torch.exp(log_std) * eps.to(device)
+    @torch.no_grad()
+    def sample_from_noise(self, noise: list[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+        """Samples from standard-normal noise, one tensor per latent (ordered as `encode`).
+
+        z = mean + temperature * std * noise, level by level from the top. Per-sample noise
+        makes a sample independent of the batch it is drawn in.
+        """
+        device, dtype = self.top_prior.device, self.top_prior.dtype
+        noise = [eps.to(device=device, dtype=dtype) for eps in noise]
+
+        def draw(mean: torch.Tensor, log_std: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+            return mean + temperature * torch.exp(log_std) * eps
 
         def factored(level: int, kept: torch.Tensor) -> torch.Tensor:
-            return draw(*self.priors[level].mean_log_std(kept))
+            return draw(*self.priors[level].mean_log_std(kept), noise[level])
 
-        return self._reverse(draw(*self._top_mean_log_std(n)), factored)
+        top = draw(*self._top_mean_log_std(noise[-1].shape[0]), noise[-1])
+        return self._reverse(top, factored)

@@ -1,0 +1,128 @@
+"""Evaluation jobs on a checkpoint: bits/dim, per-sample dumps, samples, FID, latents.
+
+\b
+Examples:
+  # per-sample dumps of the demo's in-distribution train/test and OOD sets, 2 CPU processes
+  ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --config_file train/accelerate/cpu_2proc.yaml \\
+      eval/evaluate.py --checkpoint runs/demo/checkpoints/latest --task dump \\
+      --data demo/train --data demo/test --data digits/test
+  # CelebA test bits/dim and SVHN dump on all GPUs of a node
+  accelerate launch eval/evaluate.py --checkpoint runs/celeba32/checkpoints/latest \\
+      --task dump --data celeba/test --data svhn/test
+  # samples at temperatures, FID against CelebA train (needs the Inception weights file)
+  python eval/evaluate.py --checkpoint runs/celeba32 --task samples --task fid --data celeba/train \\
+      --inception-weights ~/pt_inception-2015-12-05-6726825d.pth
+
+Outputs go to runs/<name>/eval/step-N/ (bpd.json, dumps/<dataset>-<split>.npz, samples.png,
+fid.json, latents.png). Existing results are skipped unless --force. Tasks:
+  dump     per-sample key, index, label, log p(x) (nats), bits/dim, PNG complexity + bpd.json
+  bpd      bpd.json entry only
+  samples  grid at --temperature values (same noise in every row)
+  fid      FID of --fid-samples generated images against each --data split
+  latents  per-level latents and coupling s/t maps of the first --latents-images of each --data
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import click
+
+TASKS = ("dump", "bpd", "samples", "fid", "latents")
+
+
+def _parse_spec(spec: str) -> tuple[str, str]:
+    if spec.count("/") != 1 or not all(spec.split("/")):
+        raise click.BadParameter(f"{spec!r} is not of the form <dataset>/<split> (e.g. svhn/test)")
+    dataset, split = spec.split("/")
+    return dataset, split
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", required=True, metavar="PATH",
+              help="A step dir, a run dir, or runs/<name>/checkpoints/latest (newest complete).")
+@click.option("--task", "tasks", type=click.Choice(TASKS), multiple=True, default=("dump",), show_default=True)
+@click.option("--data", "specs", multiple=True, metavar="DATASET/SPLIT", help="Repeatable, e.g. svhn/test.")
+@click.option("--data-root", default=None, metavar="DIR", help="Shard root (default: the training data root).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Per process.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Loader workers per process.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of dequantization noise and samples.")
+@click.option("--force", is_flag=True, help="Recompute results that exist.")
+@click.option("--temperature", "temperatures", type=float, multiple=True, default=(0.0, 0.5, 0.7, 0.8, 0.9, 1.0),
+              show_default=True, help="Sampling temperatures (samples and fid).")
+@click.option("--samples-per-temperature", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--fid-samples", type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option("--fid-temperature", "fid_temperatures", type=float, multiple=True, default=(1.0,), show_default=True)
+@click.option("--inception-weights", default=None, metavar="FILE",
+              help="pt_inception-2015-12-05-6726825d.pth (default: $TORCH_HOME/hub/checkpoints/).")
+@click.option("--fid-cache", default=None, metavar="DIR", help="Reference statistics cache (default <data-root>/fid-stats).")
+@click.option("--latents-images", type=click.IntRange(min=1), default=4, show_default=True)
+def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, temperatures,
+         samples_per_temperature, fid_samples, fid_temperatures, inception_weights, fid_cache, latents_images):
+    from glow.checkpoint import load_model, resolve_checkpoint
+    from glow.evaluation import CountMismatch, EvalContext, eval_dir, run_bpd, run_fid, run_samples
+    from glow.tracking import setup_logging
+    from glow.trainer import make_accelerator
+
+    parsed = [_parse_spec(s) for s in specs]
+    if any(t in tasks for t in ("dump", "bpd", "fid", "latents")) and not parsed:
+        raise click.UsageError(f"tasks {', '.join(tasks)} need at least one --data DATASET/SPLIT")
+    try:
+        step_path = resolve_checkpoint(checkpoint)
+    except FileNotFoundError as err:
+        raise click.ClickException(str(err)) from err
+    accelerator = make_accelerator()
+    model, meta = load_model(step_path, accelerator.device)
+    out_dir = eval_dir(step_path, meta["step"])
+    setup_logging(out_dir if accelerator.is_main_process else None, accelerator.is_main_process, accelerator.process_index)
+    log = logging.getLogger("evaluate")
+    log.info("checkpoint %s (step %d), %d process(es), tasks %s", step_path, meta["step"],
+             accelerator.num_processes, ", ".join(tasks))
+    ctx = EvalContext(
+        model=model, meta=meta, out_dir=out_dir, data_root=data_root or meta["data"]["root"],
+        rank=accelerator.process_index, world_size=accelerator.num_processes, device=accelerator.device,
+        batch_size=batch_size, num_workers=workers, seed=seed, force=force,
+    )
+    try:
+        for task in tasks:
+            if task in ("dump", "bpd"):
+                for dataset, split in parsed:
+                    run_bpd(ctx, dataset, split, dump=task == "dump")
+            elif task == "samples":
+                run_samples(ctx, list(temperatures), samples_per_temperature)
+            elif task == "fid":
+                cache = Path(fid_cache) if fid_cache else Path(ctx.data_root) / "fid-stats"
+                for dataset, split in parsed:
+                    run_fid(ctx, dataset, split, list(fid_temperatures), fid_samples, inception_weights, cache)
+            elif task == "latents":
+                _latents(ctx, parsed, latents_images)
+    except (CountMismatch, FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    accelerator.end_training()
+
+
+def _latents(ctx, parsed, n_images):
+    """Only rank 0 draws; the images are the first n of each split."""
+    if not ctx.is_main:
+        return
+    import torch
+
+    from glow.data import make_eval_loader
+    from glow.latents import plot_latents
+
+    path = ctx.out_dir / "latents.png"
+    if path.exists() and not ctx.force:
+        logging.getLogger("evaluate").info("%s exists, skipped", path)
+        return
+    sets = []
+    for dataset, split in parsed:
+        batch = next(iter(make_eval_loader(ctx.data_root, dataset, split, batch_size=n_images, rank=0, world_size=1)))
+        sets.append((f"{dataset}/{split}", batch["image"][:n_images]))
+    with torch.inference_mode():
+        plot_latents(ctx.model, sets, path, seed=ctx.seed)
+    logging.getLogger("evaluate").info("wrote %s", path)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WANDB_MODE", "offline")
+    main()

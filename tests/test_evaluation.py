@@ -1,0 +1,143 @@
+"""Evaluation jobs run for real on a tiny trained checkpoint: dumps, bpd, samples, FID, figures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from glow.checkpoint import load_model
+from glow.evaluation import sample_seeded
+from tests.toydata import REPO, build_toy_shards, cpu_env, run, train_command
+
+pytestmark = pytest.mark.slow
+EVALUATE = REPO / "eval" / "evaluate.py"
+FIGURES = REPO / "eval" / "figures.py"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run trained for 10 steps on toy shards: (run_dir, shard root)."""
+    root = tmp_path_factory.mktemp("eval")
+    shards = build_toy_shards(root / "shards")
+    result = run(train_command(root / "runs", shards, "train.max_steps=10"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "runs" / "tiny", shards
+
+
+def evaluate(run_dir: Path, *args: str, nproc: int = 1, env: dict | None = None):
+    ckpt = str(run_dir / "checkpoints" / "latest")
+    if nproc == 1:
+        cmd = [sys.executable, str(EVALUATE), "--checkpoint", ckpt, *args]
+    else:
+        accelerate = str(Path(sys.executable).with_name("accelerate"))
+        cmd = [accelerate, "launch", "--config_file", str(REPO / "train" / "accelerate" / "cpu_2proc.yaml"),
+               "--num_processes", str(nproc), str(EVALUATE), "--checkpoint", ckpt, *args]
+    return run(cmd, env=env)
+
+
+def load(path: Path) -> dict:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_dumps_are_bitwise_identical_for_one_and_two_processes(trained, tmp_path):
+    run_dir, shards = trained
+    copies = {}
+    # Batches of 7 split the 50 test samples unevenly over the shards, ranks and batches.
+    for nproc, batch in ((1, 7), (2, 7), (1, 64)):
+        result = evaluate(run_dir, "--task", "dump", "--data", "toy/test", "--data", "toyood/test",
+                          "--batch-size", str(batch), "--force", nproc=nproc)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        copies[nproc, batch] = tmp_path / f"n{nproc}-b{batch}"
+        shutil.copytree(run_dir / "eval", copies[nproc, batch])
+    for name in ("toy-test.npz", "toyood-test.npz"):
+        one, two, big = (load(next(copies[c].glob(f"step-*/dumps/{name}"))) for c in ((1, 7), (2, 7), (1, 64)))
+        for key in ("key", "index", "label", "log_p", "bpd", "complexity_bpd"):
+            assert np.array_equal(one[key], two[key]), (name, key)
+        # Another batch size may pick other convolution kernels: equal to float rounding.
+        assert np.allclose(one["log_p"], big["log_p"], rtol=1e-6, atol=0)
+        assert len(one["key"]) == (50 if name.startswith("toy-") else 30)  # = the manifest count
+        assert np.array_equal(one["index"], np.arange(len(one["index"])))
+    dump = load(next(copies[1, 7].glob("step-*/dumps/toy-test.npz")))
+    assert int(dump["step"]) == 10 and list(dump["label"][:4]) == [0, 1, 2, 0]
+    assert np.allclose(dump["bpd"], -dump["log_p"] / (3 * 32 * 32 * np.log(2)))
+    table = json.loads(next(copies[1, 7].glob("step-*/bpd.json")).read_text())
+    assert table["toy/test"]["count"] == 50
+    assert table["toy/test"]["mean"] == pytest.approx(dump["bpd"].mean())
+
+
+def test_existing_results_are_skipped_unless_forced(trained):
+    run_dir, _ = trained
+    assert evaluate(run_dir, "--task", "dump", "--data", "toy/test").returncode == 0
+    path = next(run_dir.glob("eval/step-*/dumps/toy-test.npz"))
+    before = path.stat().st_mtime_ns
+    result = evaluate(run_dir, "--task", "dump", "--data", "toy/test")
+    assert result.returncode == 0 and "skipped" in result.stdout
+    assert path.stat().st_mtime_ns == before
+
+
+def test_a_split_shorter_than_its_manifest_fails_loudly(trained, tmp_path):
+    run_dir, shards = trained
+    broken = tmp_path / "shards"
+    shutil.copytree(shards, broken)
+    manifest_path = broken / "toy" / "test" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["count"] += 5  # the manifest says more than the shards hold
+    manifest_path.write_text(json.dumps(manifest))
+    result = evaluate(run_dir, "--task", "dump", "--data", "toy/test", "--data-root", str(broken), "--force")
+    assert result.returncode != 0
+    assert "55" in result.stderr and "no dump written" in result.stderr
+
+
+def test_samples_do_not_depend_on_the_batch_they_are_drawn_in(trained):
+    model, _ = load_model(trained[0])
+    batch = sample_seeded(model, range(6), 0.7, seed=3)
+    alone = sample_seeded(model, [4], 0.7, seed=3)
+    assert batch.dtype == torch.uint8 and batch.shape == (6, 3, 32, 32)
+    assert torch.equal(batch[4], alone[0])
+    assert not torch.equal(batch[0], batch[1])
+
+
+def test_samples_latents_and_figures(trained):
+    run_dir, shards = trained
+    result = evaluate(run_dir, "--task", "dump", "--task", "samples", "--task", "latents",
+                      "--data", "toy/train", "--data", "toy/test", "--data", "toyood/test")
+    assert result.returncode == 0, result.stderr[-3000:]
+    step_dir = next(run_dir.glob("eval/step-*"))
+    for name in ("samples.png", "latents.png"):
+        Image.open(step_dir / name).verify()
+    result = run([sys.executable, str(FIGURES), "--run", str(run_dir), "--in", "toy", "--ood", "toyood/test"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = run_dir / "figures"
+    for name in ("distributions.png", "exp1.png", "exp2.png", "samples.png"):
+        Image.open(figures / name).verify()
+    table = json.loads((figures / "ood.json").read_text())
+    assert "AUROC" in (figures / "ood.md").read_text() or "auroc" in (figures / "ood.md").read_text().lower()
+    assert table  # every OOD set and score has a row (checked in detail by test_figures)
+
+
+def test_fid_with_random_inception_weights(trained, random_inception_home, tmp_path):
+    run_dir, _ = trained
+    env = cpu_env(TORCH_HOME=str(random_inception_home))
+    result = evaluate(run_dir, "--task", "fid", "--data", "toy/test", "--fid-samples", "12",
+                      "--fid-cache", str(tmp_path / "cache"), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fid = json.loads(next(run_dir.glob("eval/step-*/fid.json")).read_text())
+    entry = fid["toy/test@T=1.0"]
+    assert entry["n_samples"] == 12 and entry["fid"] > 0 and entry["reference_count"] == 50
+    assert list((tmp_path / "cache").glob("fid-ref-*.npz"))  # reference statistics cached
+
+
+def test_fid_without_weights_says_where_to_put_them(trained, tmp_path):
+    run_dir, _ = trained
+    result = evaluate(run_dir, "--task", "fid", "--data", "toy/test", "--fid-samples", "4", "--force",
+                      env=cpu_env(TORCH_HOME=str(tmp_path / "empty")))
+    assert result.returncode != 0
+    assert "pt_inception-2015-12-05-6726825d.pth" in result.stderr and "hub/checkpoints" in result.stderr
