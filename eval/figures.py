@@ -6,10 +6,14 @@ Examples:
   python eval/figures.py --run runs/celeba32 --in celeba --ood svhn/test
   # the CPU demo, a given step, shards moved since the dumps were written
   python eval/figures.py --run runs/demo --step 3000 --in demo --ood digits/test --data-root data/shards
+  # several runs (model variants) side by side, with a background model for the likelihood ratio
+  python eval/figures.py compare --run runs/demo --run runs/demo_cycle --background runs/demo_background \
+      --in demo --ood digits/test --out runs/comparison
 
 Reads runs/<name>/eval/step-N/dumps/<dataset>-<split>.npz (written by
 `eval/evaluate.py --task dump`) and writes runs/<name>/figures/: distributions.png,
-exp1.png, exp2.png, samples.png, ood.json, ood.md.
+exp1.png, exp2.png, samples.png, ood.json, ood.md; `compare` writes compare.json and
+compare.md (one row per variant and score; see docs/variants.md).
 """
 
 from pathlib import Path
@@ -19,7 +23,21 @@ import click
 from glow.figures import make_figures
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+class _DefaultToFigures(click.Group):
+    """`figures.py [OPTIONS]` runs the `figures` command (the single-run usage); `figures.py compare ...`."""
+
+    def parse_args(self, ctx, args):
+        if not args or args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["figures", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultToFigures, help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    pass
+
+
+@main.command("figures", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True), required=True,
               metavar="DIR", help="Run directory runs/<name>.")
 @click.option("--step", type=click.IntRange(min=0), default=None, metavar="N",
@@ -40,8 +58,9 @@ from glow.figures import make_figures
 @click.option("--wandb/--no-wandb", "use_wandb", default=False, show_default=True,
               help="Also log the figures to the run's wandb run (offline unless WANDB_MODE says otherwise).")
 @click.option("--wandb-project", default="glow-ood", show_default=True)
-def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root, out_dir, k, seed,
-         use_wandb, wandb_project):
+def figures(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root, out_dir, k, seed,
+            use_wandb, wandb_project):
+    """Figures and the OOD table of one run (this is what `figures.py --run ...` runs)."""
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -70,6 +89,41 @@ def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root,
         for name in ("log_likelihood", "complexity_corrected", "png_complexity", "typicality_m25"):
             if name in rows:
                 click.echo(f"{spec:<24}{name:<22}{rows[name]['auroc']:>8.4f}{rows[name]['fpr_at_95_tpr']:>8.4f}")
+
+
+@main.command("compare", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--run", "run_dirs", type=click.Path(file_okay=False, exists=True), multiple=True, required=True,
+              metavar="DIR", help="Run directory runs/<name>, repeatable: one variant each (label = folder name).")
+@click.option("--background", type=click.Path(file_okay=False, exists=True), default=None, metavar="DIR",
+              help="Background run (trained with data.perturb_prob > 0): adds a likelihood_ratio row per run.")
+@click.option("--in", "in_dataset", required=True, metavar="DATASET", help="In-distribution dataset, e.g. celeba.")
+@click.option("--in-split", default="test", show_default=True, help="In-distribution held-out split.")
+@click.option("--ood", "ood_specs", multiple=True, required=True, metavar="DATASET/SPLIT",
+              help="OOD set, repeatable, e.g. svhn/test.")
+@click.option("--step", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Evaluated step of every run (default: each run's newest).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Output folder (default: <parent of the first run>/comparison).")
+def compare(run_dirs, background, in_dataset, in_split, ood_specs, step, out_dir):
+    """Several runs side by side: compare.json / compare.md, one row per (variant, score)."""
+    import logging
+
+    from glow.compare import compare_runs
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        table, files = compare_runs(run_dirs, in_dataset, ood_specs, background=background, out_dir=out_dir,
+                                    in_split=in_split, step=step)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    for p in files:
+        click.echo(f"wrote {p}")
+    header = "".join(f"{s + ' AUROC':>22}" for s in table["ood_sets"])
+    click.echo(f"{'variant':<24}{'score':<22}{'test bpd':>9}{header}")
+    for row in table["rows"]:
+        bpd = "-" if row["test_bpd"] is None else f"{row['test_bpd']:.4f}"
+        aurocs = "".join(f"{row['ood'][s]['auroc']:>22.4f}" for s in table["ood_sets"])
+        click.echo(f"{row['variant']:<24}{row['score']:<22}{bpd:>9}{aurocs}")
 
 
 if __name__ == "__main__":

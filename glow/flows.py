@@ -104,7 +104,9 @@ class ActNorm(nn.Module):
         return (h * w * self.log_scale.sum()).expand(x.shape[0])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.initialized:
+        # Under torch.compile the check is skipped (a data-dependent branch breaks the graph):
+        # initialize before compiling (glow.performance does).
+        if not torch.compiler.is_compiling() and not self.initialized:
             self.initialize(x)
         y = (x + self.loc) * torch.exp(self.log_scale)
         return y, self._logdet(x)
@@ -155,6 +157,9 @@ class InvConv2dLU(nn.Module):
         self.log_s = nn.Parameter(torch.log(torch.abs(s)))
 
     def weight(self) -> torch.Tensor:
+        cached = self._cached("weight")
+        if cached is not None:
+            return cached
         lower = self.lower * self.lower_mask + self.eye
         upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
         return self.p @ lower @ upper
@@ -169,8 +174,33 @@ class InvConv2dLU(nn.Module):
 
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
         with _no_autocast(y.device.type):
-            inverse = torch.linalg.inv(self.weight())
+            inverse = self._cached("inverse")
+            if inverse is None:
+                inverse = torch.linalg.inv(self.weight())
             return F.conv2d(y.to(inverse.dtype), inverse[:, :, None, None])
+
+    # -- evaluation cache (glow.performance.cached_weights) ---------------------------------
+    def _versions(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in (self.lower, self.upper, self.log_s))
+
+    def cache_weights(self) -> None:
+        """Precompute W and W^-1. Used only while autograd is off and the parameters are
+        unchanged (checked by version counter), so training never sees a stale weight."""
+        with torch.no_grad():
+            self.clear_cache()
+            weight = self.weight()
+            self._cache = {"weight": weight, "inverse": torch.linalg.inv(weight), "versions": self._versions()}
+
+    def clear_cache(self) -> None:
+        self.__dict__.pop("_cache", None)
+
+    def _cached(self, name: str) -> torch.Tensor | None:
+        cache = self.__dict__.get("_cache")
+        if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        if cache["versions"] != self._versions():
+            return None
+        return cache[name]
 
 
 class ZeroConv2d(nn.Module):
@@ -228,12 +258,16 @@ class AffineCoupling(nn.Module):
     additive: s = 1, logdet = 0.
     """
 
-    def __init__(self, num_channels: int, hidden_channels: int, affine: bool = True, actnorm: bool = False):
+    def __init__(self, num_channels: int, hidden_channels: int, affine: bool = True, actnorm: bool = False,
+                 net: nn.Module | None = None):
         super().__init__()
         self.n_a = num_channels // 2
         n_b = num_channels - self.n_a
         self.affine = affine
-        self.net = CouplingNet(self.n_a, 2 * n_b if affine else n_b, hidden_channels, actnorm)
+        # `net` (n_a -> 2 n_b channels, or n_b if additive) replaces the default CouplingNet
+        if net is None:
+            net = CouplingNet(self.n_a, 2 * n_b if affine else n_b, hidden_channels, actnorm)
+        self.net = net
 
     def _shift_scale(self, x_a: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.net(x_a).to(dtype)
@@ -261,7 +295,11 @@ class AffineCoupling(nn.Module):
 
 
 class FlowStep(nn.Module):
-    """One step of flow: ActNorm -> invertible 1x1 conv -> coupling."""
+    """One step of flow: ActNorm -> invertible 1x1 conv -> coupling.
+
+    `coupling` (any layer `x -> (y, logdet)` with `reverse`, e.g. from `glow.couplings`)
+    replaces the default channel-split `AffineCoupling`.
+    """
 
     def __init__(
         self,
@@ -270,11 +308,13 @@ class FlowStep(nn.Module):
         affine: bool = True,
         lu: bool = True,
         coupling_actnorm: bool = False,
+        coupling: nn.Module | None = None,
     ):
         super().__init__()
         self.actnorm = ActNorm(num_channels)
         self.invconv = InvConv2dLU(num_channels) if lu else InvConv2d(num_channels)
-        self.coupling = AffineCoupling(num_channels, hidden_channels, affine, coupling_actnorm)
+        self.coupling = coupling if coupling is not None else AffineCoupling(
+            num_channels, hidden_channels, affine, coupling_actnorm)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, logdet = self.actnorm(x)

@@ -1,0 +1,217 @@
+"""Several runs side by side, and the likelihood-ratio score of Ren et al. (2019).
+
+`compare_runs` reads the evaluation dumps of several runs (model variants) and writes
+`compare.json` / `compare.md`: one row per (variant, score) with AUROC / AUPR / FPR@95 for each
+OOD set and the in-distribution test bits/dim. Scores (higher = more in-distribution):
+
+* ``log_likelihood``: log p(x) of the run's model;
+* ``complexity_corrected``: L(x) - bpd(x) (Serra et al. 2020), when the dumps carry L(x);
+* ``likelihood_ratio``: log p_fg(x) - log p_bg(x) (Ren et al. 2019), when a background run is
+  given: a model of the same family trained on inputs whose values are replaced by uniform
+  noise with probability mu (`data.perturb_prob`). The background explains the generic local
+  statistics, so the ratio keeps what is specific to the in-distribution data;
+* ``png_complexity``: -L(x) alone, once, as the model-free baseline (variant ``(PNG size)``).
+
+Reads only files on disk; no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from glow import metrics
+from glow.checkpoint import atomic_write_text
+from glow.figures import Dump, dump_path, eval_step_dir, load_dumps
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunDumps", "compare_markdown", "compare_runs", "compare_table", "likelihood_ratio", "load_run_dumps"]
+
+BASELINE = "(PNG size)"
+
+
+def likelihood_ratio(fg: Dump, bg: Dump) -> np.ndarray:
+    """log p_fg(x) - log p_bg(x) per sample, in `fg`'s order, matched key by key.
+
+    Refuses (ValueError naming both files) dumps of different splits, bit depths or key sets.
+    """
+    if (fg.dataset, fg.split) != (bg.dataset, bg.split):
+        raise ValueError(f"likelihood ratio of different splits: {fg.path} ({fg.spec}) vs {bg.path} ({bg.spec})")
+    if fg.n_bits != bg.n_bits:
+        raise ValueError(f"likelihood ratio of different bit depths: {fg.path} ({fg.n_bits}-bit) vs "
+                         f"{bg.path} ({bg.n_bits}-bit); evaluate both models at the same n_bits")
+    for d in (fg, bg):
+        if len(np.unique(d.key)) != d.key.size:
+            raise ValueError(f"dump {d.path} has duplicate keys; rewrite it with eval/evaluate.py --task dump --force")
+    if not np.array_equal(fg.key, bg.key):
+        only_fg, only_bg = np.setdiff1d(fg.key, bg.key), np.setdiff1d(bg.key, fg.key)
+        if only_fg.size or only_bg.size:
+            raise ValueError(
+                f"refusing the likelihood ratio of dumps whose keys differ: {fg.path} ({fg.key.size} keys, "
+                f"{only_fg.size} not in the other, e.g. {only_fg[:3].tolist()}) vs {bg.path} ({bg.key.size} keys, "
+                f"{only_bg.size} not in the other, e.g. {only_bg[:3].tolist()}); dump the same split with both models"
+            )
+    position = {k: i for i, k in enumerate(bg.key.tolist())}
+    order = np.fromiter((position[k] for k in fg.key.tolist()), dtype=np.int64, count=fg.key.size)
+    return fg.log_p - bg.log_p[order]
+
+
+@dataclass
+class RunDumps:
+    """The dumps of one evaluated step of one run: the in-distribution test split and the OOD sets."""
+
+    label: str
+    run_dir: Path
+    in_test: Dump
+    oods: list[Dump]
+    model: dict = field(default_factory=dict)  # model / data fields from <run>/config.yaml, if present
+
+    @property
+    def step(self) -> int:
+        return self.in_test.step
+
+
+def _run_description(run_dir: Path) -> dict:
+    """The variant-defining fields of `<run>/config.yaml` (empty when the file is absent)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # a description only: never fail the comparison on it
+        log.warning("cannot read %s: %s", path, err)
+        return {}
+    model, data = cfg.get("model", {}) or {}, cfg.get("data", {}) or {}
+    keys = ("mask", "coupling_bottleneck", "coupling", "hidden_channels", "n_levels", "steps_per_level")
+    desc = {k: model[k] for k in keys if k in model}
+    desc.setdefault("mask", "channel")
+    desc.setdefault("coupling_bottleneck", 0)
+    desc["perturb_prob"] = data.get("perturb_prob", 0.0)
+    return desc
+
+
+def load_run_dumps(run_dir: str | Path, in_spec: str, ood_specs: Sequence[str], *, step: int | None = None,
+                   label: str | None = None) -> RunDumps:
+    run_dir = Path(run_dir)
+    step_dir = eval_step_dir(run_dir, step)
+    dumps = load_dumps([dump_path(step_dir, s) for s in [in_spec, *ood_specs]])
+    return RunDumps(label=label or run_dir.name, run_dir=run_dir, in_test=dumps[0], oods=dumps[1:],
+                    model=_run_description(run_dir))
+
+
+def _row(variant: str, score: str, run: RunDumps | None, pairs: dict[str, tuple[np.ndarray, np.ndarray]],
+         **extra) -> dict:
+    row = {"variant": variant, "score": score}
+    if run is not None:
+        row.update(run=str(run.run_dir), step=run.step, model_hash=run.in_test.model_hash,
+                   test_bpd=float(run.in_test.bpd.mean()))
+    else:
+        row.update(run=None, step=None, model_hash=None, test_bpd=None)
+    row.update(extra)
+    row["ood"] = {spec: metrics.ood_metrics(*pair) for spec, pair in pairs.items()}
+    return row
+
+
+def compare_table(runs: Sequence[RunDumps], background: RunDumps | None = None) -> dict:
+    """Every (variant, score) row; see the module docstring for the scores."""
+    if not runs:
+        raise ValueError("give at least one run to compare (--run runs/<name>)")
+    labels = [r.label for r in runs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"run labels must be unique, got {labels}; name the runs differently")
+    ref = runs[0]
+    specs = [d.spec for d in ref.oods]
+    for r in [*runs[1:], *([background] if background else [])]:
+        if r.in_test.spec != ref.in_test.spec or [d.spec for d in r.oods] != specs:
+            raise ValueError(f"{r.run_dir} was loaded for {r.in_test.spec} vs {[d.spec for d in r.oods]}, "
+                             f"not {ref.in_test.spec} vs {specs}")
+    table: dict = {
+        "in_distribution": ref.in_test.spec,
+        "ood_sets": specs,
+        "runs": {r.label: {"run_dir": str(r.run_dir), "step": r.step, "model_hash": r.in_test.model_hash,
+                           "checkpoint": r.in_test.checkpoint, "model": r.model,
+                           "bpd": {d.spec: float(d.bpd.mean()) for d in [r.in_test, *r.oods]}} for r in runs},
+        "background": None,
+        "rows": [],
+        "notes": [
+            "Scores are oriented higher = more in-distribution; in-distribution is the positive class; "
+            "AUROC < 0.5 means the OOD set looks more in-distribution than held-out in-distribution data.",
+            "test_bpd is the mean bits/dim of the in-distribution test split under the run's model.",
+        ],
+    }
+    if background is not None:
+        table["background"] = {"label": background.label, "run_dir": str(background.run_dir),
+                               "step": background.step, "model_hash": background.in_test.model_hash,
+                               "model": background.model, "test_bpd": float(background.in_test.bpd.mean())}
+        table["notes"].append(
+            f"likelihood_ratio = log p(x) - log p_bg(x) (Ren et al. 2019), background {background.label} "
+            f"(perturb_prob {background.model.get('perturb_prob', 'unknown')})."
+        )
+    for r in runs:
+        table["rows"].append(_row(r.label, "log_likelihood", r, {d.spec: (r.in_test.log_p, d.log_p) for d in r.oods}))
+        if r.in_test.complexity_bpd is not None and all(d.complexity_bpd is not None for d in r.oods):
+            cc = metrics.complexity_corrected_score
+            table["rows"].append(_row(r.label, "complexity_corrected", r, {
+                d.spec: (cc(r.in_test.bpd, r.in_test.complexity_bpd), cc(d.bpd, d.complexity_bpd)) for d in r.oods}))
+        if background is not None:
+            if background.in_test.model_hash != r.in_test.model_hash:
+                log.warning("background %s has another architecture (model hash %s) than %s (%s)", background.label,
+                            background.in_test.model_hash, r.label, r.in_test.model_hash)
+            lr_in = likelihood_ratio(r.in_test, background.in_test)
+            pairs = {d.spec: (lr_in, likelihood_ratio(d, b)) for d, b in zip(r.oods, background.oods)}
+            table["rows"].append(_row(r.label, "likelihood_ratio", r, pairs, background=background.label))
+    if ref.in_test.complexity_bpd is not None and all(d.complexity_bpd is not None for d in ref.oods):
+        table["rows"].append(_row(BASELINE, "png_complexity", None,
+                                  {d.spec: (-ref.in_test.complexity_bpd, -d.complexity_bpd) for d in ref.oods}))
+    else:
+        table["notes"].append("the dumps carry no complexity_bpd: no complexity_corrected / png_complexity rows")
+    return table
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def compare_markdown(table: dict) -> str:
+    specs = table["ood_sets"]
+    head = "| variant | model | score | test bits/dim |" + "".join(
+        f" {s} AUROC | {s} AUPR-in | {s} FPR@95 |" for s in specs)
+    lines = [f"# Comparison: in-distribution `{table['in_distribution']}` vs {', '.join(f'`{s}`' for s in specs)}",
+             "", head, "|---|---|---|---:|" + "---:|---:|---:|" * len(specs)]
+    for row in table["rows"]:
+        model = table["runs"].get(row["variant"], {}).get("model", {})
+        desc = ", ".join(f"{k}={v}" for k, v in model.items() if k in ("mask", "coupling_bottleneck", "perturb_prob"))
+        cells = "".join(f" {_fmt(row['ood'][s]['auroc'])} | {_fmt(row['ood'][s]['aupr_in'])} | "
+                        f"{_fmt(row['ood'][s]['fpr_at_95_tpr'])} |" for s in specs)
+        lines.append(f"| {row['variant']} | {desc or '-'} | {row['score']} | {_fmt(row['test_bpd'])} |{cells}")
+    lines += ["", "| variant | run | step | model hash |", "|---|---|---:|---|"]
+    lines += [f"| {label} | {r['run_dir']} | {r['step']} | `{r['model_hash']}` |" for label, r in table["runs"].items()]
+    if table["background"]:
+        b = table["background"]
+        lines.append(f"| background: {b['label']} | {b['run_dir']} | {b['step']} | `{b['model_hash']}` |")
+    lines += [""] + [f"- {n}" for n in table["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def compare_runs(run_dirs: Sequence[str | Path], in_dataset: str, ood_specs: Sequence[str], *,
+                 background: str | Path | None = None, out_dir: str | Path | None = None,
+                 in_split: str = "test", step: int | None = None) -> tuple[dict, list[Path]]:
+    """Load every run's dumps (newest evaluated step, or `step` for all), write compare.json/.md."""
+    if not ood_specs:
+        raise ValueError("give at least one OOD set (--ood <dataset>/<split>)")
+    in_spec = f"{in_dataset}/{in_split}"
+    runs = [load_run_dumps(r, in_spec, ood_specs, step=step) for r in run_dirs]
+    bg = load_run_dumps(background, in_spec, ood_specs, step=step) if background is not None else None
+    table = compare_table(runs, bg)
+    out = Path(out_dir) if out_dir is not None else Path(run_dirs[0]).parent / "comparison"
+    atomic_write_text(out / "compare.json", json.dumps(table, indent=2) + "\n")
+    atomic_write_text(out / "compare.md", compare_markdown(table))
+    return table, [out / "compare.json", out / "compare.md"]
