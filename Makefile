@@ -5,7 +5,23 @@ PY := $(VENV)/bin/python
 EXTRAS ?= test,demo,deepspeed
 PYTEST_ARGS ?=
 
-.PHONY: test install clean-venv
+# The demo: every step skips or resumes what is already done. Override for a quick run, e.g.
+#   make demo DEMO_STEPS=50 DEMO_N_TRAIN=2000 DEMO_N_TEST=500 DEMO_DATA=/tmp/d DEMO_RUNS=/tmp/r
+DEMO_DATA ?= data/shards
+DEMO_RUNS ?= runs
+DEMO_NAME ?= demo
+DEMO_STEPS ?=
+DEMO_N_TRAIN ?= 20000
+DEMO_N_TEST ?= 2000
+DEMO_FID ?= 0
+DEMO_FID_SAMPLES ?= 1000
+DEMO_OVERRIDES ?=
+CPU_LAUNCH := ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch \
+	--config_file train/accelerate/cpu_2proc.yaml
+DEMO_RUN_DIR := $(DEMO_RUNS)/$(DEMO_NAME)
+DEMO_EVAL := eval/evaluate.py --checkpoint $(DEMO_RUN_DIR)/checkpoints/latest --data-root $(DEMO_DATA)
+
+.PHONY: test demo install clean-venv
 
 install: $(VENV)/.installed
 
@@ -15,7 +31,23 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(PY) shards/build.py demo --out $(DEMO_DATA) --n-train $(DEMO_N_TRAIN) --n-test $(DEMO_N_TEST) --workers 2
+	$(CPU_LAUNCH) train/train.py --config train/configs/demo.yaml run.name=$(DEMO_NAME) \
+		run.root=$(DEMO_RUNS) data.root=$(DEMO_DATA) $(if $(DEMO_STEPS),train.max_steps=$(DEMO_STEPS)) $(DEMO_OVERRIDES)
+	$(CPU_LAUNCH) $(DEMO_EVAL) --task dump --task samples --task latents \
+		--data demo/train --data demo/test --data digits/test
+	@if [ "$(DEMO_FID)" = 1 ]; then \
+		$(PY) $(DEMO_EVAL) --task fid --data demo/test --fid-samples $(DEMO_FID_SAMPLES); \
+	else \
+		$(PY) -c "from glow.metrics import inception_weights_path as p; p()" 2>/dev/null \
+		&& echo "FID skipped (slow on a CPU): run 'make demo DEMO_FID=1' to compute it." \
+		|| echo "FID skipped: no Inception weights. Put pt_inception-2015-12-05-6726825d.pth in \$$TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/), then run 'make demo DEMO_FID=1'."; \
+	fi
+	$(PY) eval/figures.py --run $(DEMO_RUN_DIR) --in demo --ood digits/test --data-root $(DEMO_DATA)
+	@echo "Run directory $(DEMO_RUN_DIR): checkpoints/, samples/, eval/, figures/ (ood.md has the full table)."
 
 clean-venv:
 	rm -rf $(VENV)
