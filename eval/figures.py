@@ -84,6 +84,8 @@ def figures(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_ro
         click.echo(f"  skipped {name}: {why}")
     t = res.table
     click.echo(f"\nin-distribution {t['in_distribution']}, step {t['step']}, model {t['model_hash']}")
+    for spec, v in t["bpd"].items():
+        click.echo(f"  {spec:<22} {v['mean']:.4f} bits/dim (std {v['std']:.4f}, n={v['count']})")
     click.echo(f"{'OOD set':<24}{'score':<22}{'AUROC':>8}{'FPR@95':>8}")
     for spec, rows in t["ood"].items():
         for name in ("log_likelihood", "complexity_corrected", "png_complexity", "typicality_m25"):
