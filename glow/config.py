@@ -73,6 +73,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
     progress: bool = True
+    # Fast paths that do not change results (glow.performance, docs/PERFORMANCE.md); runtime
+    # options, so they live here and not in GlowConfig (whose hash names the architecture).
+    compile: bool = False  # torch.compile of the training forward (cold compile: ~1 min on 2 CPU cores)
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    channels_last: bool = False  # coupling networks run in channels-last (NHWC) memory format
+    checkpointing: bool = False  # recompute each flow step in backward: less memory, more time
 
 
 @dataclass
@@ -93,6 +99,7 @@ _CHOICES = {
     ("optim", "optimizer"): ("adam", "adamax"),
     ("optim", "schedule"): ("constant", "cosine"),
     ("train", "precision"): ("fp32", "bf16"),
+    ("train", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 

@@ -29,6 +29,7 @@ from glow.data import make_eval_loader, manifest_hash, read_manifest
 from glow.likelihood import bits_per_dim, eval_noise, log_p_x, postprocess, preprocess
 from glow.metrics import png_complexity_bpd_batch
 from glow.model import Glow
+from glow.performance import fast_eval
 
 __all__ = [
     "CountMismatch",
@@ -89,38 +90,22 @@ def barrier(world_size: int) -> None:
 
 
 # -- bits/dim and dumps --------------------------------------------------------------------
-@torch.inference_mode()
 def score_split(ctx: EvalContext, dataset: str, split: str) -> dict[str, np.ndarray]:
     """Per-sample log p(x) (nats), bpd and PNG complexity of every sample of a split.
 
     Returns the merged arrays (sorted by index) on every rank; raises CountMismatch when
     the gathered count differs from the manifest.
     """
-    model, n_bits = ctx.model, ctx.model.config.n_bits
-    n_dims = model.config.n_dims
     manifest = read_manifest(ctx.data_root, dataset, split)
     expected = int(manifest["count"])
     loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=ctx.batch_size, rank=ctx.rank,
                               world_size=ctx.world_size, num_workers=ctx.num_workers)
     parts: dict[str, list] = {"key": [], "index": [], "label": [], "log_p": [], "bpd": [], "complexity_bpd": []}
     bar = tqdm(total=expected, desc=f"{dataset}/{split}", disable=not ctx.is_main, dynamic_ncols=True)
-    for batch in loader:
-        images = batch["image"]
-        if tuple(images.shape[1:]) != model.input_shape:
-            raise ValueError(
-                f"{dataset}/{split} images have shape {tuple(images.shape[1:])}, the model expects "
-                f"{model.input_shape}: evaluate on shards built at the model's resolution"
-            )
-        noise = eval_noise(ctx.seed, batch["key"], images.shape[1:])
-        y = preprocess(images, n_bits, noise).to(ctx.device)
-        log_p_y = _log_prob_full_batch(model, y, ctx.batch_size).double().cpu()
-        parts["key"] += list(batch["key"])
-        parts["index"].append(batch["index"].numpy())
-        parts["label"].append(batch["label"].numpy())
-        parts["log_p"].append(log_p_x(log_p_y, n_dims, n_bits).numpy())
-        parts["bpd"].append(bits_per_dim(log_p_y, n_dims, n_bits).numpy())
-        parts["complexity_bpd"].append(png_complexity_bpd_batch(images))
-        bar.update(len(batch["key"]) * ctx.world_size)
+    with fast_eval(ctx.model):  # eval mode, inference mode, 1x1-conv weights computed once
+        for batch in loader:
+            _score_batch(ctx, batch, parts)
+            bar.update(len(batch["key"]) * ctx.world_size)
     bar.close()
     local = {k: (np.array(v, dtype=str) if k == "key" else _concat(v)) for k, v in parts.items()}
     gathered = gather_objects(local, ctx.world_size)
@@ -137,6 +122,25 @@ def score_split(ctx: EvalContext, dataset: str, split: str) -> dict[str, np.ndar
     merged = {k: v[order] for k, v in merged.items()}
     merged["manifest_hash"] = manifest_hash(manifest)
     return merged
+
+
+def _score_batch(ctx: EvalContext, batch: dict, parts: dict[str, list]) -> None:
+    model, n_bits, n_dims = ctx.model, ctx.model.config.n_bits, ctx.model.config.n_dims
+    images = batch["image"]
+    if tuple(images.shape[1:]) != model.input_shape:
+        raise ValueError(
+            f"images have shape {tuple(images.shape[1:])}, the model expects "
+            f"{model.input_shape}: evaluate on shards built at the model's resolution"
+        )
+    noise = eval_noise(ctx.seed, batch["key"], images.shape[1:])
+    y = preprocess(images, n_bits, noise).to(ctx.device)
+    log_p_y = _log_prob_full_batch(model, y, ctx.batch_size).double().cpu()
+    parts["key"] += list(batch["key"])
+    parts["index"].append(batch["index"].numpy())
+    parts["label"].append(batch["label"].numpy())
+    parts["log_p"].append(log_p_x(log_p_y, n_dims, n_bits).numpy())
+    parts["bpd"].append(bits_per_dim(log_p_y, n_dims, n_bits).numpy())
+    parts["complexity_bpd"].append(png_complexity_bpd_batch(images))
 
 
 def _log_prob_full_batch(model: Glow, y: torch.Tensor, batch_size: int) -> torch.Tensor:

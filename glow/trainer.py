@@ -39,6 +39,7 @@ from glow.data import make_train_loader
 from glow.flows import set_actnorm_reducer
 from glow.likelihood import bits_per_dim, perturb_pixels, preprocess
 from glow.model import Glow
+from glow.performance import apply_train_config
 from glow.sampling import save_sample_grid
 from glow.tracking import MetricsLog, Tracker, git_sha, setup_logging
 
@@ -204,6 +205,7 @@ class Trainer:
         self.ema = None
         if c.optim.ema_decay > 0:
             self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(c.optim.ema_decay), use_buffers=True)
+        apply_train_config(model, c.train)  # compile / channels_last / checkpointing (after EMA's copy)
         optim_cls = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[c.optim.optimizer]
         optimizer = optim_cls(model.parameters(), lr=c.optim.lr, betas=tuple(c.optim.betas),
                               weight_decay=c.optim.weight_decay)
@@ -406,7 +408,7 @@ class Trainer:
         self.model.train()
         batches = self._batches()
         bar = tqdm(total=c.train.max_steps, initial=state.step, disable=not (acc.is_main_process and c.train.progress),
-                   desc="train", dynamic_ncols=True)
+                   desc="train", dynamic_ncols=True, mininterval=2.0)
         timed_steps = 0
         tick = time.perf_counter()
         while state.step < c.train.max_steps:
@@ -415,7 +417,7 @@ class Trainer:
             timed_steps += 1
             bar.update(1)
             if math.isfinite(loss):
-                bar.set_postfix(bpd=f"{loss:.3f}")
+                bar.set_postfix(bpd=f"{loss:.3f}", refresh=False)
             if state.bad_in_a_row >= c.train.max_bad_steps:
                 log.error("%d consecutive non-finite steps: stopping; the last complete checkpoint (%s) is intact",
                           state.bad_in_a_row, ckpt.latest_checkpoint(self.run_dir))
