@@ -89,7 +89,7 @@ def plot_latents(model: Glow, image_sets: Sequence[tuple[str, torch.Tensor]], pa
             if r == 0 or c == 0:
                 ax.set_title(title, fontsize=7)
     fig.suptitle("Latents per level and coupling shift t / scale s (channel means)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
