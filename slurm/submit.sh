@@ -7,7 +7,7 @@
 #       [--run-tasks "samples"] [--no-eval] [--dry-run] [key=value ...]
 #
 # Examples:
-#   slurm/submit.sh --name celeba-glow --config train/configs/celeba.yaml --nodes 4 \
+#   slurm/submit.sh --name celeba32 --config train/configs/celeba32.yaml --nodes 4 \
 #       --in celeba/test --ood svhn/test --ood gaussian-smooth/test --data-root /data/shards
 #   GLOW_CPU=1 GLOW_PROCS_PER_NODE=2 slurm/submit.sh --name demo --config train/configs/tiny.yaml \
 #       --in demo/test --ood digits/test --dry-run
