@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from glow.flows import AffineCoupling, CouplingNet, ZeroConv2d, _ActNormNet, _no_autocast
+from glow.flows import AffineCoupling, CouplingNet, ZeroConv2d, _no_autocast, hidden_layers
 
 __all__ = ["MASKS", "SPATIAL_MASKS", "BottleneckCouplingNet", "MaskedCoupling", "make_coupling", "spatial_masks"]
 
@@ -87,14 +87,7 @@ class BottleneckCouplingNet(nn.Module):
                  size: tuple[int, int], actnorm: bool = False):
         super().__init__()
         h, w = size
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=not actnorm)]
-        if actnorm:
-            layers.append(_ActNormNet(hidden_channels))
-        layers += [nn.ReLU(inplace=True), nn.Conv2d(hidden_channels, hidden_channels, 1, bias=not actnorm)]
-        if actnorm:
-            layers.append(_ActNormNet(hidden_channels))
-        layers.append(nn.ReLU(inplace=True))
-        self.encoder = nn.Sequential(*layers)
+        self.encoder = nn.Sequential(*hidden_layers(in_channels, hidden_channels, actnorm))
         self.bottleneck = nn.Sequential(
             nn.Flatten(1),
             nn.Linear(hidden_channels * h * w, bottleneck),
@@ -103,11 +96,6 @@ class BottleneckCouplingNet(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.out = ZeroConv2d(hidden_channels, out_channels)
-        for module in self.encoder:
-            if isinstance(module, nn.Conv2d):
-                nn.init.normal_(module.weight, std=0.05)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.bottleneck(self.encoder(x)))

@@ -24,6 +24,7 @@ __all__ = [
     "InvConv2dLU",
     "ZeroConv2d",
     "gaussian_log_density",
+    "hidden_layers",
     "set_actnorm_reducer",
     "squeeze",
     "unsqueeze",
@@ -229,19 +230,27 @@ class CouplingNet(nn.Sequential):
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, actnorm: bool = False):
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=not actnorm)]
-        if actnorm:
-            layers.append(_ActNormNet(hidden_channels))
-        layers += [nn.ReLU(inplace=True), nn.Conv2d(hidden_channels, hidden_channels, 1, bias=not actnorm)]
-        if actnorm:
-            layers.append(_ActNormNet(hidden_channels))
-        layers += [nn.ReLU(inplace=True), ZeroConv2d(hidden_channels, out_channels)]
-        super().__init__(*layers)
-        for module in self:
-            if isinstance(module, nn.Conv2d):
-                nn.init.normal_(module.weight, std=0.05)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        super().__init__(*hidden_layers(in_channels, hidden_channels, actnorm), ZeroConv2d(hidden_channels, out_channels))
+
+
+def hidden_layers(in_channels: int, hidden_channels: int, actnorm: bool = False) -> list[nn.Module]:
+    """conv3x3 -> [ActNorm] -> ReLU -> conv1x1 -> [ActNorm] -> ReLU, weights N(0, 0.05^2).
+
+    The hidden part of every coupling network (plain and bottleneck).
+    """
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=not actnorm)]
+    if actnorm:
+        layers.append(_ActNormNet(hidden_channels))
+    layers += [nn.ReLU(inplace=True), nn.Conv2d(hidden_channels, hidden_channels, 1, bias=not actnorm)]
+    if actnorm:
+        layers.append(_ActNormNet(hidden_channels))
+    layers.append(nn.ReLU(inplace=True))
+    for module in layers:
+        if isinstance(module, nn.Conv2d):
+            nn.init.normal_(module.weight, std=0.05)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return layers
 
 
 class _ActNormNet(ActNorm):
