@@ -39,6 +39,14 @@ def _common(f):
     return f
 
 
+def _synthetic(f):
+    """Options of the generated sources (demo, gaussian): sizes, seed, and the common ones."""
+    f = _common(f)
+    f = click.option("--seed", default=0, show_default=True)(f)
+    f = click.option("--n-test", default=2000, show_default=True, type=click.IntRange(min=1))(f)
+    return click.option("--n-train", default=20000, show_default=True, type=click.IntRange(min=1))(f)
+
+
 def _run(sources, out, samples_per_shard, workers, overwrite, skip_bad):
     for src in sources:
         try:
@@ -131,10 +139,7 @@ def folder(root, name, resolution, fractions, seed, **kw):
 
 
 @cli.command()
-@click.option("--n-train", default=20000, show_default=True, type=click.IntRange(min=1))
-@click.option("--n-test", default=2000, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True)
-@_common
+@_synthetic
 def demo(n_train, n_test, seed, **kw):
     """Embedded demo: demo/train, demo/test (scikit-image photo crops) and digits/test (OOD).
 
@@ -146,10 +151,7 @@ def demo(n_train, n_test, seed, **kw):
 
 
 @cli.command()
-@click.option("--n-train", default=20000, show_default=True, type=click.IntRange(min=1))
-@click.option("--n-test", default=2000, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True)
-@_common
+@_synthetic
 def gaussian(n_train, n_test, seed, **kw):
     """Gaussian random fields of known density: gaussian/{train,test} and gaussian-smooth/test (OOD).
 
