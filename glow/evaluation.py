@@ -33,6 +33,7 @@ from glow.performance import fast_eval
 
 __all__ = [
     "CountMismatch",
+    "dump_path",
     "EvalContext",
     "eval_dir",
     "gather_objects",
@@ -160,12 +161,13 @@ def _concat(chunks: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros(0)
 
 
-def dump_path(ctx: EvalContext, dataset: str, split: str) -> Path:
-    return ctx.out_dir / "dumps" / f"{dataset}-{split}.npz"
+def dump_path(step_dir: Path, dataset: str, split: str) -> Path:
+    """Where the per-sample dump of a split lives (the one definition of the layout)."""
+    return Path(step_dir) / "dumps" / f"{dataset}-{split}.npz"
 
 
 def write_dump(ctx: EvalContext, dataset: str, split: str, scores: dict) -> Path:
-    path = dump_path(ctx, dataset, split)
+    path = dump_path(ctx.out_dir, dataset, split)
     buf = io.BytesIO()
     np.savez(
         buf,
@@ -199,7 +201,7 @@ def bpd_done(ctx: EvalContext, spec: str) -> bool:
 def run_bpd(ctx: EvalContext, dataset: str, split: str, dump: bool) -> dict | None:
     """Task `bpd` (summary only) or `dump` (summary and per-sample dump)."""
     spec = f"{dataset}/{split}"
-    if not ctx.force and (dump_path(ctx, dataset, split).exists() if dump else bpd_done(ctx, spec)):
+    if not ctx.force and (dump_path(ctx.out_dir, dataset, split).exists() if dump else bpd_done(ctx, spec)):
         log.info("%s: result exists under %s, skipped (--force recomputes)", spec, ctx.out_dir)
         return None
     scores = score_split(ctx, dataset, split)
@@ -258,7 +260,8 @@ def run_samples(ctx: EvalContext, temperatures: list[float], per_temperature: in
 def run_fid(ctx: EvalContext, dataset: str, split: str, temperatures: list[float], n_samples: int,
             weights_path: str | None, cache_dir: Path) -> dict | None:
     """FID of generated samples (one seed per sample, dealt across ranks) against a split."""
-    from glow.metrics import feature_statistics, frechet_distance, inception_features, load_inception, statistics_key
+    from glow.metrics import (cached_statistics, feature_statistics, frechet_distance, inception_features,
+                              load_inception, statistics_key)
 
     path = ctx.out_dir / "fid.json"
     spec = f"{dataset}/{split}"
@@ -279,7 +282,7 @@ def run_fid(ctx: EvalContext, dataset: str, split: str, temperatures: list[float
         return np.concatenate(gather_objects(feats, ctx.world_size))
 
     # Every rank takes part in computing the features; only rank 0 writes the cache.
-    mu_ref, sigma_ref = _shared_reference(ctx, cache_dir, key, real_features)
+    mu_ref, sigma_ref = cached_statistics(cache_dir, key, real_features, write=ctx.is_main)
     results = {}
     mine = range(ctx.rank, n_samples, ctx.world_size)
     for t in wanted:
@@ -304,18 +307,4 @@ def run_fid(ctx: EvalContext, dataset: str, split: str, temperatures: list[float
             atomic_write_text(path, json.dumps(table, indent=2, sort_keys=True) + "\n")
     barrier(ctx.world_size)
     return results
-
-
-def _shared_reference(ctx: EvalContext, cache_dir: Path, key: dict, compute) -> tuple[np.ndarray, np.ndarray]:
-    """Reference statistics from the cache, or computed by all ranks and cached by rank 0."""
-    from glow.metrics import feature_statistics, load_statistics, save_statistics, statistics_path
-
-    path = statistics_path(cache_dir, key)
-    if path.is_file():
-        return load_statistics(path, key)
-    mu, sigma = feature_statistics(compute())
-    if ctx.is_main:
-        save_statistics(path, mu, sigma, key)
-        log.info("FID reference statistics cached in %s", path)
-    return mu, sigma
 

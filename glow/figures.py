@@ -94,8 +94,9 @@ def eval_step_dir(run_dir: str | Path, step: int | None = None) -> Path:
 
 
 def dump_path(step_dir: str | Path, spec: str) -> Path:
-    dataset, split = parse_spec(spec)
-    return Path(step_dir) / "dumps" / f"{dataset}-{split}.npz"
+    from glow import evaluation
+
+    return evaluation.dump_path(Path(step_dir), *parse_spec(spec))
 
 
 def load_dump(path: str | Path) -> Dump:

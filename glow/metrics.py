@@ -327,13 +327,19 @@ def load_statistics(path, key: Mapping | None = None) -> tuple[np.ndarray, np.nd
         return z["mu"], z["sigma"]
 
 
-def cached_statistics(cache_dir, key: Mapping, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Reference (mu, sigma) from the cache, or from ``compute()`` (features (N, D)) then cached."""
+def cached_statistics(cache_dir, key: Mapping, compute: Callable[[], np.ndarray],
+                      write: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Reference (mu, sigma) from the cache, or from ``compute()`` (features (N, D)) then cached.
+
+    ``write=False`` computes without writing: in a distributed job every rank computes (the
+    features are gathered) and only rank 0 writes.
+    """
     path = statistics_path(cache_dir, key)
     if path.is_file():
         log.info("FID reference statistics from cache %s", path)
         return load_statistics(path, key)
     mu, sigma = feature_statistics(compute())
-    save_statistics(path, mu, sigma, key)
-    log.info("FID reference statistics written to %s", path)
+    if write:
+        save_statistics(path, mu, sigma, key)
+        log.info("FID reference statistics written to %s", path)
     return mu, sigma
