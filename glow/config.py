@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from glow.model import GlowConfig
 
-__all__ = ["Config", "ConfigError", "config_hash", "load_config", "to_yaml"]
+__all__ = ["Config", "ConfigError", "config_hash", "load_config", "to_dict", "to_yaml"]
 
 
 class ConfigError(ValueError):
@@ -161,7 +161,12 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict of the resolved config (for hashing and the tracker)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
 def config_hash(cfg: Config) -> str:
     """Hash of the resolved config (stored in every checkpoint)."""
-    blob = json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)), sort_keys=True).encode()
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

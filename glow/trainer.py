@@ -34,7 +34,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from glow import checkpoint as ckpt
-from glow.config import Config, config_hash, to_yaml
+from glow.config import Config, config_hash, to_dict, to_yaml
 from glow.data import make_train_loader
 from glow.flows import set_actnorm_reducer
 from glow.likelihood import bits_per_dim, perturb_pixels, preprocess
@@ -395,7 +395,7 @@ class Trainer:
         metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         if acc.is_main_process:
             metrics.truncate_after(self.state.step)
-            self.tracker = Tracker(c.run.logger, self.run_dir, c.run.wandb_project, c.run.name, _flat(c))
+            self.tracker = Tracker(c.run.logger, self.run_dir, c.run.wandb_project, c.run.name, to_dict(c))
         try:
             return self._loop(metrics)
         finally:
@@ -455,12 +455,6 @@ class Trainer:
         bar.close()
         log.info("finished: %d steps, %d images", state.step, state.images_seen)
         return 0
-
-
-def _flat(cfg: Config) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
 def make_accelerator() -> Accelerator:
