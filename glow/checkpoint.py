@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from glow.model import Glow, GlowConfig
 
@@ -117,14 +117,8 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 def write_export(directory: Path, state_dict: dict[str, torch.Tensor], meta: dict) -> None:
     """model.safetensors + meta.json (rank 0 only; before COMPLETE)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"model_hash": meta["model_hash"], "step": str(meta["step"])})
-        os.replace(tmp, directory / "model.safetensors")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    blob = save(tensors, metadata={"model_hash": meta["model_hash"], "step": str(meta["step"])})
+    atomic_write_bytes(directory / "model.safetensors", blob)
     atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
 
 
