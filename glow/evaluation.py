@@ -12,7 +12,6 @@ samples.png, fid.json, latents.png}.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import json
 import logging
@@ -26,10 +25,11 @@ from tqdm.auto import tqdm
 
 from glow.checkpoint import atomic_write_bytes, atomic_write_text
 from glow.data import make_eval_loader, manifest_hash, read_manifest
-from glow.likelihood import bits_per_dim, eval_noise, log_p_x, postprocess, preprocess
+from glow.likelihood import bits_per_dim, eval_noise, log_p_x, preprocess
 from glow.metrics import png_complexity_bpd_batch
 from glow.model import Glow
 from glow.performance import fast_eval
+from glow.sampling import sample_seeded, save_sample_grid
 
 __all__ = [
     "CountMismatch",
@@ -38,7 +38,6 @@ __all__ = [
     "eval_dir",
     "gather_objects",
     "run_bpd",
-    "sample_seeded",
     "score_split",
     "update_bpd_json",
 ]
@@ -219,36 +218,14 @@ def run_bpd(ctx: EvalContext, dataset: str, split: str, dump: bool) -> dict | No
     return entry
 
 
-# -- sampling ------------------------------------------------------------------------------
-def _sample_seed(seed: int, index: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"sample:{seed}:{index}".encode()).digest()[:8], "little") >> 1
-
-
-@torch.inference_mode()
-def sample_seeded(model: Glow, indices, temperature: float, seed: int) -> torch.Tensor:
-    """uint8 samples whose noise depends on (seed, sample index) alone."""
-    noise: list[list[torch.Tensor]] = [[] for _ in model.latent_shapes]
-    for index in indices:
-        generator = torch.Generator().manual_seed(_sample_seed(seed, int(index)))
-        for level, shape in enumerate(model.latent_shapes):
-            noise[level].append(torch.randn(shape, generator=generator))
-    y = model.sample_from_noise([torch.stack(n) for n in noise], temperature)
-    return postprocess(y, model.config.n_bits).cpu()
-
-
+# -- samples -------------------------------------------------------------------------------
 def run_samples(ctx: EvalContext, temperatures: list[float], per_temperature: int) -> Path | None:
-    from torchvision.utils import make_grid, save_image
-
     path = ctx.out_dir / "samples.png"
     if path.exists() and not ctx.force:
         log.info("%s exists, skipped", path)
         return None
     if ctx.is_main:
-        rows = [sample_seeded(ctx.model, range(per_temperature), t, ctx.seed) for t in temperatures]
-        grid = make_grid(torch.cat(rows).float() / 255.0, nrow=per_temperature, padding=1, pad_value=1.0)
-        buf = io.BytesIO()
-        save_image(grid, buf, format="png")
-        atomic_write_bytes(path, buf.getvalue())
+        save_sample_grid(ctx.model, path, temperatures, per_temperature, seed=ctx.seed)
         atomic_write_text(ctx.out_dir / "samples.json", json.dumps(
             {"temperatures": temperatures, "per_temperature": per_temperature, "seed": ctx.seed}, indent=2))
         log.info("wrote %s (rows: temperatures %s)", path, temperatures)

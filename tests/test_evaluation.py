@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from glow.checkpoint import load_model
-from glow.evaluation import sample_seeded
+from glow.sampling import sample_seeded
 from tests.toydata import REPO, build_toy_shards, cpu_env, run, train_command
 
 pytestmark = pytest.mark.slow
