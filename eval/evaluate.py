@@ -60,7 +60,7 @@ def _parse_spec(spec: str) -> tuple[str, str]:
 def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, temperatures,
          samples_per_temperature, fid_samples, fid_temperatures, inception_weights, fid_cache, latents_images):
     from glow.checkpoint import load_model, resolve_checkpoint
-    from glow.evaluation import CountMismatch, EvalContext, eval_dir, run_bpd, run_fid, run_samples
+    from glow.evaluation import CountMismatch, EvalContext, eval_dir, run_bpd, run_fid, run_latents, run_samples
     from glow.tracking import setup_logging
     from glow.trainer import make_accelerator
 
@@ -95,32 +95,10 @@ def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, 
                 for dataset, split in parsed:
                     run_fid(ctx, dataset, split, list(fid_temperatures), fid_samples, inception_weights, cache)
             elif task == "latents":
-                _latents(ctx, parsed, latents_images)
+                run_latents(ctx, parsed, latents_images)
     except (CountMismatch, FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     accelerator.end_training()
-
-
-def _latents(ctx, parsed, n_images):
-    """Only rank 0 draws; the images are the first n of each split."""
-    if not ctx.is_main:
-        return
-    import torch
-
-    from glow.data import make_eval_loader
-    from glow.latents import plot_latents
-
-    path = ctx.out_dir / "latents.png"
-    if path.exists() and not ctx.force:
-        logging.getLogger("evaluate").info("%s exists, skipped", path)
-        return
-    sets = []
-    for dataset, split in parsed:
-        batch = next(iter(make_eval_loader(ctx.data_root, dataset, split, batch_size=n_images, rank=0, world_size=1)))
-        sets.append((f"{dataset}/{split}", batch["image"][:n_images]))
-    with torch.inference_mode():
-        plot_latents(ctx.model, sets, path, seed=ctx.seed)
-    logging.getLogger("evaluate").info("wrote %s", path)
 
 
 if __name__ == "__main__":

@@ -233,6 +233,25 @@ def run_samples(ctx: EvalContext, temperatures: list[float], per_temperature: in
     return path
 
 
+def run_latents(ctx: EvalContext, specs: list[tuple[str, str]], n_images: int) -> Path | None:
+    """latents.png for the first `n_images` of each split (rank 0 draws)."""
+    from glow.latents import plot_latents
+
+    path = ctx.out_dir / "latents.png"
+    if path.exists() and not ctx.force:
+        log.info("%s exists, skipped", path)
+        return None
+    if ctx.is_main:
+        sets = []
+        for dataset, split in specs:
+            loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=n_images, rank=0, world_size=1)
+            sets.append((f"{dataset}/{split}", next(iter(loader))["image"][:n_images]))
+        plot_latents(ctx.model, sets, path, seed=ctx.seed)
+        log.info("wrote %s", path)
+    barrier(ctx.world_size)
+    return path
+
+
 # -- FID -----------------------------------------------------------------------------------
 def run_fid(ctx: EvalContext, dataset: str, split: str, temperatures: list[float], n_samples: int,
             weights_path: str | None, cache_dir: Path) -> dict | None:
