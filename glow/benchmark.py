@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from glow.files import atomic_write_json, atomic_write_text
 from glow.model import Glow, GlowConfig
 
 __all__ = ["BenchSpec", "conv_flops_per_image", "markdown_table", "preset", "run_variants"]
@@ -354,19 +355,16 @@ def machine_info(device: str) -> dict:
 def write_report(results: list[dict], out_dir: Path, stem: str, title: str, device: str,
                  flops: dict[str, float] | None = None, peak_tflops: float | None = None) -> tuple[Path, Path]:
     """`<out_dir>/<stem>.json` and `<stem>.md`; returns both paths."""
-    import json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     info = machine_info(device)
     payload = {"machine": info, "conv_flops_per_image": flops, "peak_tflops": peak_tflops, "results": results}
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, json_path)
+    atomic_write_json(json_path, payload)
     where = info.get("gpu") or f"{info['cpu']} ({info['cpu_count']} cores)"
     text = (f"# {title}\n\n{info['date']}, {where}, torch {info['torch']}. Medians over repeats; "
             "'x first' = median of per-round ratios to the first row of the same config; memory: see "
             "glow/benchmark.py (CPU: resident-set growth during the timed steps; CUDA: max_memory_allocated).\n\n"
             + markdown_table(results, flops, peak_tflops))
-    md_path.write_text(text)
+    atomic_write_text(md_path, text)
     return json_path, md_path

@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
 
+from glow.files import atomic_write_bytes, atomic_write_text
 from glow.model import Glow, GlowConfig
 
 __all__ = [
-    "atomic_write_bytes",
-    "atomic_write_text",
     "complete_checkpoints",
     "latest_checkpoint",
     "load_model",
@@ -38,26 +35,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step-(\d{8})$")
 COMPLETE = "COMPLETE"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:

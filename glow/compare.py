@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from glow import metrics
-from glow.checkpoint import atomic_write_text
+from glow.files import atomic_write_text
 from glow.figures import Dump, dump_path, eval_step_dir, load_dumps
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from glow.checkpoint import atomic_write_bytes, atomic_write_text
+from glow.files import atomic_write_bytes, atomic_write_text
 from glow.data import make_eval_loader, manifest_hash, read_manifest
 from glow.likelihood import bits_per_dim, eval_noise, log_p_x, preprocess
 from glow.metrics import png_complexity_bpd_batch

@@ -7,7 +7,6 @@ ood.md. Dumps from different checkpoints or model hashes are never merged.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -24,7 +23,7 @@ import numpy as np  # noqa: E402
 from scipy.stats import gaussian_kde  # noqa: E402
 
 from glow import metrics  # noqa: E402
-from glow.checkpoint import atomic_write_bytes, atomic_write_text  # noqa: E402
+from glow.files import atomic_save_figure, atomic_write_bytes, atomic_write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -232,14 +231,6 @@ def ood_markdown(table: dict) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def _save(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
 def plot_distributions(sets: Sequence[tuple[str, np.ndarray]], path: Path,
                        clip: tuple[float, float] = (0.5, 99.5), kde_max: int = 20000, seed: int = 0) -> Path:
     """Histograms + Gaussian-KDE curves of bits/dim; the x-range is clipped at pooled percentiles."""
@@ -268,7 +259,7 @@ def plot_distributions(sets: Sequence[tuple[str, np.ndarray]], path: Path,
     ax.set_ylabel("density")
     ax.set_title("Distribution of bits/dim (lower = more likely)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return atomic_save_figure(fig, path, bbox_inches="tight")
 
 
 def _grid(images: Sequence[np.ndarray], ncol: int) -> np.ndarray:
@@ -290,7 +281,7 @@ def plot_extremes(panels: Sequence[tuple[str, Sequence[np.ndarray]]], path: Path
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.suptitle(suptitle, fontsize=10)
-    return _save(fig, path)
+    return atomic_save_figure(fig, path, bbox_inches="tight")
 
 
 def _extreme_panel(d: Dump, k: int, highest: bool, loader: ImageLoader, data_root: str | None):

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from glow.files import atomic_save_figure  # noqa: E402
 from glow.likelihood import eval_noise, preprocess  # noqa: E402
 from glow.model import Glow  # noqa: E402
 
@@ -90,10 +91,4 @@ def plot_latents(model: Glow, image_sets: Sequence[tuple[str, torch.Tensor]], pa
                 ax.set_title(title, fontsize=7)
     fig.suptitle("Latents per level and coupling shift t / scale s (channel means)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_save_figure(fig, path)

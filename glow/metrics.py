@@ -309,7 +309,7 @@ def statistics_path(cache_dir, key: Mapping) -> Path:
 
 def save_statistics(path, mu, sigma, key: Mapping) -> None:
     """Write mu, sigma and the key to ``path`` atomically (temp file + os.replace)."""
-    from glow.checkpoint import atomic_write_bytes
+    from glow.files import atomic_write_bytes
 
     buf = io.BytesIO()
     np.savez(buf, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from glow.checkpoint import atomic_write_bytes
+from glow.files import atomic_write_bytes
 from glow.likelihood import postprocess
 from glow.model import Glow
 

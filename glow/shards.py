@@ -34,6 +34,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from glow.files import atomic_write_json
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -126,16 +128,6 @@ def encode_png(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img, "RGB").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -264,7 +256,7 @@ def build(
         logger.info("%s/%s: %d of %d shards already complete", src.dataset, src.split, len(keep), n_shards)
     entries: dict[int, dict] = dict(keep)
     man["shards"] = [entries[i] for i in sorted(entries)]
-    write_json_atomic(mpath, man)
+    atomic_write_json(mpath, man, indent=1)
 
     pool = multiprocessing.get_context().Pool(workers) if workers > 0 else None
     bar = tqdm(total=src.n, desc=f"{src.dataset}/{src.split}", unit="img", disable=not progress or None)
@@ -276,7 +268,7 @@ def build(
                 continue
             entries[i] = _write_shard(src, d, i, start, stop, pool, skip_bad, bar)
             man["shards"] = [entries[j] for j in sorted(entries)]
-            write_json_atomic(mpath, _finish(man, src))
+            atomic_write_json(mpath, _finish(man, src), indent=1)
             if _after_shard is not None:
                 _after_shard(i)
     finally:
@@ -288,7 +280,7 @@ def build(
     _finish(man, src)
     if man["count"] == 0:
         raise ShardError(f"every item of {src.dataset}/{src.split} was skipped as unreadable")
-    write_json_atomic(mpath, man)
+    atomic_write_json(mpath, man, indent=1)
     logger.info("%s/%s: %d samples in %d shards at %s", src.dataset, src.split, man["count"], n_shards, d)
     return man
 

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from glow.files import atomic_write_text
+
 __all__ = ["MetricsLog", "Tracker", "git_sha", "setup_logging"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -71,8 +73,6 @@ class MetricsLog:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
-        from glow.checkpoint import atomic_write_text
-
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -119,5 +119,5 @@ def _wandb_id(run_dir: Path, name: str) -> str:
     if path.exists():
         return path.read_text().strip()
     run_id = f"{name[:40]}-{hashlib.sha256(f'{run_dir.resolve()}{time.time()}'.encode()).hexdigest()[:8]}"
-    path.write_text(run_id)
+    atomic_write_text(path, run_id)
     return run_id

@@ -37,6 +37,7 @@ from glow import checkpoint as ckpt
 from glow.config import Config, config_hash, to_dict, to_yaml
 from glow.data import make_train_loader
 from glow.flows import set_actnorm_reducer
+from glow.files import atomic_write_text
 from glow.likelihood import bits_per_dim, perturb_pixels, preprocess
 from glow.model import Glow
 from glow.performance import apply_train_config
@@ -165,7 +166,7 @@ class Trainer:
             if meta["config_hash"] != config_hash(self.cfg):
                 log.warning("resuming %s with a changed (model-compatible) config", resume_from)
         if acc.is_main_process:
-            ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(self.cfg))
+            atomic_write_text(run_dir / "config.yaml", to_yaml(self.cfg))
         return resume_from
 
     def _log_startup(self, resume_from: Path | None) -> None:
@@ -365,7 +366,7 @@ class Trainer:
                 "world_size": acc.num_processes,
             }
             ckpt.write_export(directory, self._export_model().state_dict(), meta)
-            ckpt.atomic_write_text(directory / ckpt.COMPLETE, f"{step}\n")
+            atomic_write_text(directory / ckpt.COMPLETE, f"{step}\n")
             ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
             log.info("checkpoint %s", directory)
         acc.wait_for_everyone()
@@ -450,7 +451,7 @@ class Trainer:
                 log.info("stop requested (%s): stopped at step %d with a complete checkpoint; exit %d (resumable)",
                          reason, state.step, EXIT_STOPPED)
                 if acc.is_main_process:
-                    ckpt.atomic_write_text(self.run_dir / "STOPPED", f"{state.step}\n")
+                    atomic_write_text(self.run_dir / "STOPPED", f"{state.step}\n")
                 return EXIT_STOPPED
         bar.close()
         log.info("finished: %d steps, %d images", state.step, state.images_seen)
