@@ -62,7 +62,7 @@ def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, 
     from glow.checkpoint import load_model, resolve_checkpoint
     from glow.evaluation import CountMismatch, EvalContext, eval_dir, run_bpd, run_fid, run_latents, run_samples
     from glow.tracking import setup_logging
-    from glow.trainer import make_accelerator
+    from glow.distributed import make_accelerator
 
     parsed = [_parse_spec(s) for s in specs]
     if any(t in tasks for t in ("dump", "bpd", "fid", "latents")) and not parsed:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from glow.files import atomic_write_bytes, atomic_write_text
 from glow.data import make_eval_loader, manifest_hash, read_manifest
+from glow.distributed import barrier, gather_objects
+from glow.files import atomic_write_bytes, atomic_write_text
 from glow.likelihood import bits_per_dim, eval_noise, log_p_x, preprocess
 from glow.metrics import png_complexity_bpd_batch
 from glow.model import Glow
@@ -36,7 +36,6 @@ __all__ = [
     "dump_path",
     "EvalContext",
     "eval_dir",
-    "gather_objects",
     "run_bpd",
     "score_split",
     "update_bpd_json",
@@ -73,20 +72,6 @@ class EvalContext:
 def eval_dir(checkpoint_dir: Path, step: int) -> Path:
     """runs/<name>/checkpoints/step-N -> runs/<name>/eval/step-N."""
     return Path(checkpoint_dir).parent.parent / "eval" / f"step-{step:08d}"
-
-
-def gather_objects(obj, world_size: int) -> list:
-    """All processes' `obj` on every process (unequal sizes are fine); no-op for one."""
-    if world_size == 1:
-        return [obj]
-    out: list = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def barrier(world_size: int) -> None:
-    if world_size > 1:
-        dist.barrier()
 
 
 # -- bits/dim and dumps --------------------------------------------------------------------

@@ -20,13 +20,11 @@ import math
 import os
 import resource
 import shutil
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
@@ -36,6 +34,7 @@ from tqdm.auto import tqdm
 from glow import checkpoint as ckpt
 from glow.config import Config, config_hash, to_dict, to_yaml
 from glow.data import make_train_loader
+from glow.distributed import StopFlag, all_reduce_mean
 from glow.flows import set_actnorm_reducer
 from glow.files import atomic_write_text
 from glow.likelihood import bits_per_dim, perturb_pixels, preprocess
@@ -44,7 +43,7 @@ from glow.performance import apply_train_config
 from glow.sampling import save_sample_grid
 from glow.tracking import MetricsLog, Tracker, git_sha, setup_logging
 
-__all__ = ["EXIT_FAILED", "EXIT_STOPPED", "Trainer", "lr_factor", "make_accelerator"]
+__all__ = ["EXIT_FAILED", "EXIT_STOPPED", "Trainer", "lr_factor"]
 
 log = logging.getLogger(__name__)
 EXIT_STOPPED = 75
@@ -76,39 +75,6 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
-
-
-class StopFlag:
-    """Set by SIGUSR1 / SIGTERM; the trainer polls it once per step."""
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = ""
-
-    def install(self) -> None:
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-
-    def uninstall(self) -> None:
-        for sig, handler in getattr(self, "_previous", {}).items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, _frame) -> None:
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-
-def _all_reduce_mean(accelerator: Accelerator):
-    """ActNorm statistics reducer: the mean over every rank's first batch."""
-
-    def reduce(mean: torch.Tensor, sq_mean: torch.Tensor):
-        if accelerator.num_processes == 1:
-            return mean, sq_mean
-        stats = torch.stack([mean, sq_mean]).contiguous()
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-        stats /= accelerator.num_processes
-        return stats[0], stats[1]
-
-    return reduce
 
 
 def _fault_injection_pause() -> None:
@@ -236,7 +202,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(c.train.seed * 1000 + 7 + self.acc.process_index)
         x = batch.to(self.acc.device)
         y = preprocess(x, c.model.n_bits, torch.rand(x.shape, generator=generator).to(self.acc.device))
-        set_actnorm_reducer(model, _all_reduce_mean(self.acc))
+        set_actnorm_reducer(model, all_reduce_mean(self.acc))
         with torch.no_grad():
             model.log_prob(y)
         set_actnorm_reducer(model, None)
@@ -456,18 +422,3 @@ class Trainer:
         bar.close()
         log.info("finished: %d steps, %d images", state.step, state.images_seen)
         return 0
-
-
-def make_accelerator() -> Accelerator:
-    """An Accelerator that trains on GPUs, or on CPUs with gloo where there are none.
-
-    On a CPU-only machine plain DDP needs `cpu=True`; DeepSpeed needs `cpu=False` with a
-    gloo process group instead (with `cpu=True` accelerate silently drops DeepSpeed).
-    """
-    from accelerate.utils import InitProcessGroupKwargs
-
-    if torch.cuda.is_available():
-        return Accelerator(mixed_precision="no")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return Accelerator(mixed_precision="no", kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
-    return Accelerator(cpu=True, mixed_precision="no")

@@ -83,7 +83,7 @@ def _actnorm_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from glow.flows import ActNorm
-    from glow.trainer import _all_reduce_mean
+    from glow.distributed import all_reduce_mean
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
@@ -91,7 +91,7 @@ def _actnorm_worker(rank: int, world: int, port: int, out: str) -> None:
         num_processes = world
 
     layer = ActNorm(3)
-    layer.reducer = _all_reduce_mean(Acc())
+    layer.reducer = all_reduce_mean(Acc())
     g = torch.Generator().manual_seed(0)
     data = torch.randn(2, 16, 3, 4, 4, generator=g) * torch.tensor([1.0, 3.0]).view(2, 1, 1, 1, 1)
     layer(data[rank])

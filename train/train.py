@@ -38,7 +38,8 @@ def main(config_path: str, dry_run: bool, no_resume: bool, overrides: tuple[str,
     if dry_run:
         click.echo(to_yaml(cfg), nl=False)
         return
-    from glow.trainer import Trainer, make_accelerator
+    from glow.distributed import make_accelerator
+    from glow.trainer import Trainer
 
     accelerator = make_accelerator()
     try:
