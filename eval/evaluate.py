@@ -14,7 +14,9 @@ Examples:
       --inception-weights ~/pt_inception-2015-12-05-6726825d.pth
 
 Outputs go to runs/<name>/eval/step-N/ (bpd.json, dumps/<dataset>-<split>.npz, samples.png,
-fid.json, latents.png). Existing results are skipped unless --force. Tasks:
+fid.json, latents.png). A result is skipped when it exists and was computed with the same
+checkpoint, seed, data root and shard build (--force recomputes); --check-done only reports
+whether anything is left (exit 0: nothing, 3: work to do). Tasks:
   dump     per-sample key, index, label, log p(x) (nats), bits/dim, PNG complexity + bpd.json
   bpd      bpd.json entry only
   samples  grid at --temperature values (same noise in every row)
@@ -29,13 +31,16 @@ from pathlib import Path
 import click
 
 TASKS = ("dump", "bpd", "samples", "fid", "latents")
+EXIT_PENDING = 3  # --check-done: some requested result is missing or stale
 
 
 def _parse_spec(spec: str) -> tuple[str, str]:
-    if spec.count("/") != 1 or not all(spec.split("/")):
-        raise click.BadParameter(f"{spec!r} is not of the form <dataset>/<split> (e.g. svhn/test)")
-    dataset, split = spec.split("/")
-    return dataset, split
+    from glow.names import parse_spec
+
+    try:
+        return parse_spec(spec)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,10 +62,16 @@ def _parse_spec(spec: str) -> tuple[str, str]:
               help="pt_inception-2015-12-05-6726825d.pth (default: $TORCH_HOME/hub/checkpoints/).")
 @click.option("--fid-cache", default=None, metavar="DIR", help="Reference statistics cache (default <data-root>/fid-stats).")
 @click.option("--latents-images", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--check-done", is_flag=True,
+              help="Only say whether there is work: exit 0 when every requested result exists under the same "
+                   f"settings, {EXIT_PENDING} otherwise. Loads no model, starts no process group (for schedulers).")
 def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, temperatures,
-         samples_per_temperature, fid_samples, fid_temperatures, inception_weights, fid_cache, latents_images):
-    from glow.checkpoint import load_model, resolve_checkpoint
-    from glow.evaluation import CountMismatch, EvalContext, eval_dir, run_bpd, run_fid, run_latents, run_samples
+         samples_per_temperature, fid_samples, fid_temperatures, inception_weights, fid_cache, latents_images,
+         check_done):
+    from glow.checkpoint import load_model, read_meta, resolve_checkpoint
+    from glow.dumps import eval_dir
+    from glow.evaluation import (CountMismatch, EvalContext, pending_work, run_bpd, run_fid, run_latents,
+                                 run_samples)
     from glow.tracking import setup_logging
     from glow.distributed import make_accelerator
 
@@ -71,6 +82,15 @@ def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, 
         step_path = resolve_checkpoint(checkpoint)
     except FileNotFoundError as err:
         raise click.ClickException(str(err)) from err
+    if check_done:
+        meta = {**read_meta(step_path), "path": str(step_path)}
+        ctx = EvalContext(model=None, meta=meta, out_dir=eval_dir(step_path, meta["step"]),
+                          data_root=data_root or meta["data"]["root"], seed=seed)
+        todo = ["everything (--force)"] if force else pending_work(
+            ctx, list(tasks), parsed, temperatures=list(temperatures), per_temperature=samples_per_temperature,
+            fid_temperatures=list(fid_temperatures), fid_samples=fid_samples)
+        click.echo(f"to do: {', '.join(todo)}" if todo else f"done: every result is in {ctx.out_dir}")
+        raise SystemExit(EXIT_PENDING if todo else 0)
     accelerator = make_accelerator()
     model, meta = load_model(step_path, accelerator.device)
     out_dir = eval_dir(step_path, meta["step"])

@@ -71,7 +71,7 @@ def figures(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_ro
         tracker = Tracker("wandb", Path(run_dir), wandb_project, Path(run_dir).name, config={})
     try:
         res = make_figures(run_dir, in_dataset, ood_specs, step=step, in_split=in_split, train_split=train_split,
-                           out_dir=out_dir, data_root=data_root, k=k, seed=seed)
+                           out_dir=out_dir, data_root=data_root, k=k, seed=seed, tracker=tracker)
     except (FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     finally:

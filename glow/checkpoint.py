@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from glow.files import atomic_write_bytes, atomic_write_text
+from glow.names import STEP_RE, step_dir_name
 from glow.model import Glow, GlowConfig
 
 __all__ = [
@@ -33,12 +33,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-STEP_RE = re.compile(r"^step-(\d{8})$")
 COMPLETE = "COMPLETE"
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+    return Path(run_dir) / "checkpoints" / step_dir_name(step)
 
 
 def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:

@@ -25,41 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from glow import metrics
+from glow.checkpoint import read_meta
+from glow.dumps import Dump, dump_path, eval_step_dir, load_dumps
 from glow.files import atomic_write_text
-from glow.figures import Dump, dump_path, eval_step_dir, load_dumps
+from glow.ood import complexity_corrected_score, likelihood_ratio, ood_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunDumps", "compare_markdown", "compare_runs", "compare_table", "likelihood_ratio", "load_run_dumps"]
+__all__ = ["RunDumps", "compare_markdown", "compare_runs", "compare_table", "load_run_dumps"]
 
 BASELINE = "(PNG size)"
-
-
-def likelihood_ratio(fg: Dump, bg: Dump) -> np.ndarray:
-    """log p_fg(x) - log p_bg(x) per sample, in `fg`'s order, matched key by key.
-
-    Refuses (ValueError naming both files) dumps of different splits, bit depths or key sets.
-    """
-    if (fg.dataset, fg.split) != (bg.dataset, bg.split):
-        raise ValueError(f"likelihood ratio of different splits: {fg.path} ({fg.spec}) vs {bg.path} ({bg.spec})")
-    if fg.n_bits != bg.n_bits:
-        raise ValueError(f"likelihood ratio of different bit depths: {fg.path} ({fg.n_bits}-bit) vs "
-                         f"{bg.path} ({bg.n_bits}-bit); evaluate both models at the same n_bits")
-    for d in (fg, bg):
-        if len(np.unique(d.key)) != d.key.size:
-            raise ValueError(f"dump {d.path} has duplicate keys; rewrite it with eval/evaluate.py --task dump --force")
-    if not np.array_equal(fg.key, bg.key):
-        only_fg, only_bg = np.setdiff1d(fg.key, bg.key), np.setdiff1d(bg.key, fg.key)
-        if only_fg.size or only_bg.size:
-            raise ValueError(
-                f"refusing the likelihood ratio of dumps whose keys differ: {fg.path} ({fg.key.size} keys, "
-                f"{only_fg.size} not in the other, e.g. {only_fg[:3].tolist()}) vs {bg.path} ({bg.key.size} keys, "
-                f"{only_bg.size} not in the other, e.g. {only_bg[:3].tolist()}); dump the same split with both models"
-            )
-    position = {k: i for i, k in enumerate(bg.key.tolist())}
-    order = np.fromiter((position[k] for k in fg.key.tolist()), dtype=np.int64, count=fg.key.size)
-    return fg.log_p - bg.log_p[order]
 
 
 @dataclass
@@ -70,31 +45,24 @@ class RunDumps:
     run_dir: Path
     in_test: Dump
     oods: list[Dump]
-    model: dict = field(default_factory=dict)  # model / data fields from <run>/config.yaml, if present
+    model: dict = field(default_factory=dict)  # variant fields from the checkpoint's meta.json, if present
 
     @property
     def step(self) -> int:
         return self.in_test.step
 
 
-def _run_description(run_dir: Path) -> dict:
-    """The variant-defining fields of `<run>/config.yaml` (empty when the file is absent)."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return {}
-    from omegaconf import OmegaConf
-
+def _run_description(dump: Dump) -> dict:
+    """The variant-defining fields of the evaluated checkpoint's meta.json (empty if it is gone)."""
     try:
-        cfg = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception as err:  # a description only: never fail the comparison on it
-        log.warning("cannot read %s: %s", path, err)
+        meta = read_meta(dump.checkpoint)
+    except (FileNotFoundError, ValueError) as err:  # a description only: never fail the comparison on it
+        log.warning("no description of %s: %s", dump.checkpoint, err)
         return {}
-    model, data = cfg.get("model", {}) or {}, cfg.get("data", {}) or {}
+    model = meta.get("model_config", {})
     keys = ("mask", "coupling_bottleneck", "coupling", "hidden_channels", "n_levels", "steps_per_level")
     desc = {k: model[k] for k in keys if k in model}
-    desc.setdefault("mask", "channel")
-    desc.setdefault("coupling_bottleneck", 0)
-    desc["perturb_prob"] = data.get("perturb_prob", 0.0)
+    desc["perturb_prob"] = meta.get("perturb_prob", 0.0)
     return desc
 
 
@@ -104,7 +72,7 @@ def load_run_dumps(run_dir: str | Path, in_spec: str, ood_specs: Sequence[str], 
     step_dir = eval_step_dir(run_dir, step)
     dumps = load_dumps([dump_path(step_dir, s) for s in [in_spec, *ood_specs]])
     return RunDumps(label=label or run_dir.name, run_dir=run_dir, in_test=dumps[0], oods=dumps[1:],
-                    model=_run_description(run_dir))
+                    model=_run_description(dumps[0]))
 
 
 def _row(variant: str, score: str, run: RunDumps | None, pairs: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -116,7 +84,7 @@ def _row(variant: str, score: str, run: RunDumps | None, pairs: dict[str, tuple[
     else:
         row.update(run=None, step=None, model_hash=None, test_bpd=None)
     row.update(extra)
-    row["ood"] = {spec: metrics.ood_metrics(*pair) for spec, pair in pairs.items()}
+    row["ood"] = {spec: ood_metrics(*pair) for spec, pair in pairs.items()}
     return row
 
 
@@ -158,7 +126,7 @@ def compare_table(runs: Sequence[RunDumps], background: RunDumps | None = None) 
     for r in runs:
         table["rows"].append(_row(r.label, "log_likelihood", r, {d.spec: (r.in_test.log_p, d.log_p) for d in r.oods}))
         if r.in_test.complexity_bpd is not None and all(d.complexity_bpd is not None for d in r.oods):
-            cc = metrics.complexity_corrected_score
+            cc = complexity_corrected_score
             table["rows"].append(_row(r.label, "complexity_corrected", r, {
                 d.spec: (cc(r.in_test.bpd, r.in_test.complexity_bpd), cc(d.bpd, d.complexity_bpd)) for d in r.oods}))
         if background is not None:

@@ -11,8 +11,6 @@ samples.png, fid.json, latents.png}.
 
 from __future__ import annotations
 
-import fcntl
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -24,21 +22,24 @@ from tqdm.auto import tqdm
 
 from glow.data import make_eval_loader, manifest_hash, read_manifest
 from glow.distributed import barrier, gather_objects
-from glow.files import atomic_write_bytes, atomic_write_text
+from glow.dumps import dump_path, load_dump, write_dump
+from glow.files import atomic_write_json
 from glow.likelihood import bits_per_dim, eval_noise, log_p_x, preprocess
-from glow.metrics import png_complexity_bpd_batch
 from glow.model import Glow
+from glow.ood import png_complexity_bpd_batch
 from glow.performance import fast_eval
+from glow.results import add_entries, is_done, mismatched_settings
 from glow.sampling import sample_seeded, save_sample_grid
 
 __all__ = [
     "CountMismatch",
-    "dump_path",
     "EvalContext",
-    "eval_dir",
+    "pending_work",
     "run_bpd",
+    "run_fid",
+    "run_latents",
+    "run_samples",
     "score_split",
-    "update_bpd_json",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class CountMismatch(RuntimeError):
 class EvalContext:
     """What every evaluation task needs: the model, its checkpoint and the process layout."""
 
-    model: Glow
+    model: Glow | None  # None: only the skip-if-done checks (`pending_work`) can run
     meta: dict
     out_dir: Path  # runs/<name>/eval/step-N
     data_root: str
@@ -67,11 +68,6 @@ class EvalContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def eval_dir(checkpoint_dir: Path, step: int) -> Path:
-    """runs/<name>/checkpoints/step-N -> runs/<name>/eval/step-N."""
-    return Path(checkpoint_dir).parent.parent / "eval" / f"step-{step:08d}"
 
 
 # -- bits/dim and dumps --------------------------------------------------------------------
@@ -145,59 +141,100 @@ def _concat(chunks: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros(0)
 
 
-def dump_path(step_dir: Path, dataset: str, split: str) -> Path:
-    """Where the per-sample dump of a split lives (the one definition of the layout)."""
-    return Path(step_dir) / "dumps" / f"{dataset}-{split}.npz"
+def _settings(ctx: EvalContext, manifest: dict) -> dict:
+    """What a result of this job depends on besides the split: a stored result is reused only
+    when all of it matches (another seed, data root, shard build or checkpoint recomputes)."""
+    return {"step": int(ctx.meta["step"]), "model_hash": ctx.meta["model_hash"], "seed": int(ctx.seed),
+            "data_root": str(Path(ctx.data_root).resolve()), "manifest_hash": manifest_hash(manifest)}
 
 
-def write_dump(ctx: EvalContext, dataset: str, split: str, scores: dict) -> Path:
-    path = dump_path(ctx.out_dir, dataset, split)
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        key=scores["key"], index=scores["index"].astype(np.int64), label=scores["label"].astype(np.int64),
-        log_p=scores["log_p"].astype(np.float64), bpd=scores["bpd"].astype(np.float64),
-        complexity_bpd=scores["complexity_bpd"].astype(np.float64),
-        step=np.array(int(ctx.meta["step"])), model_hash=np.array(ctx.meta["model_hash"]),
-        checkpoint=np.array(str(ctx.meta["path"])), dataset=np.array(dataset), split=np.array(split),
-        data_root=np.array(str(ctx.data_root)), n_bits=np.array(int(ctx.model.config.n_bits)),
-        seed=np.array(int(ctx.seed)), manifest_hash=np.array(scores["manifest_hash"]),
-    )
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+def _dump_done(path: Path, settings: dict) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        d = load_dump(path)
+    except ValueError as err:
+        log.warning("%s is unreadable (%s): recomputing", path, err)
+        return False
+    stored = {k: getattr(d, k) for k in settings}
+    stored["data_root"] = str(Path(d.data_root).resolve())
+    diff = mismatched_settings(stored, settings)
+    if diff:
+        log.info("%s was computed with other settings (%s): recomputing", path,
+                 ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+    return not diff
 
 
-def update_bpd_json(path: Path, spec: str, entry: dict) -> None:
-    """Add one `<dataset>/<split>` entry to bpd.json under a file lock (array tasks share it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        table = json.loads(path.read_text()) if path.exists() else {}
-        table[spec] = entry
-        atomic_write_text(path, json.dumps(table, indent=2, sort_keys=True) + "\n")
+def _bpd_done(ctx: EvalContext, dataset: str, split: str, dump: bool) -> bool:
+    settings = _settings(ctx, read_manifest(ctx.data_root, dataset, split))
+    if dump:
+        return _dump_done(dump_path(ctx.out_dir, dataset, split), settings)
+    return is_done(ctx.out_dir / "bpd.json", f"{dataset}/{split}", settings)
 
 
-def bpd_done(ctx: EvalContext, spec: str) -> bool:
-    path = ctx.out_dir / "bpd.json"
-    return path.exists() and spec in json.loads(path.read_text())
+def _fid_pending(ctx: EvalContext, dataset: str, split: str, temperatures: list[float], n_samples: int) -> list[float]:
+    """The temperatures whose FID against this split is not yet in fid.json under these settings."""
+    settings = _fid_settings(ctx, read_manifest(ctx.data_root, dataset, split), n_samples)
+    return [t for t in temperatures if not is_done(ctx.out_dir / "fid.json", f"{dataset}/{split}@T={t}", settings)]
+
+
+def _fid_settings(ctx: EvalContext, manifest: dict, n_samples: int) -> dict:
+    return {**_settings(ctx, manifest), "n_samples": int(n_samples)}
+
+
+def _samples_settings(ctx: EvalContext, temperatures: list[float], per_temperature: int) -> dict:
+    return {"temperatures": [float(t) for t in temperatures], "per_temperature": int(per_temperature),
+            "seed": int(ctx.seed), "step": int(ctx.meta["step"]), "model_hash": ctx.meta["model_hash"]}
+
+
+def _samples_done(ctx: EvalContext, temperatures: list[float], per_temperature: int) -> bool:
+    path, record = ctx.out_dir / "samples.png", ctx.out_dir / "samples.json"
+    if not (path.is_file() and record.is_file()):
+        return False
+    stored = json.loads(record.read_text())
+    return not mismatched_settings(stored, _samples_settings(ctx, temperatures, per_temperature))
+
+
+def pending_work(ctx: EvalContext, tasks: list[str], specs: list[tuple[str, str]], *, temperatures: list[float],
+                 per_temperature: int, fid_temperatures: list[float], fid_samples: int) -> list[str]:
+    """What the given tasks would compute (empty: all done under the same settings).
+
+    The one skip-if-done rule: the tasks themselves skip by it, and a scheduler asks it
+    before starting processes (`eval/evaluate.py --check-done`). Needs ``ctx.meta``, not the model.
+    """
+    todo = []
+    for task in tasks:
+        if task in ("dump", "bpd"):
+            todo += [f"{task} {d}/{s}" for d, s in specs if not _bpd_done(ctx, d, s, task == "dump")]
+        elif task == "samples" and not _samples_done(ctx, temperatures, per_temperature):
+            todo.append("samples")
+        elif task == "latents" and not (ctx.out_dir / "latents.png").is_file():
+            todo.append("latents")
+        elif task == "fid":
+            todo += [f"fid {d}/{s} T={t}" for d, s in specs for t in _fid_pending(ctx, d, s, fid_temperatures,
+                                                                                    fid_samples)]
+    return todo
 
 
 def run_bpd(ctx: EvalContext, dataset: str, split: str, dump: bool) -> dict | None:
     """Task `bpd` (summary only) or `dump` (summary and per-sample dump)."""
     spec = f"{dataset}/{split}"
-    if not ctx.force and (dump_path(ctx.out_dir, dataset, split).exists() if dump else bpd_done(ctx, spec)):
+    settings = _settings(ctx, read_manifest(ctx.data_root, dataset, split))
+    path = dump_path(ctx.out_dir, dataset, split)
+    if not ctx.force and _bpd_done(ctx, dataset, split, dump):
         log.info("%s: result exists under %s, skipped (--force recomputes)", spec, ctx.out_dir)
         return None
     scores = score_split(ctx, dataset, split)
     entry = {
         "mean": float(scores["bpd"].mean()), "std": float(scores["bpd"].std()), "count": int(len(scores["bpd"])),
-        "n_bits": int(ctx.model.config.n_bits), "step": int(ctx.meta["step"]),
-        "model_hash": ctx.meta["model_hash"], "seed": ctx.seed,
+        "n_bits": int(ctx.model.config.n_bits), **settings,
     }
     if ctx.is_main:
         if dump:
-            log.info("wrote %s", write_dump(ctx, dataset, split, scores))
-        update_bpd_json(ctx.out_dir / "bpd.json", spec, entry)
+            write_dump(path, scores, checkpoint=str(ctx.meta["path"]), dataset=dataset, split=split,
+                       n_bits=int(ctx.model.config.n_bits), **settings)
+            log.info("wrote %s", path)
+        add_entries(ctx.out_dir / "bpd.json", {spec: entry})
         log.info("%s: %.4f bits/dim over %d samples (step %d)", spec, entry["mean"], entry["count"], entry["step"])
     barrier(ctx.world_size)
     return entry
@@ -206,13 +243,12 @@ def run_bpd(ctx: EvalContext, dataset: str, split: str, dump: bool) -> dict | No
 # -- samples -------------------------------------------------------------------------------
 def run_samples(ctx: EvalContext, temperatures: list[float], per_temperature: int) -> Path | None:
     path = ctx.out_dir / "samples.png"
-    if path.exists() and not ctx.force:
+    if not ctx.force and _samples_done(ctx, temperatures, per_temperature):
         log.info("%s exists, skipped", path)
         return None
     if ctx.is_main:
         save_sample_grid(ctx.model, path, temperatures, per_temperature, seed=ctx.seed)
-        atomic_write_text(ctx.out_dir / "samples.json", json.dumps(
-            {"temperatures": temperatures, "per_temperature": per_temperature, "seed": ctx.seed}, indent=2))
+        atomic_write_json(ctx.out_dir / "samples.json", _samples_settings(ctx, temperatures, per_temperature))
         log.info("wrote %s (rows: temperatures %s)", path, temperatures)
     barrier(ctx.world_size)
     return path
@@ -241,18 +277,18 @@ def run_latents(ctx: EvalContext, specs: list[tuple[str, str]], n_images: int) -
 def run_fid(ctx: EvalContext, dataset: str, split: str, temperatures: list[float], n_samples: int,
             weights_path: str | None, cache_dir: Path) -> dict | None:
     """FID of generated samples (one seed per sample, dealt across ranks) against a split."""
-    from glow.metrics import (cached_statistics, feature_statistics, frechet_distance, inception_features,
-                              load_inception, statistics_key)
+    from glow.fid import (cached_statistics, feature_statistics, frechet_distance, inception_features,
+                          load_inception, statistics_key)
 
     path = ctx.out_dir / "fid.json"
     spec = f"{dataset}/{split}"
-    existing = json.loads(path.read_text()) if path.exists() else {}
-    wanted = [t for t in temperatures if ctx.force or f"{spec}@T={t}" not in existing]
+    manifest = read_manifest(ctx.data_root, dataset, split)
+    settings = _fid_settings(ctx, manifest, n_samples)
+    wanted = list(temperatures) if ctx.force else _fid_pending(ctx, dataset, split, temperatures, n_samples)
     if not wanted:
         log.info("FID for %s at %s exists in %s, skipped", spec, temperatures, path)
         return None
     inception = load_inception(ctx.device, weights_path)  # fails early, clearly, without weights
-    manifest = read_manifest(ctx.data_root, dataset, split)
     key = statistics_key(manifest_hash(manifest), int(ctx.model.config.image_size))
 
     def real_features() -> np.ndarray:
@@ -275,17 +311,12 @@ def run_fid(ctx: EvalContext, dataset: str, split: str, temperatures: list[float
         allf = np.concatenate(gather_objects(local, ctx.world_size))
         mu, sigma = feature_statistics(allf)
         results[f"{spec}@T={t}"] = {
-            "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "temperature": t, "n_samples": int(len(allf)),
-            "reference": spec, "reference_count": int(manifest["count"]), "step": int(ctx.meta["step"]),
-            "model_hash": ctx.meta["model_hash"], "seed": ctx.seed,
+            "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "temperature": t, **settings,
+            "reference": spec, "reference_count": int(manifest["count"]),
         }
         log.info("FID %s T=%s: %.3f (%d samples)", spec, t, results[f"{spec}@T={t}"]["fid"], len(allf))
     if ctx.is_main:
-        with open(path.with_name("fid.json.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            table = json.loads(path.read_text()) if path.exists() else {}
-            table.update(results)
-            atomic_write_text(path, json.dumps(table, indent=2, sort_keys=True) + "\n")
+        add_entries(path, results)
     barrier(ctx.world_size)
     return results
 

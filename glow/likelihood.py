@@ -16,6 +16,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "postprocess",
     "preprocess",
     "quantize",
+    "to_nhwc_uint8",
 ]
 
 
@@ -117,3 +119,19 @@ def perturb_pixels(x: torch.Tensor, prob: float, generator: torch.Generator | No
     mask = torch.rand(x.shape, generator=generator, device=device) < prob
     noise = torch.randint(0, 256, x.shape, generator=generator, device=device, dtype=torch.uint8)
     return torch.where(mask.to(x.device), noise.to(x.device), x)
+
+
+def to_nhwc_uint8(images) -> np.ndarray:
+    """numpy (N, H, W, C) stays; a torch tensor (N, C, H, W) is moved to numpy N, H, W, C."""
+    if hasattr(images, "detach"):  # torch tensor, channels first
+        arr = images.detach().cpu().numpy()
+        if arr.ndim != 4:
+            raise ValueError(f"expected a tensor (N, C, H, W), got shape {tuple(arr.shape)}")
+        arr = arr.transpose(0, 2, 3, 1)
+    else:
+        arr = np.asarray(images)
+        if arr.ndim != 4:
+            raise ValueError(f"expected an array (N, H, W, C), got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise TypeError(f"expected uint8 images, got {arr.dtype}")
+    return arr

@@ -101,7 +101,7 @@ class Tracker:
         if self.run is not None:
             self.run.log(record, step=step)
 
-    def log_image(self, key: str, path: Path, step: int) -> None:
+    def log_image(self, key: str, path: Path, step: int | None) -> None:
         if self.run is not None:
             import wandb
 

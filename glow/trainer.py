@@ -39,6 +39,7 @@ from glow.flows import set_actnorm_reducer
 from glow.files import atomic_write_text
 from glow.likelihood import bits_per_dim, perturb_pixels, preprocess
 from glow.model import Glow
+from glow.names import step_dir_name
 from glow.performance import apply_train_config
 from glow.sampling import save_sample_grid
 from glow.tracking import MetricsLog, Tracker, git_sha, setup_logging
@@ -342,7 +343,7 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         t = self.cfg.train
-        path = self.run_dir / "samples" / f"step-{self.state.step:08d}.png"
+        path = self.run_dir / "samples" / f"{step_dir_name(self.state.step)}.png"
         model = self._export_model()
         was_training = model.training
         model.eval()

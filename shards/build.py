@@ -21,6 +21,7 @@ import logging
 import click
 
 from glow import shards as S
+from glow.names import parse_spec
 from glow.sources import SourceError
 
 LOG = logging.getLogger("shards.build")
@@ -172,9 +173,10 @@ def verify(out, specs):
     Example: python shards/build.py verify --out data/shards celeba/train celeba/test
     """
     for spec in specs:
-        dataset, sep, split = spec.partition("/")
-        if not sep or not dataset or not split:
-            raise click.BadParameter(f"{spec!r}: expected <dataset>/<split>, e.g. celeba/test")
+        try:
+            dataset, split = parse_spec(spec)
+        except ValueError as err:
+            raise click.BadParameter(str(err)) from None
         try:
             r = S.verify(out, dataset, split)
         except (S.ShardError, FileNotFoundError) as exn:

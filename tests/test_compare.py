@@ -10,19 +10,20 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from glow import compare, figures, metrics
+from glow import compare, dumps, figures, ood
 from tests.test_figures import STEP, _cli, write_dump
 
 
 def make_run(root: Path, name: str, *, shift: float = 0.0, model_hash: str = "m0", perm_seed: int | None = None,
-             complexity: bool = True, config: str | None = None) -> Path:
+             complexity: bool = True, meta: dict | None = None) -> Path:
     """A run with demo/test (40 samples) and two OOD sets; dumps optionally stored in shuffled order."""
     rng = np.random.default_rng(len(name))
     run = root / name
     step_dir = run / "eval" / f"step-{STEP:08d}"
+    checkpoint = run / "checkpoints" / f"step-{STEP:08d}"
     for dataset, n, mean in (("demo", 40, 3.5), ("digits", 30, 3.0), ("gaussian-smooth", 25, 3.8)):
         path = write_dump(step_dir, dataset, "test", rng.normal(mean + shift, 0.2, n), model_hash=model_hash,
-                          complexity=complexity)
+                          complexity=complexity, checkpoint=str(checkpoint))
         if perm_seed is not None:  # same samples, another order (e.g. another number of GPUs)
             with np.load(path) as z:
                 arrays = {k: z[k] for k in z.files}
@@ -31,20 +32,21 @@ def make_run(root: Path, name: str, *, shift: float = 0.0, model_hash: str = "m0
                 if k in arrays:
                     arrays[k] = arrays[k][perm]
             np.savez(path, **arrays)
-    if config is not None:
-        (run / "config.yaml").write_text(config)
+    if meta is not None:  # the evaluated checkpoint's meta.json describes the variant
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "meta.json").write_text(json.dumps(meta))
     return run
 
 
 def dump(run: Path, dataset: str) -> figures.Dump:
-    return figures.load_dump(run / "eval" / f"step-{STEP:08d}" / "dumps" / f"{dataset}-test.npz")
+    return dumps.load_dump(run / "eval" / f"step-{STEP:08d}" / "dumps" / f"{dataset}-test.npz")
 
 
 def test_likelihood_ratio_is_the_difference_key_by_key(tmp_path):
     fg = dump(make_run(tmp_path, "fg"), "demo")
     bg = dump(make_run(tmp_path, "background", perm_seed=3), "demo")
     assert not np.array_equal(fg.key, bg.key)  # stored in another order
-    lr = compare.likelihood_ratio(fg, bg)
+    lr = ood.likelihood_ratio(fg, bg)
     bg_by_key = dict(zip(bg.key.tolist(), bg.log_p.tolist()))
     expected = np.array([fg.log_p[i] - bg_by_key[k] for i, k in enumerate(fg.key.tolist())])
     assert lr.shape == fg.log_p.shape
@@ -57,23 +59,23 @@ def test_likelihood_ratio_refuses_differing_keys(tmp_path):
     # the background dump misses samples (e.g. an interrupted evaluation)
     short = write_dump(bg_run / "eval" / f"step-{STEP:08d}", "demo", "test", np.full(35, 3.5))
     with pytest.raises(ValueError, match="keys differ") as err:
-        compare.likelihood_ratio(fg, figures.load_dump(short))
+        ood.likelihood_ratio(fg, dumps.load_dump(short))
     assert str(fg.path) in str(err.value) and str(short) in str(err.value)
     # same count, other keys
-    other = figures.load_dump(short)
+    other = dumps.load_dump(short)
     other.key = np.array([f"x{i}" for i in range(fg.key.size)])
     other.log_p = np.zeros(fg.key.size)
     with pytest.raises(ValueError, match="keys differ"):
-        compare.likelihood_ratio(fg, other)
+        ood.likelihood_ratio(fg, other)
     with pytest.raises(ValueError, match="different splits"):
-        compare.likelihood_ratio(fg, dump(bg_run, "digits"))
+        ood.likelihood_ratio(fg, dump(bg_run, "digits"))
 
 
 def test_compare_writes_every_row(tmp_path):
-    base = make_run(tmp_path, "demo", config="model: {mask: channel}\n")
+    base = make_run(tmp_path, "demo", meta={"model_config": {"mask": "channel", "coupling_bottleneck": 0}, "perturb_prob": 0.0})
     cycle = make_run(tmp_path, "demo_cycle", shift=0.1, model_hash="m1",
-                     config="model: {mask: cycle, coupling_bottleneck: 0}\ndata: {perturb_prob: 0.0}\n")
-    bg = make_run(tmp_path, "demo_background", shift=0.3, perm_seed=5, config="data: {perturb_prob: 0.2}\n")
+                     meta={"model_config": {"mask": "cycle", "coupling_bottleneck": 0}, "perturb_prob": 0.0})
+    bg = make_run(tmp_path, "demo_background", shift=0.3, perm_seed=5, meta={"model_config": {"mask": "channel", "coupling_bottleneck": 0}, "perturb_prob": 0.2})
     oods = ["digits/test", "gaussian-smooth/test"]
     table, files = compare.compare_runs([base, cycle], "demo", oods, background=bg, out_dir=tmp_path / "cmp")
     assert files == [tmp_path / "cmp" / "compare.json", tmp_path / "cmp" / "compare.md"]
@@ -89,11 +91,11 @@ def test_compare_writes_every_row(tmp_path):
             assert {"auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr"} <= set(r)
     # the numbers are those of glow.metrics on the right scores
     d_in, d_out = dump(cycle, "demo"), dump(cycle, "digits")
-    assert rows[("demo_cycle", "log_likelihood")]["ood"]["digits/test"] == metrics.ood_metrics(d_in.log_p, d_out.log_p)
+    assert rows[("demo_cycle", "log_likelihood")]["ood"]["digits/test"] == ood.ood_metrics(d_in.log_p, d_out.log_p)
     lr = rows[("demo_cycle", "likelihood_ratio")]
     assert lr["background"] == "demo_background"
-    assert lr["ood"]["digits/test"] == metrics.ood_metrics(
-        compare.likelihood_ratio(d_in, dump(bg, "demo")), compare.likelihood_ratio(d_out, dump(bg, "digits")))
+    assert lr["ood"]["digits/test"] == ood.ood_metrics(
+        ood.likelihood_ratio(d_in, dump(bg, "demo")), ood.likelihood_ratio(d_out, dump(bg, "digits")))
     assert rows[("demo", "log_likelihood")]["test_bpd"] == pytest.approx(dump(base, "demo").bpd.mean())
     assert written["runs"]["demo_cycle"]["model"]["mask"] == "cycle"
     assert written["background"]["model"]["perturb_prob"] == 0.2
@@ -123,7 +125,8 @@ def test_cli_compare_and_single_run_usage(tmp_path):
     assert result.exit_code == 0, result.output
     assert "likelihood_ratio" in result.output and (out / "compare.json").is_file()
     # differing keys: a clear error naming the files
-    write_dump(bg / "eval" / f"step-{STEP:08d}", "digits", "test", np.full(7, 3.0))
+    write_dump(bg / "eval" / f"step-{STEP:08d}", "digits", "test", np.full(7, 3.0),
+               checkpoint=str(bg / "checkpoints" / f"step-{STEP:08d}"))
     bad = CliRunner().invoke(_cli(), ["compare", "--run", str(a), "--background", str(bg), "--in", "demo",
                                       "--ood", "digits/test", "--out", str(out)])
     assert bad.exit_code != 0 and "keys differ" in bad.output and "digits-test.npz" in bad.output

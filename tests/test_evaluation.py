@@ -83,6 +83,28 @@ def test_existing_results_are_skipped_unless_forced(trained):
     assert path.stat().st_mtime_ns == before
 
 
+def test_results_are_reused_only_under_the_same_settings(trained, tmp_path):
+    """The one skip rule: --check-done (what eval.sbatch asks) and the task agree; another seed or
+    shard root recomputes instead of silently reusing; bpd.json entries live one file each."""
+    run_dir, shards = trained
+    args = ("--task", "dump", "--data", "toyood/test")
+    assert evaluate(run_dir, *args, "--force").returncode == 0
+    done = evaluate(run_dir, *args, "--check-done")
+    assert done.returncode == 0 and "done" in done.stdout
+    for other in (("--seed", "1"), ("--data-root", str(shutil.copytree(shards, tmp_path / "moved")))):
+        check = evaluate(run_dir, *args, *other, "--check-done")
+        assert check.returncode == 3 and "dump toyood/test" in check.stdout, check.stdout + check.stderr
+    path = next(run_dir.glob("eval/step-*/dumps/toyood-test.npz"))
+    before = path.stat().st_mtime_ns
+    result = evaluate(run_dir, *args, "--seed", "1")
+    assert result.returncode == 0 and "skipped" not in result.stdout and path.stat().st_mtime_ns != before
+    assert int(load(path)["seed"]) == 1
+    entry = json.loads(next(run_dir.glob("eval/step-*/bpd.d/toyood%2Ftest.json")).read_text())
+    assert entry["seed"] == 1 and entry["count"] == 30
+    assert evaluate(run_dir, "--task", "samples", "--check-done").returncode in (0, 3)
+    assert evaluate(run_dir, *args, "--seed", "1", "--check-done").returncode == 0
+
+
 def test_a_split_shorter_than_its_manifest_fails_loudly(trained, tmp_path):
     run_dir, shards = trained
     broken = tmp_path / "shards"

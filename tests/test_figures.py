@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from glow import figures, metrics
+from glow import dumps, figures, ood
 
 REPO = Path(__file__).resolve().parents[1]
 STEP = 100
@@ -21,14 +20,15 @@ D = 32 * 32 * 3
 
 
 def write_dump(step_dir: Path, dataset: str, split: str, bpd: np.ndarray, *, model_hash: str = "m0",
-               step: int = STEP, complexity: bool = True, data_root: str = "/nonexistent") -> Path:
+               step: int = STEP, complexity: bool = True, data_root: str = "/nonexistent",
+               checkpoint: str | None = None) -> Path:
     n = bpd.size
     path = step_dir / "dumps" / f"{dataset}-{split}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = dict(
         key=np.array([f"{i:08d}" for i in range(n)]), index=np.arange(n, dtype=np.int64),
         label=np.full(n, -1, np.int64), bpd=bpd.astype(np.float64), log_p=-bpd * D * np.log(2.0),
-        step=np.array(step), model_hash=np.array(model_hash), checkpoint=np.array(f"runs/r/checkpoints/step-{step:08d}"),
+        step=np.array(step), model_hash=np.array(model_hash), checkpoint=np.array(checkpoint or f"runs/r/checkpoints/step-{step:08d}"),
         dataset=np.array(dataset), split=np.array(split), data_root=np.array(data_root), n_bits=np.array(8),
     )
     if complexity:
@@ -81,11 +81,11 @@ def test_make_figures_writes_every_file(tmp_path):
                          "typicality_m1", "typicality_m2", "typicality_m10", "typicality_m25"}
     for r in rows.values():
         assert set(r) == {"auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "n_in", "n_out"}
-    d_in = figures.load_dump(run / "eval" / f"step-{STEP:08d}" / "dumps" / "celeba-test.npz")
-    d_out = figures.load_dump(run / "eval" / f"step-{STEP:08d}" / "dumps" / "svhn-test.npz")
-    assert rows["log_likelihood"] == metrics.ood_metrics(d_in.log_p, d_out.log_p)
+    d_in = dumps.load_dump(run / "eval" / f"step-{STEP:08d}" / "dumps" / "celeba-test.npz")
+    d_out = dumps.load_dump(run / "eval" / f"step-{STEP:08d}" / "dumps" / "svhn-test.npz")
+    assert rows["log_likelihood"] == ood.ood_metrics(d_in.log_p, d_out.log_p)
     assert rows["log_likelihood"]["auroc"] < 0.2  # the synthetic OOD set is "more likely"
-    assert rows["png_complexity"] == metrics.ood_metrics(-d_in.complexity_bpd, -d_out.complexity_bpd)
+    assert rows["png_complexity"] == ood.ood_metrics(-d_in.complexity_bpd, -d_out.complexity_bpd)
     assert (rows["typicality_m25"]["n_in"], rows["typicality_m25"]["n_out"]) == (2, 2)
     assert table["bpd"]["svhn/test"]["count"] == 55
     assert table["bpd"]["celeba/test"]["mean"] == pytest.approx(d_in.bpd.mean())
@@ -117,20 +117,21 @@ def test_mismatched_dumps_refused(tmp_path):
     assert str(bad) in str(e.value) and "celeba-test.npz" in str(e.value)
     write_dump(step_dir, "svhn", "test", np.ones(10), step=STEP + 1)  # other checkpoint
     with pytest.raises(ValueError, match="checkpoint"):
-        figures.load_dumps([step_dir / "dumps" / "celeba-test.npz", bad])
+        dumps.load_dumps([step_dir / "dumps" / "celeba-test.npz", bad])
     with pytest.raises(FileNotFoundError, match="gaussian-test.npz"):
         figures.make_figures(run, "celeba", ["gaussian/test"], image_loader=fake_loader())
 
 
-def test_wandb_hook_uses_active_run_only(tmp_path, monkeypatch):
+def test_figures_go_to_the_tracker_given(tmp_path):
     logged = []
-    fake = types.SimpleNamespace(Image=lambda p: ("img", p), run=None)
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    png = tmp_path / "a.png"
-    assert figures.log_figures_to_wandb([png], 5) is False
-    fake.run = types.SimpleNamespace(log=lambda rec, **kw: logged.append(rec))
-    assert figures.log_figures_to_wandb([png, tmp_path / "ood.md"], 5) is True
-    assert logged == [{"figures/a": ("img", str(png)), "figures/eval_step": 5}]
+    tracker = types.SimpleNamespace(log_image=lambda key, path, step: logged.append((key, Path(path).name, step)))
+    run = make_run(tmp_path)
+    figures.make_figures(run, "celeba", ["svhn/test"], image_loader=fake_loader())  # no tracker: nothing logged
+    assert logged == []
+    res = figures.make_figures(run, "celeba", ["svhn/test"], image_loader=fake_loader(), tracker=tracker)
+    pngs = sorted(p.name for p in res.files if p.suffix == ".png")
+    assert sorted(name for _, name, _ in logged) == pngs and "ood.md" not in pngs
+    assert all(key == f"figures/{Path(name).stem}" and step is None for key, name, step in logged)
 
 
 def _cli():
@@ -141,8 +142,8 @@ def _cli():
 
 
 def test_cli_with_real_shards(tmp_path):
-    """The CLI end to end: images from real (tiny) shards through glow.data.load_images, the
-    complexity term computed from them (dumps without it), newest step chosen by default."""
+    """The CLI end to end: images from real (tiny) shards through glow.data.load_images for the
+    image panels, scores from the dumps alone, newest step chosen by default."""
     from tests.fakedata import build_small_shards
 
     root = tmp_path / "shards"
@@ -153,8 +154,8 @@ def test_cli_with_real_shards(tmp_path):
     old = run / "eval" / "step-00000050"
     write_dump(old, "gaussian", "test", rng.normal(5, 0.1, 30), model_hash="old", step=50)
     new = run / "eval" / f"step-{STEP:08d}"
-    write_dump(new, "gaussian", "test", rng.normal(5, 0.1, 30), complexity=False, data_root=str(root))
-    write_dump(new, "gaussian-smooth", "test", rng.normal(4, 0.1, 26), complexity=False, data_root=str(root))
+    write_dump(new, "gaussian", "test", rng.normal(5, 0.1, 30), data_root=str(root))
+    write_dump(new, "gaussian-smooth", "test", rng.normal(4, 0.1, 26), data_root=str(root))
     result = CliRunner().invoke(_cli(), ["--run", str(run), "--in", "gaussian", "--ood", "gaussian-smooth/test",
                                          "-k", "4"])
     assert result.exit_code == 0, result.output
@@ -165,6 +166,13 @@ def test_cli_with_real_shards(tmp_path):
         assert_png(out / name)
     table = json.loads((out / "ood.json").read_text())
     assert table["step"] == STEP and "complexity_corrected" in table["ood"]["gaussian-smooth/test"]
+
+    # a dump without the complexity term (an older version's): no complexity rows, a note says why
+    write_dump(new, "gaussian-smooth", "test", rng.normal(4, 0.1, 26), complexity=False, data_root=str(root))
+    assert CliRunner().invoke(_cli(), ["--run", str(run), "--in", "gaussian", "--ood", "gaussian-smooth/test"]).exit_code == 0
+    table = json.loads((out / "ood.json").read_text())
+    assert set(table["ood"]["gaussian-smooth/test"]) == {"log_likelihood"}
+    assert any("gaussian-smooth/test: the dump holds no complexity_bpd" in n for n in table["notes"])
 
     bad = CliRunner().invoke(_cli(), ["--run", str(run), "--step", "50", "--in", "gaussian", "--ood", "x/test"])
     assert bad.exit_code != 0 and "x-test.npz" in bad.output

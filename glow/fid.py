@@ -1,20 +1,8 @@
-"""Model-independent evaluation metrics: OOD detection scores, input complexity, typicality, FID.
+"""FID: pytorch-fid's InceptionV3 pool3 features, reference statistics and the Frechet distance.
 
-Conventions
------------
-* An OOD *score* is oriented so that HIGHER means "more in-distribution" (log-likelihood is
-  the canonical example). In-distribution samples are the positive class. An AUROC below 0.5
-  therefore means the OOD set looks *more* in-distribution than held-out in-distribution data
-  (the failure Kirichenko et al. 2020 and Nalisnick et al. 2019 report for flows).
-* Input complexity L(x) (Serra et al. 2020) is the size of the PNG encoding at maximum
-  compression in bits per dimension. Their score S(x) = bpd(x) - L(x) is large for OOD data,
-  so the in-distribution score is -S(x). -L(x) alone is the model-free baseline (a "likelihood"
-  under the PNG code).
-* The typicality test (Nalisnick et al. 2019) scores a batch of M inputs by
-  |mean NLL of the batch - mean NLL of the training set|; lower is more typical, so the
-  in-distribution score is minus that statistic.
-* FID uses pytorch-fid's InceptionV3 (2048-d pool3 features) and a float64 Frechet distance
-  computed here, because pytorch-fid's own passes `disp` to scipy's sqrtm (gone in scipy 1.18).
+The Frechet distance is computed here in float64 because pytorch-fid's own passes `disp` to
+scipy's sqrtm (gone in scipy 1.18). The Inception weights are never downloaded (compute
+nodes are offline): they come from a file, found as `inception_weights_path` says.
 """
 
 from __future__ import annotations
@@ -25,117 +13,18 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
-from PIL import Image
 from scipy import linalg
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from glow.likelihood import to_nhwc_uint8
 
 log = logging.getLogger(__name__)
 
-TYPICALITY_BATCH_SIZES = (1, 2, 10, 25)
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_DETECTOR = "pytorch-fid-inception-v3-pool3-2048"
 FID_RESIZE = "bilinear-299"  # pytorch-fid resize_input: F.interpolate(299, bilinear)
-
-
-# --------------------------------------------------------------------------- OOD metrics
-
-
-def ood_metrics(scores_in, scores_out) -> dict:
-    """AUROC, AUPR-in, AUPR-out and FPR at 95% TPR for scores where higher = in-distribution.
-
-    In-distribution is the positive class. AUPR-in uses in-distribution as positive with the
-    score as is; AUPR-out uses OOD as positive with the negated score. ``fpr_at_95_tpr`` is the
-    fraction of OOD samples accepted when the threshold accepts 95% of in-distribution samples.
-    AUROC < 0.5 means the OOD set looks more in-distribution than the in-distribution set.
-    """
-    s_in = np.asarray(scores_in, dtype=np.float64).ravel()
-    s_out = np.asarray(scores_out, dtype=np.float64).ravel()
-    if s_in.size == 0 or s_out.size == 0:
-        raise ValueError(f"ood_metrics needs both sets non-empty, got n_in={s_in.size}, n_out={s_out.size}")
-    for name, s in (("scores_in", s_in), ("scores_out", s_out)):
-        if not np.isfinite(s).all():
-            raise ValueError(f"{name} has {int((~np.isfinite(s)).sum())} non-finite values; fix the dump first")
-    y = np.concatenate([np.ones(s_in.size), np.zeros(s_out.size)])
-    s = np.concatenate([s_in, s_out])
-    fpr, tpr, _ = roc_curve(y, s)
-    idx = int(np.searchsorted(tpr, 0.95, side="left"))
-    return {
-        "auroc": float(roc_auc_score(y, s)),
-        "aupr_in": float(average_precision_score(y, s)),
-        "aupr_out": float(average_precision_score(1 - y, -s)),
-        "fpr_at_95_tpr": float(fpr[idx]),
-        "n_in": int(s_in.size),
-        "n_out": int(s_out.size),
-    }
-
-
-# --------------------------------------------------------------------------- input complexity
-
-
-def png_complexity_bpd(image) -> float:
-    """PNG size at maximum compression (Pillow, compress_level=9, optimize) in bits/dim.
-
-    ``image``: uint8 array H x W x C (C = 1 or 3) or H x W. The size includes the PNG headers,
-    as the encoders Serra et al. (2020) used do; that is ~0.2 bits/dim at 32x32x3.
-    """
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        raise TypeError(f"png_complexity_bpd expects uint8 pixels, got {arr.dtype}")
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise ValueError(f"png_complexity_bpd expects H x W x C, got shape {arr.shape}")
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=9, optimize=True)
-    return 8.0 * buf.tell() / arr.size
-
-
-def png_complexity_bpd_batch(images) -> np.ndarray:
-    """`png_complexity_bpd` for a batch: numpy (N, H, W, C) or a torch tensor (N, C, H, W)."""
-    arr = _to_nhwc_uint8(images)
-    return np.array([png_complexity_bpd(im) for im in arr], dtype=np.float64)
-
-
-def complexity_corrected_score(bpd, complexity_bpd) -> np.ndarray:
-    """In-distribution score -S(x) = L(x) - bpd(x) of Serra et al. 2020 (higher = more in-dist)."""
-    return np.asarray(complexity_bpd, dtype=np.float64) - np.asarray(bpd, dtype=np.float64)
-
-
-# --------------------------------------------------------------------------- typicality
-
-
-def typicality_batches(n: int, batch_size: int, seed: int) -> np.ndarray:
-    """Indices (n_batches, batch_size) of disjoint batches from a seeded permutation of range(n).
-
-    The remainder (n mod batch_size) is dropped; batch_size 1 keeps every sample.
-    """
-    if batch_size < 1:
-        raise ValueError(f"typicality batch size must be >= 1, got {batch_size}")
-    n_batches = n // batch_size
-    if n_batches == 0:
-        raise ValueError(f"a set of {n} samples has no batch of size {batch_size}")
-    perm = np.random.default_rng(seed).permutation(n)
-    return perm[: n_batches * batch_size].reshape(n_batches, batch_size)
-
-
-def typicality_statistic(nll, train_mean_nll: float, batch_size: int, seed: int = 0) -> np.ndarray:
-    """Per-batch |mean NLL of the batch - training-set mean NLL| (lower = more typical)."""
-    nll = np.asarray(nll, dtype=np.float64)
-    idx = typicality_batches(nll.size, batch_size, seed)
-    return np.abs(nll[idx].mean(axis=1) - float(train_mean_nll))
-
-
-def typicality_scores(nll, train_mean_nll: float, batch_size: int, seed: int = 0) -> np.ndarray:
-    """In-distribution score for the typicality test: minus `typicality_statistic`."""
-    return -typicality_statistic(nll, train_mean_nll, batch_size, seed)
-
-
-# --------------------------------------------------------------------------- Frechet distance
 
 
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
@@ -209,46 +98,67 @@ def inception_weights_path(weights_path: str | os.PathLike | None = None) -> Pat
     return path
 
 
+def _fid_inception(state_dict: dict):
+    """pytorch-fid's FID Inception network (its public building blocks) with ``state_dict``.
+
+    The same modules in the same order as ``pytorch_fid.inception.InceptionV3([3])``, so the
+    features are identical; built here so that the weights never go through torch hub's
+    loader, which unpickles (``weights_only=False``) whatever file sits in its cache.
+    """
+    import torch
+    import torch.nn.functional as F
+    from pytorch_fid import inception as fi
+    from torch import nn
+
+    net = fi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    net.Mixed_5b = fi.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = fi.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = fi.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = fi.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = fi.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = fi.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = fi.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = fi.FIDInceptionE_1(1280)
+    net.Mixed_7c = fi.FIDInceptionE_2(2048)
+    net.load_state_dict(state_dict)
+
+    class Pool3(nn.Module):
+        """Images in [0, 1] (B, 3, H, W) -> [pool3 features (B, 2048, 1, 1)], as pytorch-fid."""
+
+        def __init__(self):
+            super().__init__()
+            pool = lambda: nn.MaxPool2d(kernel_size=3, stride=2)  # noqa: E731
+            self.blocks = nn.Sequential(
+                net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, pool(),
+                net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, pool(),
+                net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a, net.Mixed_6b, net.Mixed_6c, net.Mixed_6d,
+                net.Mixed_6e, net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, nn.AdaptiveAvgPool2d(output_size=(1, 1)),
+            )
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            return [self.blocks(2 * x - 1)]
+
+    return Pool3()
+
+
 def load_inception(device="cpu", weights_path: str | os.PathLike | None = None):
     """pytorch-fid's InceptionV3 returning 2048-d pool3 features, in eval mode on ``device``.
 
-    Without ``weights_path`` the weights come through pytorch-fid's own loading path from the
-    torch hub cache (checked to exist first, so nothing is downloaded); with it, that file is
-    loaded instead of the URL.
+    The weights file (``weights_path``, or the torch hub cache file; see
+    `inception_weights_path`) is always read with ``torch.load(weights_only=True)``: a file
+    in a shared cache can hold tensors, never code.
     """
     import torch
-    from pytorch_fid import inception as fid_inception
 
     path = inception_weights_path(weights_path)
-    if weights_path is None:
-        patch = nullcontext()
-    else:
-
-        def _load_local(url, *args, **kwargs):
-            log.info("loading Inception weights from %s (instead of %s)", path, url)
-            return torch.load(path, map_location="cpu", weights_only=True)
-
-        patch = mock.patch.object(fid_inception, "load_state_dict_from_url", _load_local)
-    block = fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]
-    with patch:
-        model = fid_inception.InceptionV3([block], resize_input=True, normalize_input=True)
-    return model.eval().to(device)
-
-
-def _to_nhwc_uint8(images) -> np.ndarray:
-    """numpy (N, H, W, C) stays; a torch tensor (N, C, H, W) is moved to numpy N, H, W, C."""
-    if hasattr(images, "detach"):  # torch tensor, channels first
-        arr = images.detach().cpu().numpy()
-        if arr.ndim != 4:
-            raise ValueError(f"expected a tensor (N, C, H, W), got shape {tuple(arr.shape)}")
-        arr = arr.transpose(0, 2, 3, 1)
-    else:
-        arr = np.asarray(images)
-        if arr.ndim != 4:
-            raise ValueError(f"expected an array (N, H, W, C), got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        raise TypeError(f"expected uint8 images, got {arr.dtype}")
-    return arr
+    log.info("loading Inception weights from %s", path)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # an unpickling refusal or a corrupt file: say which file
+        raise ValueError(f"cannot load the Inception weights {path} as plain tensors ({err}); "
+                         f"replace it with the original {FID_WEIGHTS_FILE}") from None
+    return _fid_inception(state_dict).eval().to(device)
 
 
 def _iter_batches(images) -> Iterable:
@@ -280,7 +190,7 @@ def inception_features(
     chunks: list[np.ndarray] = []
     with torch.inference_mode():
         for batch in _iter_batches(images):
-            arr = _to_nhwc_uint8(batch)
+            arr = to_nhwc_uint8(batch)
             if arr.shape[-1] != 3:
                 raise ValueError(f"inception_features expects RGB images, got {arr.shape[-1]} channels")
             for start in range(0, arr.shape[0], batch_size):

@@ -1,0 +1,223 @@
+"""Out-of-distribution scores and their evaluation: pure functions on dumps and arrays.
+
+Conventions
+-----------
+* An OOD *score* is oriented so that HIGHER means "more in-distribution" (log-likelihood is
+  the canonical example). In-distribution samples are the positive class. An AUROC below 0.5
+  therefore means the OOD set looks *more* in-distribution than held-out in-distribution data
+  (the failure Kirichenko et al. 2020 and Nalisnick et al. 2019 report for flows).
+* Input complexity L(x) (Serra et al. 2020) is the size of the PNG encoding at maximum
+  compression in bits per dimension. Their score S(x) = bpd(x) - L(x) is large for OOD data,
+  so the in-distribution score is -S(x). -L(x) alone is the model-free baseline (a "likelihood"
+  under the PNG code).
+* The typicality test (Nalisnick et al. 2019) scores a batch of M inputs by
+  |mean NLL of the batch - mean NLL of the training set|; lower is more typical, so the
+  in-distribution score is minus that statistic.
+* The likelihood ratio (Ren et al. 2019) is log p(x) - log p_bg(x) under a background model.
+
+`ood_table` / `ood_markdown` make the OOD table of one run (figures/ood.json and ood.md).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from glow.dumps import Dump
+from glow.likelihood import to_nhwc_uint8
+
+log = logging.getLogger(__name__)
+
+TYPICALITY_BATCH_SIZES = (1, 2, 10, 25)
+
+
+def ood_metrics(scores_in, scores_out) -> dict:
+    """AUROC, AUPR-in, AUPR-out and FPR at 95% TPR for scores where higher = in-distribution.
+
+    In-distribution is the positive class. AUPR-in uses in-distribution as positive with the
+    score as is; AUPR-out uses OOD as positive with the negated score. ``fpr_at_95_tpr`` is the
+    fraction of OOD samples accepted when the threshold accepts 95% of in-distribution samples.
+    AUROC < 0.5 means the OOD set looks more in-distribution than the in-distribution set.
+    """
+    s_in = np.asarray(scores_in, dtype=np.float64).ravel()
+    s_out = np.asarray(scores_out, dtype=np.float64).ravel()
+    if s_in.size == 0 or s_out.size == 0:
+        raise ValueError(f"ood_metrics needs both sets non-empty, got n_in={s_in.size}, n_out={s_out.size}")
+    for name, s in (("scores_in", s_in), ("scores_out", s_out)):
+        if not np.isfinite(s).all():
+            raise ValueError(f"{name} has {int((~np.isfinite(s)).sum())} non-finite values; fix the dump first")
+    y = np.concatenate([np.ones(s_in.size), np.zeros(s_out.size)])
+    s = np.concatenate([s_in, s_out])
+    fpr, tpr, _ = roc_curve(y, s)
+    idx = int(np.searchsorted(tpr, 0.95, side="left"))
+    return {
+        "auroc": float(roc_auc_score(y, s)),
+        "aupr_in": float(average_precision_score(y, s)),
+        "aupr_out": float(average_precision_score(1 - y, -s)),
+        "fpr_at_95_tpr": float(fpr[idx]),
+        "n_in": int(s_in.size),
+        "n_out": int(s_out.size),
+    }
+
+
+# --------------------------------------------------------------------------- input complexity
+
+
+def png_complexity_bpd(image) -> float:
+    """PNG size at maximum compression (Pillow, compress_level=9, optimize) in bits/dim.
+
+    ``image``: uint8 array H x W x C (C = 1 or 3) or H x W. The size includes the PNG headers,
+    as the encoders Serra et al. (2020) used do; that is ~0.2 bits/dim at 32x32x3.
+    """
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"png_complexity_bpd expects uint8 pixels, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ValueError(f"png_complexity_bpd expects H x W x C, got shape {arr.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=9, optimize=True)
+    return 8.0 * buf.tell() / arr.size
+
+
+def png_complexity_bpd_batch(images) -> np.ndarray:
+    """`png_complexity_bpd` for a batch: numpy (N, H, W, C) or a torch tensor (N, C, H, W)."""
+    arr = to_nhwc_uint8(images)
+    return np.array([png_complexity_bpd(im) for im in arr], dtype=np.float64)
+
+
+def complexity_corrected_score(bpd, complexity_bpd) -> np.ndarray:
+    """In-distribution score -S(x) = L(x) - bpd(x) of Serra et al. 2020 (higher = more in-dist)."""
+    return np.asarray(complexity_bpd, dtype=np.float64) - np.asarray(bpd, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- typicality
+
+
+def typicality_batches(n: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices (n_batches, batch_size) of disjoint batches from a seeded permutation of range(n).
+
+    The remainder (n mod batch_size) is dropped; batch_size 1 keeps every sample.
+    """
+    if batch_size < 1:
+        raise ValueError(f"typicality batch size must be >= 1, got {batch_size}")
+    n_batches = n // batch_size
+    if n_batches == 0:
+        raise ValueError(f"a set of {n} samples has no batch of size {batch_size}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[: n_batches * batch_size].reshape(n_batches, batch_size)
+
+
+def typicality_statistic(nll, train_mean_nll: float, batch_size: int, seed: int = 0) -> np.ndarray:
+    """Per-batch |mean NLL of the batch - training-set mean NLL| (lower = more typical)."""
+    nll = np.asarray(nll, dtype=np.float64)
+    idx = typicality_batches(nll.size, batch_size, seed)
+    return np.abs(nll[idx].mean(axis=1) - float(train_mean_nll))
+
+
+def typicality_scores(nll, train_mean_nll: float, batch_size: int, seed: int = 0) -> np.ndarray:
+    """In-distribution score for the typicality test: minus `typicality_statistic`."""
+    return -typicality_statistic(nll, train_mean_nll, batch_size, seed)
+
+
+def likelihood_ratio(fg: Dump, bg: Dump) -> np.ndarray:
+    """log p_fg(x) - log p_bg(x) per sample, in `fg`'s order, matched key by key.
+
+    Refuses (ValueError naming both files) dumps of different splits, bit depths or key sets.
+    """
+    if (fg.dataset, fg.split) != (bg.dataset, bg.split):
+        raise ValueError(f"likelihood ratio of different splits: {fg.path} ({fg.spec}) vs {bg.path} ({bg.spec})")
+    if fg.n_bits != bg.n_bits:
+        raise ValueError(f"likelihood ratio of different bit depths: {fg.path} ({fg.n_bits}-bit) vs "
+                         f"{bg.path} ({bg.n_bits}-bit); evaluate both models at the same n_bits")
+    for d in (fg, bg):
+        if len(np.unique(d.key)) != d.key.size:
+            raise ValueError(f"dump {d.path} has duplicate keys; rewrite it with eval/evaluate.py --task dump --force")
+    if not np.array_equal(fg.key, bg.key):
+        only_fg, only_bg = np.setdiff1d(fg.key, bg.key), np.setdiff1d(bg.key, fg.key)
+        if only_fg.size or only_bg.size:
+            raise ValueError(
+                f"refusing the likelihood ratio of dumps whose keys differ: {fg.path} ({fg.key.size} keys, "
+                f"{only_fg.size} not in the other, e.g. {only_fg[:3].tolist()}) vs {bg.path} ({bg.key.size} keys, "
+                f"{only_bg.size} not in the other, e.g. {only_bg[:3].tolist()}); dump the same split with both models"
+            )
+    position = {k: i for i, k in enumerate(bg.key.tolist())}
+    order = np.fromiter((position[k] for k in fg.key.tolist()), dtype=np.int64, count=fg.key.size)
+    return fg.log_p - bg.log_p[order]
+
+
+# --------------------------------------------------------------------------- the OOD table of one run
+
+
+def ood_table(in_test: Dump, oods: Sequence[Dump], train: Dump | None = None, *,
+              complexity: dict[str, np.ndarray] | None = None,
+              typicality_sizes: Sequence[int] = TYPICALITY_BATCH_SIZES, seed: int = 0) -> dict:
+    """OOD metrics per OOD set and score (higher score = more in-distribution, in-dist positive).
+
+    Scores: log-likelihood; -S(x) = L(x) - bpd(x) (Serra et al. 2020); -L(x) alone (PNG
+    complexity, model-free); typicality with batch size M (needs the training dump), whose
+    set sizes count batches, not images. ``complexity`` maps dump spec -> L(x) per sample.
+    """
+    complexity = complexity or {}
+    table = {
+        "step": in_test.step, "model_hash": in_test.model_hash, "checkpoint": in_test.checkpoint,
+        "n_bits": in_test.n_bits, "in_distribution": in_test.spec, "typicality_seed": seed,
+        "bpd": {d.spec: {"mean": float(d.bpd.mean()), "std": float(d.bpd.std()), "count": int(d.bpd.size)}
+                for d in [x for x in (train, in_test) if x is not None] + list(oods)},
+        "notes": [
+            "Scores are oriented higher = more in-distribution; in-distribution is the positive class. "
+            "AUROC < 0.5 means the OOD set looks MORE in-distribution than held-out in-distribution data.",
+            "png_complexity is -L(x), the PNG size alone (a model-free baseline): it shows what the flow adds.",
+        ],
+        "ood": {},
+    }
+    train_nll = None if train is None else float(-train.log_p.mean())
+    if train is None:
+        table["notes"].append("no training-set dump: typicality scores omitted")
+    else:
+        table["train_mean_nll_nats"] = train_nll
+    for ood in oods:
+        scores: dict[str, tuple[np.ndarray, np.ndarray]] = {"log_likelihood": (in_test.log_p, ood.log_p)}
+        if in_test.spec in complexity and ood.spec in complexity:
+            c_in, c_out = complexity[in_test.spec], complexity[ood.spec]
+            scores["complexity_corrected"] = (complexity_corrected_score(in_test.bpd, c_in),
+                                              complexity_corrected_score(ood.bpd, c_out))
+            scores["png_complexity"] = (-c_in, -c_out)
+        if train_nll is not None:
+            for m in typicality_sizes:
+                if min(in_test.log_p.size, ood.log_p.size) < m:
+                    continue
+                scores[f"typicality_m{m}"] = (typicality_scores(-in_test.log_p, train_nll, m, seed),
+                                              typicality_scores(-ood.log_p, train_nll, m, seed))
+        table["ood"][ood.spec] = {name: ood_metrics(*pair) for name, pair in scores.items()}
+    return table
+
+
+def ood_markdown(table: dict) -> str:
+    lines = [
+        f"# OOD detection: in-distribution `{table['in_distribution']}`",
+        "",
+        f"Checkpoint `{table['checkpoint']}` (step {table['step']}, model hash `{table['model_hash']}`, "
+        f"{table['n_bits']}-bit).",
+        "",
+        "| set | bits/dim mean | std | count |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {s} | {v['mean']:.4f} | {v['std']:.4f} | {v['count']} |" for s, v in table["bpd"].items()]
+    lines += ["", "| OOD set | score | AUROC | AUPR-in | AUPR-out | FPR@95%TPR | n in | n OOD |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for spec, rows in table["ood"].items():
+        for name, r in rows.items():
+            lines.append(f"| {spec} | {name} | {r['auroc']:.4f} | {r['aupr_in']:.4f} | {r['aupr_out']:.4f} | "
+                         f"{r['fpr_at_95_tpr']:.4f} | {r['n_in']} | {r['n_out']} |")
+    lines += [""] + [f"- {n}" for n in table["notes"]] + [
+        "- complexity_corrected is -S(x) = L(x) - bpd(x) (Serra et al. 2020), L = PNG size at maximum "
+        "compression in bits/dim; typicality_mM is -|mean NLL of a batch of M - training mean NLL| "
+        "(Nalisnick et al. 2019) over disjoint seeded batches, so its n counts batches.", ""]
+    return "\n".join(lines)

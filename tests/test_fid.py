@@ -1,0 +1,103 @@
+"""glow.fid: the Frechet distance, reference statistics, Inception features and weights."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from glow import fid
+
+# --------------------------------------------------------------------------- Frechet distance
+
+
+def test_frechet_distance_equals_pytorch_fid_and_closed_form():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 12)), rng.normal(size=(150, 12)) @ rng.normal(size=(12, 12)) + 0.5
+    s1, s2 = fid.feature_statistics(a), fid.feature_statistics(b)
+    ours = fid.frechet_distance(*s1, *s2)
+    fid_score = pytest.importorskip("pytorch_fid.fid_score")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy's deprecation of sqrtm(disp=...)
+        try:
+            theirs = fid_score.calculate_frechet_distance(*s1, *s2)
+        except TypeError:
+            pytest.skip("this scipy no longer takes sqrtm(disp=...)")
+    assert ours == pytest.approx(theirs, rel=1e-10)
+    # diagonal Gaussians: |mu1-mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    v1, v2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    assert fid.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-12)
+    assert fid.frechet_distance(*s1, *s1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_statistics_cache_atomic_and_keyed(tmp_path):
+    key = fid.statistics_key("abcd1234", 32)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return np.random.default_rng(0).normal(size=(10, 4))
+
+    mu, sigma = fid.cached_statistics(tmp_path, key, compute)
+    mu2, sigma2 = fid.cached_statistics(tmp_path, key, compute)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(mu, mu2)
+    np.testing.assert_array_equal(sigma, sigma2)
+    assert [p.name for p in tmp_path.iterdir()] == [fid.statistics_path(tmp_path, key).name]
+    other = fid.statistics_key("abcd1234", 64)
+    assert fid.statistics_path(tmp_path, other) != fid.statistics_path(tmp_path, key)
+    with pytest.raises(ValueError, match="holds statistics for"):
+        fid.load_statistics(fid.statistics_path(tmp_path, key), other)
+
+
+# --------------------------------------------------------------------------- FID end to end
+
+
+def test_missing_inception_weights_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError) as e:
+        fid.load_inception("cpu")
+    msg = str(e.value)
+    assert str(tmp_path / "empty" / "hub" / "checkpoints" / fid.FID_WEIGHTS_FILE) in msg
+    assert "cannot download" in msg
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        fid.load_inception("cpu", weights_path=tmp_path / "nope.pth")
+
+
+def _smooth_images(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32] / 31.0
+    out = []
+    for _ in range(n):
+        c, f = rng.uniform(40, 200, 3), rng.uniform(0.5, 2.0, 2)
+        img = c + 50 * np.sin(2 * np.pi * (f[0] * xx + f[1] * yy))[..., None]
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def test_fid_end_to_end_with_random_weights(random_inception_home, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(random_inception_home))
+    model = fid.load_inception("cpu")  # pytorch-fid's own loading path, from the hub cache
+    real = _smooth_images(12, seed=0)
+    noise = np.random.default_rng(1).integers(0, 256, real.shape, dtype=np.uint8)
+    # batches of both layouts: numpy NHWC and torch NCHW
+    batches = [real[:5], torch.from_numpy(real[5:]).permute(0, 3, 1, 2)]
+    f_real = fid.inception_features(batches, "cpu", batch_size=4, model=model)
+    assert f_real.shape == (12, 2048) and f_real.dtype == np.float64
+    f_noise = fid.inception_features(noise, "cpu", batch_size=12, model=model)
+    st_real, st_noise = fid.feature_statistics(f_real), fid.feature_statistics(f_noise)
+    fid_same = fid.frechet_distance(*st_real, *st_real)
+    fid_noise = fid.frechet_distance(*st_real, *st_noise)
+    assert fid_noise > 0
+    assert abs(fid_same) < 1e-3 * fid_noise
+
+    # an explicit weights file gives the same network
+    explicit = fid.load_inception(
+        "cpu", weights_path=random_inception_home / "hub" / "checkpoints" / fid.FID_WEIGHTS_FILE
+    )
+    a, b = model.state_dict(), explicit.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
