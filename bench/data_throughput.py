@@ -17,7 +17,7 @@ import numpy as np
 
 
 def _crops(n: int, size: int, seed: int = 0) -> np.ndarray:
-    from glow.synthetic import DEMO_PHOTOS, load_photo
+    from glow.demo_data import DEMO_PHOTOS, load_photo
 
     rng = np.random.default_rng(seed)
     photos = [load_photo(p) for p in DEMO_PHOTOS]

@@ -5,7 +5,7 @@ noise that depends on (seed, sample key) alone: per-sample scores do not depend 
 batch size, the number of workers or the number of processes. Rank 0 writes every file,
 atomically; an existing result is skipped unless `force`.
 
-Outputs (DESIGN.md): runs/<name>/eval/step-N/{bpd.json, dumps/<dataset>-<split>.npz,
+Outputs: runs/<name>/eval/step-N/{bpd.json, dumps/<dataset>-<split>.npz,
 samples.png, fid.json, latents.png}.
 """
 

@@ -1,6 +1,6 @@
 """From uint8 images to the model's input and from log-densities to bits per dimension.
 
-The conventions are those of DESIGN.md ("Numerics"):
+The numerical conventions of the whole project:
 
     x_b = x >> (8 - n_bits),  y = (x_b + u) / 2**n_bits - 0.5,  u ~ U[0, 1)^D
     log p(x) = log p_y(y) - D * log(2**n_bits)

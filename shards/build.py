@@ -146,7 +146,7 @@ def demo(n_train, n_test, seed, **kw):
 
     Example: python shards/build.py demo --out data/shards
     """
-    from glow.synthetic import demo_sources, digits_sources
+    from glow.demo_data import demo_sources, digits_sources
 
     _run(demo_sources(n_train, n_test, seed) + digits_sources(), **kw)
 
@@ -158,7 +158,7 @@ def gaussian(n_train, n_test, seed, **kw):
 
     Example: python shards/build.py gaussian --n-train 20000 --n-test 2000
     """
-    from glow.synthetic import gaussian_sources
+    from glow.gaussian_field import gaussian_sources
 
     _run(gaussian_sources("gaussian", n_train, n_test, seed) + gaussian_sources("gaussian-smooth", n_train, n_test, seed),
          **kw)

@@ -314,7 +314,7 @@ def test_gaussian_counts_and_log_density(tmp_path):
         assert man["stats"]["clipped_fraction"] < 1e-4
         assert man["stats"]["mean_log_density_nats"] == pytest.approx(lp.mean())
         # the stored uint8 image reproduces its recorded log-density
-        from glow.synthetic import GAUSSIAN_KINDS, GaussianField
+        from glow.gaussian_field import GAUSSIAN_KINDS, GaussianField
 
         img, meta = samples["00000007"]
         field = GaussianField(GAUSSIAN_KINDS[ds])
@@ -325,7 +325,7 @@ def test_gaussian_counts_and_log_density(tmp_path):
 
 
 def test_discrete_entropy_approximation_1d():
-    from glow.synthetic import discrete_entropy_1d
+    from glow.gaussian_field import discrete_entropy_1d
 
     for var in (9.0, 30.0):
         assert discrete_entropy_1d(var) == pytest.approx(0.5 * math.log(2 * math.pi * math.e * (var + 1 / 12)), abs=1e-8)
@@ -346,7 +346,7 @@ def test_demo_counts(tmp_path):
 
 
 def test_demo_default_counts_and_disjoint_cells():
-    from glow.synthetic import DEMO_PHOTOS, demo_crops
+    from glow.demo_data import DEMO_PHOTOS, demo_crops
 
     crops = demo_crops()  # the defaults the CLI uses
     assert crops["train"].shape == (20000, 32, 32, 3) and crops["test"].shape == (2000, 32, 32, 3)
