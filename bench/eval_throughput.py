@@ -33,7 +33,7 @@ VARIANTS = "train_forward,train_step,eval_no_grad,eval_fast,eval_fast+compile"
 @click.option("--out-dir", default=str(REPO / "bench" / "results"), show_default=True, type=click.Path(path_type=Path))
 @click.option("--tag", default="")
 def main(configs, variants, device, repeats, steps, warmup, batch_size, threads, interleave, out_dir, tag):
-    from glow.benchmark import BenchSpec, preset, run_variants, write_report
+    from harness import BenchSpec, preset, run_variants, write_report
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -19,7 +19,7 @@ start=$(date +%s)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
   # The package itself (no dependencies: the machine has torch, numpy, pyyaml, click; nothing can be fetched).
   "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | tail -2 || echo "pip install failed; using PYTHONPATH"
-  "$PY" -c "import torch, glow.benchmark; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+  "$PY" -c "import torch, glow.model; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$LOG"
 
 stage() {  # stage <seconds> <description> <command...>

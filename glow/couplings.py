@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from glow.flows import AffineCoupling, CouplingNet, ZeroConv2d, _no_autocast, hidden_layers
+from glow.flows import AffineCoupling, CouplingNet, ZeroConv2d, _no_autocast, hidden_layers, split_shift_scale
 
 __all__ = ["MASKS", "SPATIAL_MASKS", "BottleneckCouplingNet", "MaskedCoupling", "make_coupling", "spatial_masks"]
 
@@ -125,7 +125,7 @@ class MaskedCoupling(nn.Module):
         h = self.net(x * m_in).to(x.dtype)
         if not self.affine:
             return h, None
-        return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)
+        return split_shift_scale(h)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m_in, m_out = self.masks(x)

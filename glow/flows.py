@@ -260,6 +260,15 @@ class _ActNormNet(ActNorm):
         return super().forward(x)[0]
 
 
+def split_shift_scale(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A coupling net's output -> (shift t, scale s = sigmoid(raw + 2)), interleaved channels.
+
+    The +2 starts every scale near sigmoid(2) = 0.88 (Glow's choice); the one definition used
+    by every coupling and by the latents figure.
+    """
+    return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)
+
+
 class AffineCoupling(nn.Module):
     """Channel-split coupling: y_a = x_a, y_b = (x_b + t(x_a)) * s(x_a).
 
@@ -282,8 +291,7 @@ class AffineCoupling(nn.Module):
         h = self.net(x_a).to(dtype)
         if not self.affine:
             return h, None
-        shift, raw_scale = h[:, 0::2], h[:, 1::2]
-        return shift, torch.sigmoid(raw_scale + 2.0)
+        return split_shift_scale(h)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_a, x_b = x[:, : self.n_a], x[:, self.n_a :]

@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from glow.files import atomic_save_figure  # noqa: E402
+from glow.flows import split_shift_scale  # noqa: E402
 from glow.likelihood import eval_noise, preprocess  # noqa: E402
 from glow.model import Glow  # noqa: E402
 
@@ -50,7 +51,7 @@ def coupling_maps(model: Glow, y: torch.Tensor, layers: Sequence[tuple[int, int]
     for key, h in captured.items():
         h = h.float()
         if h.shape[1] % 2 == 0 and model.config.coupling == "affine":
-            maps[key] = (h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0))
+            maps[key] = split_shift_scale(h)
         else:
             maps[key] = (h, torch.ones_like(h))
     return latents, maps

@@ -1,5 +1,7 @@
 """Throughput and memory of Glow training steps and evaluation passes (bench/*.py drive it).
 
+It lives beside the benchmark scripts because nothing in `glow/` uses it.
+
 Every variant runs in its own fresh process (spawned), so that its peak memory is its own
 and compile caches, thread pools and TF32 switches do not leak between variants. With
 `interleave=True` all workers are alive at once and the driver asks each in turn for one
@@ -364,7 +366,8 @@ def write_report(results: list[dict], out_dir: Path, stem: str, title: str, devi
     where = info.get("gpu") or f"{info['cpu']} ({info['cpu_count']} cores)"
     text = (f"# {title}\n\n{info['date']}, {where}, torch {info['torch']}. Medians over repeats; "
             "'x first' = median of per-round ratios to the first row of the same config; memory: see "
-            "glow/benchmark.py (CPU: resident-set growth during the timed steps; CUDA: max_memory_allocated).\n\n"
+            "bench/harness.py (CPU: resident-set growth during one extra step after the timed repeats; CUDA: "
+            "max_memory_allocated during the timed steps).\n\n"
             + markdown_table(results, flops, peak_tflops))
     atomic_write_text(md_path, text)
     return json_path, md_path
