@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -96,6 +97,69 @@ def write_export(directory: Path, state_dict: dict[str, torch.Tensor], meta: dic
     blob = save(tensors, metadata={"model_hash": meta["model_hash"], "step": str(meta["step"])})
     atomic_write_bytes(directory / "model.safetensors", blob)
     atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
+
+
+# ------------------------------------------------------------------ trainer state, no pickles
+TRAINER_STATE = "trainer_state.json"  # counters and LR-scheduler state
+EMA_WEIGHTS = "ema.safetensors"
+
+
+def save_trainer_state(state_dir: str | Path, counters: dict, scheduler: dict, ema: dict | None) -> None:
+    """The trainer's own state beside accelerate's files, as JSON and safetensors only.
+
+    (accelerate's `register_for_checkpointing` would pickle these and unpickle them on resume
+    with ``weights_only=False``: a planted file in a shared run directory would run code.)
+    """
+    state_dir = Path(state_dir)
+    atomic_write_text(state_dir / TRAINER_STATE, json.dumps({"counters": counters, "scheduler": scheduler},
+                                                            indent=1, sort_keys=True))
+    if ema is not None:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in ema.items()}
+        atomic_write_bytes(state_dir / EMA_WEIGHTS, save(tensors))
+
+
+def load_trainer_state(state_dir: str | Path, ema: bool) -> tuple[dict, dict, dict | None]:
+    """(counters, scheduler state, EMA state dict or None) written by `save_trainer_state`."""
+    state_dir = Path(state_dir)
+    path = state_dir / TRAINER_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {state_dir} was not written by this version of glow-ood "
+                                "(older checkpoints pickled this state); start a new run or use run.init_from")
+    stored = json.loads(path.read_text())
+    weights = None
+    if ema:
+        ema_path = state_dir / EMA_WEIGHTS
+        if not ema_path.is_file():
+            raise FileNotFoundError(f"{ema_path} is missing but optim.ema_decay > 0: the run was started without EMA")
+        weights = load_file(str(ema_path))
+    return stored["counters"], stored["scheduler"], weights
+
+
+def check_rng_state(state_dir: str | Path, process_index: int) -> None:
+    """Load this rank's RNG file as accelerate will (``weights_only=True``), but fail loudly:
+    accelerate swallows the error, and the run would resume silently with other noise."""
+    from accelerate.utils import load
+
+    path = Path(state_dir) / f"random_states_{process_index}.pkl"
+    try:
+        load(path)
+    except Exception as err:
+        raise ValueError(f"{path} cannot be read as plain tensors ({type(err).__name__}: {str(err)[:200]}); "
+                         "exact resume needs it: resume from an earlier checkpoint or start a new run") from None
+
+
+def check_own_files(directory: str | Path) -> None:
+    """Refuse a directory holding files of another user (for loaders that unpickle, e.g. DeepSpeed's)."""
+    me = os.getuid()
+    for path in sorted(Path(directory).rglob("*")):
+        owner = path.lstat().st_uid
+        if owner != me:
+            raise PermissionError(
+                f"{path} belongs to user id {owner}, not to you ({me}): DeepSpeed resumes by unpickling its state "
+                "files, so glow-ood resumes DeepSpeed runs only from files you wrote. Copy the run (cp -r makes "
+                "the files yours) after checking where it came from, or warm-start from its model.safetensors "
+                "with run.init_from"
+            )
 
 
 def read_meta(step_path: str | Path) -> dict:

@@ -12,10 +12,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from glow.model import GlowConfig
+from glow.names import check_name
 
 __all__ = ["Config", "ConfigError", "config_hash", "load_config", "to_dict", "to_yaml"]
 
@@ -103,7 +105,27 @@ _CHOICES = {
 }
 
 
+def _refuse_interpolations(value, where: str = "") -> None:
+    """`${...}` values are refused: a resolved `${oc.env:SECRET}` would be written into
+    config.yaml, meta.json, the dumps and the tracker. ``value``: the unresolved container."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_interpolations(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_interpolations(item, f"{where}[{i}]")
+    elif isinstance(value, str) and "${" in value:
+        raise ConfigError(f"{where}: interpolations (${{...}}) are not allowed in a config, got {value!r}; write "
+                          "the value itself (secrets such as a wandb key belong in the environment, never in a config)")
+
+
 def _validate(cfg: Config) -> None:
+    try:
+        check_name(cfg.run.name, "run.name")
+        check_name(cfg.data.dataset, "data.dataset")
+        check_name(cfg.data.split, "data.split")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     for (section, key), allowed in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
@@ -147,10 +169,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
+        _refuse_interpolations(OmegaConf.to_container(merged, resolve=False))
         if OmegaConf.is_missing(merged.run, "name"):
             raise ConfigError("run.name is not set: give it in the config file or as run.name=<name>")
         cfg: Config = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
         source = f" (in {path})" if path is not None else ""
         raise ConfigError(f"invalid configuration{source}: {err}") from err
     _validate(cfg)

@@ -62,7 +62,7 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 
 
 class TrainState:
-    """Counters saved with every checkpoint (registered with accelerate)."""
+    """Counters saved with every checkpoint (as JSON: see `glow.checkpoint.save_trainer_state`)."""
 
     def __init__(self):
         self.step = 0
@@ -186,11 +186,16 @@ class Trainer:
             acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = c.train.batch_size
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.model_unwrapped = acc.unwrap_model(self.model)
-        acc.register_for_checkpointing(self.state, self.scheduler)
-        if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
         if resume_from is not None:
+            if self.deepspeed:
+                ckpt.check_own_files(resume_from / "state")
+            ckpt.check_rng_state(resume_from / "state", acc.process_index)
             acc.load_state(str(resume_from / "state"))
+            counters, scheduler, ema = ckpt.load_trainer_state(resume_from / "state", self.ema is not None)
+            self.state.load_state_dict(counters)
+            self.scheduler.load_state_dict(scheduler)
+            if self.ema is not None:
+                self.ema.load_state_dict(ema)
             log.info("resumed at step %d (%d images seen)", self.state.step, self.state.images_seen)
         else:
             # Different dequantization noise per rank; restored from the checkpoint on resume.
@@ -316,6 +321,9 @@ class Trainer:
             shutil.rmtree(directory)  # a partial save of an interrupted attempt
         acc.wait_for_everyone()
         acc.save_state(str(directory / "state"))
+        if acc.is_main_process:
+            ckpt.save_trainer_state(directory / "state", self.state.state_dict(), self.scheduler.state_dict(),
+                                    None if self.ema is None else self.ema.state_dict())
         digests = self.check_replicas(f"at step {step}")
         _fault_injection_pause()
         if acc.is_main_process:
