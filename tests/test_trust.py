@@ -146,3 +146,9 @@ def test_resume_never_unpickles_and_no_secret_in_the_run(tmp_path):
         if path.is_file():
             assert b"s3cr3t-key-0123" not in path.read_bytes(), path
     assert json.loads((state / ckpt.TRAINER_STATE).read_text())["counters"]["step"] == 6
+    # outputs get the umask's mode (group-readable under 0022/0002), not mkstemp's 0600
+    from glow.files import new_file_mode
+
+    step6 = ckpt.latest_checkpoint(run_dir)
+    for path in (step6 / "model.safetensors", step6 / "meta.json", step6 / "COMPLETE", state / ckpt.TRAINER_STATE):
+        assert path.stat().st_mode & 0o777 == new_file_mode(), path
