@@ -81,7 +81,7 @@ def _smooth_images(n: int, seed: int) -> np.ndarray:
 
 def test_fid_end_to_end_with_random_weights(random_inception_home, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(random_inception_home))
-    model = fid.load_inception("cpu")  # pytorch-fid's own loading path, from the hub cache
+    model = fid.load_inception("cpu")  # from the hub cache (read as plain tensors)
     real = _smooth_images(12, seed=0)
     noise = np.random.default_rng(1).integers(0, 256, real.shape, dtype=np.uint8)
     # batches of both layouts: numpy NHWC and torch NCHW
@@ -101,3 +101,20 @@ def test_fid_end_to_end_with_random_weights(random_inception_home, monkeypatch):
     )
     a, b = model.state_dict(), explicit.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_our_inception_equals_pytorch_fids(random_inception_home, monkeypatch):
+    """The network built from pytorch-fid's pieces gives pytorch-fid's InceptionV3 features
+    exactly (same modules, same order, same resize and scaling)."""
+    from pytorch_fid import inception as fid_inception
+
+    weights = random_inception_home / "hub" / "checkpoints" / fid.FID_WEIGHTS_FILE
+    ours = fid.load_inception("cpu", weights_path=weights)
+    monkeypatch.setattr(fid_inception, "load_state_dict_from_url",
+                        lambda *a, **k: torch.load(weights, weights_only=True))
+    block = fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]
+    theirs = fid_inception.InceptionV3([block], resize_input=True, normalize_input=True).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(ours(x)[0], theirs(x)[0])
+
