@@ -20,39 +20,42 @@ Training (:func:`make_train_loader`)
     all shards (its seed still differs), since a resampled stream needs no exclusivity.
 
 Evaluation (:func:`make_eval_loader`)
-    No resampling, no shuffle; every sample exactly once over ranks x workers. With at least
-    as many shards as (rank, worker) splits, shards are dealt out; with fewer, every split
-    reads all shards and keeps the samples whose position ``% n_splits`` is its own, so all
-    splits stay busy. No collectives are needed: ranks may get unequal counts, and the
-    caller gathers unequal lengths and compares the total with the manifest. A truncated or
-    corrupt shard, or one whose sample count differs from the manifest, raises
-    :class:`ShardReadError` naming the file.
+    No resampling, no shuffle; every sample exactly once over ranks x workers, and every
+    shard read once in total whatever the world size: shards are dealt out to the (rank,
+    worker) readers; with fewer shards than readers, the readers are capped by the shards
+    (spread over the ranks) and the rest idle. No collectives are needed: ranks may get
+    unequal counts, and the caller gathers unequal lengths and compares the total with the
+    manifest. A truncated, corrupt or oversized shard, or one whose sample count differs
+    from the manifest, raises :class:`ShardReadError` naming the file (reads are bounded:
+    :mod:`glow.shard_read`).
+
+Channels: a stream yields the manifest's channels (3 = RGB, 1 = grayscale) unless the
+caller asks for a count (the model's ``in_channels``): a mismatch is an error unless the
+conversion is allowed (:func:`check_channels`; gray is replicated, RGB becomes luma).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import logging
 import os
 import random
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from glow.shards import KEY_FORMAT, MANIFEST, ShardError, canonical_json, split_dir
+from glow.shard_read import ImageSpec, ShardReadError, convert_channels, decode_png, iter_shard
+from glow.shards import KEY_FORMAT, MANIFEST, ShardError, canonical_json, check_shard_name, split_dir
+
+__all__ = ["ShardReadError", "check_channels", "decode_png", "fan_out_warning", "load_images", "make_eval_loader",
+           "make_train_loader", "manifest_hash", "read_manifest", "shard_paths"]
 
 logger = logging.getLogger(__name__)
-
-
-class ShardReadError(ShardError):
-    """A shard could not be read, or disagrees with its manifest; the message names it."""
 
 
 # --------------------------------------------------------------------------- manifest
@@ -65,9 +68,15 @@ def read_manifest(root: str | os.PathLike, dataset: str, split: str) -> dict:
             f"`python shards/build.py {dataset if dataset in ('demo', 'gaussian', 'svhn', 'celeba') else 'folder'}"
             f" --out {root}`"
         )
-    man = json.loads(path.read_text())
+    try:
+        man = json.loads(path.read_text())
+    except json.JSONDecodeError as exn:
+        raise ShardError(f"manifest {path} is not valid JSON ({exn}); rebuild the shards") from None
     if not man.get("complete"):
         raise ShardError(f"{path}: the shard build is incomplete; rerun the build command to finish it")
+    for entry in man.get("shards", []):
+        check_shard_name(entry.get("name"), dataset, split, path)
+    ImageSpec.of(man)  # resolution and channels are sane
     return man
 
 
@@ -79,7 +88,53 @@ def manifest_hash(manifest: dict) -> str:
 def shard_paths(root: str | os.PathLike, dataset: str, split: str, manifest: dict | None = None) -> list[str]:
     man = manifest or read_manifest(root, dataset, split)
     d = split_dir(root, dataset, split)
-    return [str(d / s["name"]) for s in man["shards"]]
+    return [str(d / check_shard_name(s["name"], dataset, split, d / MANIFEST)) for s in man["shards"]]
+
+
+def _shard_list(root: str | os.PathLike, dataset: str, split: str, man: dict) -> list["_Shard"]:
+    """The manifest's shards with what a bounded read checks (name, bytes, count)."""
+    return [_Shard(url, int(e["bytes"]), int(e["count"]))
+            for url, e in zip(shard_paths(root, dataset, split, man), man["shards"])]
+
+
+class _Shard(NamedTuple):
+    """One manifest entry: where the shard is, its size in bytes and its sample count."""
+
+    url: str
+    nbytes: int
+    count: int
+
+
+# --------------------------------------------------------------------------- channels and fan-out
+def check_channels(manifest: dict, where: str | os.PathLike, channels: int | None, convert: bool) -> int:
+    """The channel count a stream yields: the manifest's, or ``channels`` when asked and the
+    conversion is allowed. A mismatch without ``convert`` raises ShardError naming both sides."""
+    have = ImageSpec.of(manifest).channels
+    if channels is None or channels == have:
+        return have
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if not convert:
+        kinds = {1: "grayscale", 3: "RGB"}
+        raise ShardError(
+            f"shards {where} hold {kinds[have]} images ({have} channel(s), per their manifest) but the model has "
+            f"model.in_channels={channels}: evaluate a {kinds[channels]} model on {kinds[channels]} shards, or pass "
+            f"--convert-channels (evaluation) to {'replicate gray to RGB' if have == 1 else 'convert RGB to luma'}")
+    return channels
+
+
+def fan_out_warning(n_shards: int, world_size: int, num_workers: int, root: str | os.PathLike, dataset: str,
+                    split: str, samples: int) -> str | None:
+    """A warning when training readers (ranks x loader workers) outnumber the shards, since then
+    readers sample the same shards instead of disjoint ones; None when each gets its own."""
+    readers = world_size * max(1, num_workers)
+    if readers <= n_shards:
+        return None
+    per_shard = max(1, samples // readers)
+    return (f"{readers} training readers ({world_size} ranks x {max(1, num_workers)} workers) share "
+            f"{n_shards} shard(s) of {Path(root) / dataset / split}: readers draw the same shards instead of "
+            f"disjoint ones. Rebuild with at least {readers} shards, e.g. `python shards/build.py {dataset} ... "
+            f"--out {root} --samples-per-shard {per_shard} --overwrite`")
 
 
 # --------------------------------------------------------------------------- decoding
@@ -88,36 +143,16 @@ def _worker_split() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def decode_png(data: bytes, where: str) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            arr = np.asarray(im.convert("RGB"))
-    except Exception as exn:
-        raise ShardReadError(f"cannot decode the image {where}: {exn}; run `python shards/build.py verify` "
-                             f"and rebuild the shard") from None
-    return arr
+def _samples_of(shard: "_Shard", spec: ImageSpec, check_count: bool) -> Iterator[dict]:
+    """Samples of one shard read with bounded memory (glow.shard_read); errors name the shard."""
+    return iter_shard(shard.url, spec, expected_bytes=shard.nbytes, count=shard.count if check_count else None)
 
 
-def _samples_of(url: str, expected: int | None) -> Iterator[dict]:
-    """Samples of one shard, with read errors and count mismatches naming the shard."""
-    n = 0
-    try:
-        with open(url, "rb") as stream:  # closed even when the consumer stops mid-shard
-            files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}],
-                                                       handler=wds.reraise_exception)
-            for sample in wds.tariterators.group_by_keys(files, handler=wds.reraise_exception):
-                n += 1
-                yield sample
-    except ShardReadError:
-        raise
-    except Exception as exn:
-        raise ShardReadError(f"shard {url} is missing, truncated or corrupt ({type(exn).__name__}: "
-                             f"{exn.args[0] if exn.args else exn}); check it with "
-                             f"`python shards/build.py verify` and rebuild it") from None
-    if expected is not None and n != expected:
-        raise ShardReadError(f"shard {url} holds {n} samples but its manifest says {expected}; "
-                             f"it is truncated or was replaced: rebuild it")
+def _decode(s: dict, spec: ImageSpec, channels: int) -> np.ndarray:
+    where = f"{s['__key__']} in {s['__url__']}"
+    if "png" not in s:
+        raise ShardReadError(f"sample {where} lacks a .png member; rebuild the shard")
+    return convert_channels(decode_png(s["png"], where, spec), channels)
 
 
 def _to_chw(arr: np.ndarray) -> torch.Tensor:
@@ -126,24 +161,25 @@ def _to_chw(arr: np.ndarray) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- training
 class _ResampledShards:
-    """Infinite stream of ``{"url": ...}`` drawn with replacement by a given rng."""
+    """Infinite stream of ``{"shard": ...}`` drawn with replacement by a given rng."""
 
-    def __init__(self, urls: Sequence[str], rng: random.Random):
-        self.urls, self.rng = list(urls), rng
+    def __init__(self, shards: Sequence[_Shard], rng: random.Random):
+        self.shards, self.rng = list(shards), rng
 
     def __call__(self) -> Iterator[dict]:
         while True:
-            yield {"url": self.urls[self.rng.randrange(len(self.urls))]}
+            yield {"shard": self.shards[self.rng.randrange(len(self.shards))]}
 
 
-def _expand(src: Iterable[dict]) -> Iterator[dict]:
+def _expand(src: Iterable[dict], spec: ImageSpec) -> Iterator[dict]:
     for item in src:
-        yield from _samples_of(item["url"], None)
+        yield from _samples_of(item["shard"], spec, check_count=False)
 
 
-def _train_decode(src: Iterable[dict], rng: random.Random, hflip: bool) -> Iterator[np.ndarray]:
+def _train_decode(src: Iterable[dict], rng: random.Random, hflip: bool, spec: ImageSpec,
+                  channels: int) -> Iterator[np.ndarray]:
     for s in src:
-        arr = decode_png(s["png"], f"{s['__key__']} in {s['__url__']}")
+        arr = _decode(s, spec, channels)
         if hflip and rng.random() < 0.5:
             arr = arr[:, ::-1]
         yield arr
@@ -160,10 +196,11 @@ def _share(total: int, parts: int, i: int) -> int:
 class TrainStream(IterableDataset):
     """See the module docstring; built by :func:`make_train_loader`."""
 
-    def __init__(self, urls: Sequence[str], *, batch_size: int, seed: int, epoch: int, rank: int,
-                 world_size: int, batches_per_epoch: int, hflip: bool, shuffle_buffer: int):
+    def __init__(self, shards: Sequence[_Shard], *, batch_size: int, seed: int, epoch: int, rank: int,
+                 world_size: int, batches_per_epoch: int, hflip: bool, shuffle_buffer: int, spec: ImageSpec,
+                 channels: int):
         super().__init__()
-        self.urls = list(urls)
+        self.shards, self.spec, self.channels = list(shards), spec, channels
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch, self.hflip, self.shuffle_buffer = batches_per_epoch, hflip, shuffle_buffer
@@ -171,16 +208,16 @@ class TrainStream(IterableDataset):
     def pipeline(self, worker: int, num_workers: int) -> wds.DataPipeline:
         n_splits = self.world_size * num_workers
         split = self.rank * num_workers + worker
-        urls = self.urls[split::n_splits] if len(self.urls) >= n_splits else self.urls
+        shards = self.shards[split::n_splits] if len(self.shards) >= n_splits else self.shards
         seed = int.from_bytes(hashlib.sha256(
             f"train:{self.seed}:{self.epoch}:{self.rank}:{worker}".encode()).digest()[:8], "big")
         shard_rng, shuffle_rng, flip_rng = (random.Random(seed + k) for k in range(3))
         n_batches = _share(self.batches_per_epoch, num_workers, worker)
         return wds.DataPipeline(
-            _ResampledShards(urls, shard_rng),
-            _expand,
+            _ResampledShards(shards, shard_rng),
+            lambda src: _expand(src, self.spec),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng),
-            lambda src: _train_decode(src, flip_rng, self.hflip),
+            lambda src: _train_decode(src, flip_rng, self.hflip, self.spec, self.channels),
             wds.batched(self.batch_size, collation_fn=_collate_images, partial=False),
         ).with_epoch(nbatches=n_batches)
 
@@ -194,16 +231,20 @@ class TrainStream(IterableDataset):
 def make_train_loader(root: str | os.PathLike, dataset: str, split: str, *, batch_size: int, seed: int,
                       epoch: int, rank: int, world_size: int, num_workers: int = 0,
                       batches_per_epoch: int, hflip: bool = False, shuffle_buffer: int = 1000,
-                      skip_batches: int = 0) -> Iterable[torch.Tensor]:
-    """Exactly ``batches_per_epoch - skip_batches`` uint8 batches (B,3,H,W) for this rank,
-    a deterministic function of all arguments (see the module docstring)."""
+                      skip_batches: int = 0, channels: int | None = None,
+                      convert_channels: bool = False) -> Iterable[torch.Tensor]:
+    """Exactly ``batches_per_epoch - skip_batches`` uint8 batches (B,C,H,W) for this rank,
+    a deterministic function of all arguments (see the module docstring). C is the
+    manifest's channels; ``channels`` asks for a given count (see :func:`check_channels`)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     if batch_size < 1 or batches_per_epoch < 0:
         raise ValueError(f"batch_size must be >= 1 and batches_per_epoch >= 0, got {batch_size}, {batches_per_epoch}")
-    urls = shard_paths(root, dataset, split)
-    ds = TrainStream(urls, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                     batches_per_epoch=batches_per_epoch, hflip=hflip, shuffle_buffer=shuffle_buffer)
+    man = read_manifest(root, dataset, split)
+    channels = check_channels(man, split_dir(root, dataset, split), channels, convert_channels)
+    ds = TrainStream(_shard_list(root, dataset, split, man), batch_size=batch_size, seed=seed, epoch=epoch,
+                     rank=rank, world_size=world_size, batches_per_epoch=batches_per_epoch, hflip=hflip,
+                     shuffle_buffer=shuffle_buffer, spec=ImageSpec.of(man), channels=channels)
     # An explicit generator: creating the loader must not draw from the global torch RNG,
     # or a resumed run (which creates one more loader) would get other training noise.
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
@@ -229,39 +270,39 @@ class _Skipped:
 class EvalStream(IterableDataset):
     """See the module docstring; built by :func:`make_eval_loader`."""
 
-    def __init__(self, urls: Sequence[str], counts: Sequence[int], *, batch_size: int, rank: int, world_size: int):
+    def __init__(self, shards: Sequence[_Shard], *, batch_size: int, rank: int, world_size: int, spec: ImageSpec,
+                 channels: int):
         super().__init__()
-        self.urls, self.counts = list(urls), list(counts)
+        self.shards, self.spec, self.channels = list(shards), spec, channels
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
-    def samples(self, worker: int, num_workers: int) -> Iterator[dict]:
+    def my_shards(self, worker: int, num_workers: int) -> list[_Shard]:
+        """This (rank, worker)'s shards: each shard goes to exactly one reader. With fewer
+        shards than readers, shard j goes to reader ``j * readers // shards`` (spread over the
+        ranks) and the other readers idle: every shard is read once whatever the world size."""
         n_splits = self.world_size * num_workers
         split = self.rank * num_workers + worker
-        if len(self.urls) >= n_splits:
-            for url, count in list(zip(self.urls, self.counts))[split::n_splits]:
-                yield from _samples_of(url, count)
-        else:
-            pos = 0
-            for url, count in zip(self.urls, self.counts):
-                for s in _samples_of(url, count):
-                    if pos % n_splits == split:
-                        yield s
-                    pos += 1
+        n = len(self.shards)
+        if n >= n_splits:
+            return self.shards[split::n_splits]
+        return [s for j, s in enumerate(self.shards) if j * n_splits // n == split]
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker_split()
         batch: list[dict] = []
-        for s in self.samples(worker, num_workers):
-            where = f"{s['__key__']} in {s['__url__']}"
-            if "png" not in s or "json" not in s:
-                raise ShardReadError(f"sample {where} lacks a .png or .json member; rebuild the shard")
-            meta = json.loads(s["json"])
-            label = meta.get("label")
-            batch.append({"key": s["__key__"], "index": int(meta["index"]),
-                          "label": -1 if label is None else int(label), "image": decode_png(s["png"], where)})
-            if len(batch) == self.batch_size:
-                yield _collate_eval(batch)
-                batch = []
+        for shard in self.my_shards(worker, num_workers):
+            for s in _samples_of(shard, self.spec, check_count=True):
+                where = f"{s['__key__']} in {s['__url__']}"
+                if "json" not in s:
+                    raise ShardReadError(f"sample {where} lacks a .json member; rebuild the shard")
+                meta = json.loads(s["json"])
+                label = meta.get("label")
+                batch.append({"key": s["__key__"], "index": int(meta["index"]),
+                              "label": -1 if label is None else int(label),
+                              "image": _decode(s, self.spec, self.channels)})
+                if len(batch) == self.batch_size:
+                    yield _collate_eval(batch)
+                    batch = []
         if batch:
             yield _collate_eval(batch)
 
@@ -276,22 +317,28 @@ def _collate_eval(batch: list[dict]) -> dict:
 
 
 def make_eval_loader(root: str | os.PathLike, dataset: str, split: str, *, batch_size: int, rank: int,
-                     world_size: int, num_workers: int = 0) -> Iterable[dict]:
-    """Batches ``{"key", "index", "label" (-1 = none), "image" uint8 (B,3,H,W)}`` of this
-    rank's share; over all ranks every sample comes exactly once (last batch may be short)."""
+                     world_size: int, num_workers: int = 0, channels: int | None = None,
+                     convert_channels: bool = False) -> Iterable[dict]:
+    """Batches ``{"key", "index", "label" (-1 = none), "image" uint8 (B,C,H,W)}`` of this
+    rank's share; over all ranks every sample comes exactly once (last batch may be short).
+    C is the manifest's channels; ``channels`` asks for a given count (:func:`check_channels`)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     man = read_manifest(root, dataset, split)
-    ds = EvalStream(shard_paths(root, dataset, split, man), [s["count"] for s in man["shards"]],
-                    batch_size=batch_size, rank=rank, world_size=world_size)
+    channels = check_channels(man, split_dir(root, dataset, split), channels, convert_channels)
+    ds = EvalStream(_shard_list(root, dataset, split, man), batch_size=batch_size, rank=rank,
+                    world_size=world_size, spec=ImageSpec.of(man), channels=channels)
     return DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=False,
                       generator=torch.Generator().manual_seed(rank))
 
 
 # --------------------------------------------------------------------------- random access
 def load_images(root: str | os.PathLike, dataset: str, split: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """Images (HxWx3 uint8) for the given sample keys; reads only the shards that hold them."""
+    """Images (HxWx3 uint8, grayscale replicated, for display) for the given sample keys;
+    reads only the shards that hold them."""
     man = read_manifest(root, dataset, split)
+    spec = ImageSpec.of(man)
+    shards = {Path(sh.url).name: sh for sh in _shard_list(root, dataset, split, man)}
     d = split_dir(root, dataset, split)
     wanted: dict[str, str] = {}  # stored key -> caller's key
     by_shard: dict[str, set[str]] = {}
@@ -307,10 +354,9 @@ def load_images(root: str | os.PathLike, dataset: str, split: str, keys: Sequenc
         by_shard.setdefault(entry["name"], set()).add(KEY_FORMAT % idx)
     out: dict[str, np.ndarray] = {}
     for name, ks in by_shard.items():
-        url = str(Path(d) / name)
-        for s in _samples_of(url, None):
+        for s in _samples_of(shards[name], spec, check_count=False):
             if s["__key__"] in ks:
-                out[wanted[s["__key__"]]] = decode_png(s["png"], f"{s['__key__']} in {url}")
+                out[wanted[s["__key__"]]] = _decode(s, spec, 3)
     missing = set(wanted.values()) - set(out)
     if missing:
         raise KeyError(f"keys not found in {d}: {sorted(missing)[:10]} (skipped as unreadable at build time?)")

@@ -1,8 +1,9 @@
 """Write WebDataset tar shards from an image source, with a manifest, resume and verification.
 
 Layout: ``<root>/<dataset>/<split>/<dataset>-<split>-%06d.tar`` plus ``manifest.json``.
-Each sample holds ``<key>.png`` (lossless uint8 RGB) and ``<key>.json``
-({dataset, split, index, source, label, ...}); the key is the zero-padded item index.
+Each sample holds ``<key>.png`` (lossless uint8, RGB or grayscale: ``channels`` in the
+manifest) and ``<key>.json`` ({dataset, split, index, source, label, ...}); the key is the
+zero-padded item index.
 
 A build is resumable and reproducible:
 
@@ -11,9 +12,12 @@ A build is resumable and reproducible:
   function of the settings;
 * tar headers carry no time or owner and PNGs are written with fixed options, so a shard's
   sha256 does not depend on when or where it was written;
-* a shard is written to ``<name>.tmp`` and renamed when complete; the manifest
-  (``complete: false`` until the end) is rewritten atomically after every shard, so a
-  rerun keeps shards whose sha256 matches and rebuilds the rest;
+* a shard is written to a unique temporary name and renamed when complete; its sha256 is
+  computed from the final file; the manifest (``complete: false`` until the end) is
+  rewritten atomically after every shard, so a rerun keeps shards whose sha256 matches and
+  rebuilds the rest;
+* one build at a time per split directory: a build holds ``<split dir>/BUILD.lock``
+  (:func:`glow.files.hold_lock`) and a second concurrent build refuses, naming the holder;
 * the manifest holds a fingerprint of the settings; a build with other settings into the
   same directory is refused unless ``overwrite=True``.
 """
@@ -26,7 +30,9 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import tarfile
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,7 +40,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from glow.files import atomic_write_json
+from glow.files import LockHeld, atomic_write_json, hold_lock, new_file_mode
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,11 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 PNG_COMPRESS_LEVEL = 6
 KEY_FORMAT = "%08d"
+LOCK = "BUILD.lock"
+# 500 samples a shard: CelebA 32x32 train (162,770) is 326 shards, enough for 256 readers
+# (ranks x loader workers) to read disjoint shards; ~1.8 MB a shard at 32x32 RGB.
+DEFAULT_SAMPLES_PER_SHARD = 500
+SHARD_NAME_RE = r"{dataset}-{split}-\d{{6}}\.tar"
 
 
 class ShardError(RuntimeError):
@@ -50,6 +61,10 @@ class ShardError(RuntimeError):
 
 class BuildRefused(ShardError):
     """A directory already holds shards built with other settings."""
+
+
+class BuildBusy(ShardError):
+    """Another build is writing the same split directory right now."""
 
 
 class BadSourceImage(ValueError):
@@ -76,9 +91,10 @@ class Source:
 
     ``payloads(start, stop)`` runs in the main process and returns picklable payloads for
     items ``start..stop-1``; ``process(payload)`` runs in a worker and returns
-    ``(index, image uint8 HxWx3, meta)`` where meta holds at least ``source`` and ``label``
-    (or raises :class:`BadSourceImage`). ``settings`` (resolution, preprocessing, source
-    description) and ``items_digest`` make the fingerprint; ``extra`` goes to the manifest.
+    ``(index, image uint8 HxWxC, meta)`` (C = ``channels``, 3 or 1) where meta holds at least
+    ``source`` and ``label`` (or raises :class:`BadSourceImage`). ``settings`` (resolution,
+    preprocessing, source description), ``channels`` and ``items_digest`` make the
+    fingerprint; ``extra`` goes to the manifest.
     """
 
     dataset: str
@@ -91,6 +107,7 @@ class Source:
     extra: dict = dataclasses.field(default_factory=dict)
     shard_stats: Callable[[list[dict]], dict] | None = None
     total_stats: Callable[[list[dict]], dict] | None = None
+    channels: int = 3
 
 
 # --------------------------------------------------------------------------- helpers
@@ -122,11 +139,25 @@ def shard_name(dataset: str, split: str, i: int) -> str:
     return f"{dataset}-{split}-{i:06d}.tar"
 
 
+def check_shard_name(name: str, dataset: str, split: str, where: str | os.PathLike) -> str:
+    """``name`` if it follows the naming scheme (so it lies inside the split directory),
+    else :class:`ShardError` naming the manifest ``where`` it was found: a manifest must not
+    point a reader at any other file (``../``, absolute paths, other sets' shards)."""
+    pattern = SHARD_NAME_RE.format(dataset=re.escape(dataset), split=re.escape(split))
+    if not isinstance(name, str) or not re.fullmatch(pattern, name):
+        raise ShardError(f"{where}: shard name {name!r} does not match the naming scheme "
+                         f"{dataset}-{split}-NNNNNN.tar; the manifest is corrupt or hostile: rebuild the shards")
+    return name
+
+
 def encode_png(img: np.ndarray) -> bytes:
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"expected a uint8 HxWx3 image, got {img.dtype} {img.shape}")
+    """Lossless PNG of a uint8 HxWx3 (RGB) or HxWx1 / HxW (grayscale) image."""
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
+        raise ValueError(f"expected a uint8 HxWx3 or HxW image, got {img.dtype} {img.shape}")
     buf = io.BytesIO()
-    Image.fromarray(img, "RGB").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray(img, "L" if img.ndim == 2 else "RGB").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 
@@ -163,6 +194,7 @@ def _base_manifest(src: Source, samples_per_shard: int) -> dict:
         "samples_per_shard": samples_per_shard,
         "n_items": src.n,
         "items_digest": src.items_digest,
+        "channels": int(src.channels),
         **src.settings,
     }
     return {
@@ -197,8 +229,10 @@ def _reusable_shards(d: Path, old: dict, n_shards: int) -> dict[int, dict]:
     keep = {}
     for entry in old.get("shards", []):
         i = entry["shard"]
+        if entry.get("name") != shard_name(old.get("dataset", ""), old.get("split", ""), i) or i >= n_shards:
+            continue
         path = d / entry["name"]
-        if i >= n_shards or not path.exists():
+        if not path.exists():
             continue
         if path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]:
             keep[i] = entry
@@ -211,7 +245,7 @@ def build(
     src: Source,
     root: str | os.PathLike,
     *,
-    samples_per_shard: int = 10000,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
     workers: int = 0,
     overwrite: bool = False,
     skip_bad: bool = False,
@@ -221,8 +255,9 @@ def build(
     """Write ``src`` as shards under ``root/<dataset>/<split>/`` and return the manifest.
 
     Raises :class:`BuildRefused` when the directory holds a build with other settings
-    (pass ``overwrite=True`` to replace it) and :class:`BadSourceImage` on the first
-    unreadable item unless ``skip_bad`` (then the item is recorded in ``skipped``).
+    (pass ``overwrite=True`` to replace it), :class:`BuildBusy` when another build writes
+    the same directory now, and :class:`BadSourceImage` on the first unreadable item unless
+    ``skip_bad`` (then the item is recorded in ``skipped``).
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -230,6 +265,17 @@ def build(
         raise ValueError(f"source {src.dataset}/{src.split} has no items")
     d = split_dir(root, src.dataset, src.split)
     d.mkdir(parents=True, exist_ok=True)
+    try:
+        with hold_lock(d / LOCK, {"build": f"{src.dataset}/{src.split}"}):
+            return _build_locked(src, d, samples_per_shard, workers, overwrite, skip_bad, progress, _after_shard)
+    except LockHeld as exn:
+        who = ", ".join(f"{k}={v}" for k, v in exn.holder.items()) or "unknown holder"
+        raise BuildBusy(f"{d} is being written by another shard build ({who}); wait for it to finish "
+                        f"(a rerun of the same command then resumes or skips it), or stop it first") from None
+
+
+def _build_locked(src: Source, d: Path, samples_per_shard: int, workers: int, overwrite: bool, skip_bad: bool,
+                  progress: bool, _after_shard: Callable[[int], None] | None) -> dict:
     man = _base_manifest(src, samples_per_shard)
     n_shards = -(-src.n // samples_per_shard)
     mpath = d / MANIFEST
@@ -249,8 +295,8 @@ def build(
             logger.info("overwriting the previous build in %s", d)
             _clear_dir(d, src.dataset, src.split)
             old = None
-    for p in d.glob(f"{src.dataset}-{src.split}-*.tar.tmp"):
-        p.unlink()  # leftovers of an interrupted build
+    for p in d.glob(f"{src.dataset}-{src.split}-*.tar*.tmp"):
+        p.unlink()  # leftovers of an interrupted build (we hold the lock: no live build owns them)
     keep = _reusable_shards(d, old, n_shards) if old else {}
     if keep:
         logger.info("%s/%s: %d of %d shards already complete", src.dataset, src.split, len(keep), n_shards)
@@ -287,7 +333,7 @@ def build(
 
 def _write_shard(src: Source, d: Path, i: int, start: int, stop: int, pool, skip_bad: bool, bar) -> dict:
     name = shard_name(src.dataset, src.split, i)
-    final, tmp = d / name, d / (name + ".tmp")
+    final, tmp = d / name, d / f"{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     jobs = [(src.process, p) for p in src.payloads(start, stop)]
     results = pool.imap(_worker, jobs, chunksize=16) if pool is not None else map(_worker, jobs)
     count, skipped, metas, shape = 0, [], [], None
@@ -306,6 +352,10 @@ def _write_shard(src: Source, d: Path, i: int, start: int, stop: int, pool, skip
                     shape = img_shape
                 elif img_shape != shape:
                     raise ShardError(f"item {index} has shape {img_shape}, expected {shape}")
+                channels = 1 if len(img_shape) == 2 else img_shape[2]
+                if channels != src.channels:
+                    raise ShardError(f"item {index} of {src.dataset}/{src.split} has {channels} channels, "
+                                     f"the source declares {src.channels}")
                 key = KEY_FORMAT % index
                 record = {"dataset": src.dataset, "split": src.split, "index": int(index), **meta}
                 record.setdefault("label", None)
@@ -316,19 +366,20 @@ def _write_shard(src: Source, d: Path, i: int, start: int, stop: int, pool, skip
                 count += 1
         f.flush()
         os.fsync(f.fileno())
-    entry = {
+    os.chmod(tmp, new_file_mode())
+    os.replace(tmp, final)
+    entry = {  # size and sha256 of the file under its final name: what a reader will check
         "shard": i,
         "name": name,
         "count": count,
         "first_index": start,
         "last_index": stop - 1,
-        "bytes": tmp.stat().st_size,
-        "sha256": sha256_file(tmp),
+        "bytes": final.stat().st_size,
+        "sha256": sha256_file(final),
         "skipped": skipped,
     }
     if src.shard_stats is not None:
         entry["stats"] = src.shard_stats(metas)
-    os.replace(tmp, final)
     return entry
 
 
@@ -359,7 +410,11 @@ def verify(root: str | os.PathLike, dataset: str, split: str) -> dict:
     if not man.get("complete"):
         problems.append(f"{d / MANIFEST}: the build is incomplete; rerun the same build command to resume it")
     for entry in man["shards"]:
-        path = d / entry["name"]
+        try:
+            path = d / check_shard_name(entry.get("name"), dataset, split, d / MANIFEST)
+        except ShardError as exn:
+            problems.append(str(exn))
+            continue
         if not path.exists():
             problems.append(f"{path}: missing")
             continue
@@ -367,7 +422,7 @@ def verify(root: str | os.PathLike, dataset: str, split: str) -> dict:
             problems.append(f"{path}: sha256/size differs from the manifest (corrupt or replaced)")
             continue
         try:
-            with tarfile.open(path, "r") as tar:
+            with tarfile.open(path, "r:") as tar:  # plain tar only: never decompress a hostile stream
                 names = tar.getnames()
         except (tarfile.TarError, OSError) as exn:
             problems.append(f"{path}: not a readable tar ({exn})")

@@ -30,8 +30,10 @@ LOG = logging.getLogger("shards.build")
 def _common(f):
     f = click.option("--out", "out", default="data/shards", show_default=True, type=click.Path(file_okay=False),
                      help="Shard root; writes OUT/<dataset>/<split>/.")(f)
-    f = click.option("--samples-per-shard", default=10000, show_default=True, type=click.IntRange(min=1),
-                     help="Samples per tar (10000 is ~80 MB at 64x64, ~35 MB at 32x32).")(f)
+    f = click.option("--samples-per-shard", default=S.DEFAULT_SAMPLES_PER_SHARD, show_default=True,
+                     type=click.IntRange(min=1),
+                     help="Samples per tar (500: ~1.8 MB at 32x32, ~4 MB at 64x64; CelebA train is 326 shards). "
+                          "Keep shards >= training ranks x loader workers (docs/cluster.md).")(f)
     f = click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
                      help="Worker processes for decoding/resizing (0 = in this process).")(f)
     f = click.option("--overwrite", is_flag=True, help="Replace a previous build made with other settings.")(f)

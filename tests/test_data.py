@@ -122,7 +122,7 @@ def test_truncated_and_corrupt_shards_are_named(tmp_path):
     with pytest.raises(ShardReadError, match="gaussian-test-000001.tar"):
         eval_keys(tmp_path, 1, 0)
     shard.write_bytes(data[:4096])  # truncated at a member boundary: too few samples
-    with pytest.raises(ShardReadError, match="gaussian-test-000001.tar.*manifest says 20"):
+    with pytest.raises(ShardReadError, match="gaussian-test-000001.tar.*the manifest says"):
         eval_keys(tmp_path, 1, 0)
     with pytest.raises(ShardReadError, match="gaussian-test-000001.tar"):
         eval_keys(tmp_path, 1, 2)  # also through DataLoader workers
