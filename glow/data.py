@@ -106,35 +106,43 @@ class _Shard(NamedTuple):
 
 
 # --------------------------------------------------------------------------- channels and fan-out
-def check_channels(manifest: dict, where: str | os.PathLike, channels: int | None, convert: bool) -> int:
+def check_channels(manifest: dict, where: str | os.PathLike, channels: int | None, convert: bool,
+                   resolution: int | None = None) -> int:
     """The channel count a stream yields: the manifest's, or ``channels`` when asked and the
-    conversion is allowed. A mismatch without ``convert`` raises ShardError naming both sides."""
-    have = ImageSpec.of(manifest).channels
-    if channels is None or channels == have:
-        return have
+    conversion is allowed. A channel mismatch without ``convert``, or a ``resolution`` other
+    than the manifest's, raises ShardError naming the shards and the model key."""
+    spec = ImageSpec.of(manifest)
+    if resolution is not None and resolution != spec.resolution:
+        raise ShardError(f"shards {where} hold {spec.resolution}x{spec.resolution} images (per their manifest) but "
+                         f"the model has model.image_size={resolution}: build the shards at the model's resolution")
+    if channels is None or channels == spec.channels:
+        return spec.channels
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if not convert:
         kinds = {1: "grayscale", 3: "RGB"}
         raise ShardError(
-            f"shards {where} hold {kinds[have]} images ({have} channel(s), per their manifest) but the model has "
-            f"model.in_channels={channels}: evaluate a {kinds[channels]} model on {kinds[channels]} shards, or pass "
-            f"--convert-channels (evaluation) to {'replicate gray to RGB' if have == 1 else 'convert RGB to luma'}")
+            f"shards {where} hold {kinds[spec.channels]} images ({spec.channels} channel(s), per their manifest) but "
+            f"the model has model.in_channels={channels}: use {kinds[channels]} shards, or pass --convert-channels "
+            f"to the evaluation to {'replicate gray to RGB' if spec.channels == 1 else 'convert RGB to luma'}")
     return channels
 
 
-def fan_out_warning(n_shards: int, world_size: int, num_workers: int, root: str | os.PathLike, dataset: str,
-                    split: str, samples: int) -> str | None:
-    """A warning when training readers (ranks x loader workers) outnumber the shards, since then
-    readers sample the same shards instead of disjoint ones; None when each gets its own."""
-    readers = world_size * max(1, num_workers)
+def fan_out_warning(root: str | os.PathLike, dataset: str, split: str, world_size: int,
+                    num_workers: int) -> str | None:
+    """A warning when training readers (ranks x loader workers) outnumber the shards of a split,
+    since readers then draw the same shards instead of disjoint ones; None when each reader
+    gets its own shards. The message gives the rebuild command."""
+    man = read_manifest(root, dataset, split)
+    readers, n_shards = world_size * max(1, num_workers), len(man["shards"])
     if readers <= n_shards:
         return None
-    per_shard = max(1, samples // readers)
-    return (f"{readers} training readers ({world_size} ranks x {max(1, num_workers)} workers) share "
-            f"{n_shards} shard(s) of {Path(root) / dataset / split}: readers draw the same shards instead of "
-            f"disjoint ones. Rebuild with at least {readers} shards, e.g. `python shards/build.py {dataset} ... "
-            f"--out {root} --samples-per-shard {per_shard} --overwrite`")
+    kind = (man.get("source") or {}).get("kind") or dataset
+    per_shard = max(1, int(man["count"]) // readers)
+    return (f"{readers} training readers ({world_size} ranks x {max(1, num_workers)} loader workers) share the "
+            f"{n_shards} shard(s) of {split_dir(root, dataset, split)}: readers draw the same shards instead of "
+            f"disjoint ones. Rebuild with at least {readers} shards: `python shards/build.py {kind} ... "
+            f"--out {root} --samples-per-shard {per_shard} --overwrite` (see docs/cluster.md)")
 
 
 # --------------------------------------------------------------------------- decoding
@@ -231,8 +239,8 @@ class TrainStream(IterableDataset):
 def make_train_loader(root: str | os.PathLike, dataset: str, split: str, *, batch_size: int, seed: int,
                       epoch: int, rank: int, world_size: int, num_workers: int = 0,
                       batches_per_epoch: int, hflip: bool = False, shuffle_buffer: int = 1000,
-                      skip_batches: int = 0, channels: int | None = None,
-                      convert_channels: bool = False) -> Iterable[torch.Tensor]:
+                      skip_batches: int = 0, channels: int | None = None, convert_channels: bool = False,
+                      resolution: int | None = None) -> Iterable[torch.Tensor]:
     """Exactly ``batches_per_epoch - skip_batches`` uint8 batches (B,C,H,W) for this rank,
     a deterministic function of all arguments (see the module docstring). C is the
     manifest's channels; ``channels`` asks for a given count (see :func:`check_channels`)."""
@@ -241,7 +249,7 @@ def make_train_loader(root: str | os.PathLike, dataset: str, split: str, *, batc
     if batch_size < 1 or batches_per_epoch < 0:
         raise ValueError(f"batch_size must be >= 1 and batches_per_epoch >= 0, got {batch_size}, {batches_per_epoch}")
     man = read_manifest(root, dataset, split)
-    channels = check_channels(man, split_dir(root, dataset, split), channels, convert_channels)
+    channels = check_channels(man, split_dir(root, dataset, split), channels, convert_channels, resolution)
     ds = TrainStream(_shard_list(root, dataset, split, man), batch_size=batch_size, seed=seed, epoch=epoch,
                      rank=rank, world_size=world_size, batches_per_epoch=batches_per_epoch, hflip=hflip,
                      shuffle_buffer=shuffle_buffer, spec=ImageSpec.of(man), channels=channels)
@@ -318,14 +326,14 @@ def _collate_eval(batch: list[dict]) -> dict:
 
 def make_eval_loader(root: str | os.PathLike, dataset: str, split: str, *, batch_size: int, rank: int,
                      world_size: int, num_workers: int = 0, channels: int | None = None,
-                     convert_channels: bool = False) -> Iterable[dict]:
+                     convert_channels: bool = False, resolution: int | None = None) -> Iterable[dict]:
     """Batches ``{"key", "index", "label" (-1 = none), "image" uint8 (B,C,H,W)}`` of this
     rank's share; over all ranks every sample comes exactly once (last batch may be short).
     C is the manifest's channels; ``channels`` asks for a given count (:func:`check_channels`)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     man = read_manifest(root, dataset, split)
-    channels = check_channels(man, split_dir(root, dataset, split), channels, convert_channels)
+    channels = check_channels(man, split_dir(root, dataset, split), channels, convert_channels, resolution)
     ds = EvalStream(_shard_list(root, dataset, split, man), batch_size=batch_size, rank=rank,
                     world_size=world_size, spec=ImageSpec.of(man), channels=channels)
     return DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=False,

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from glow import checkpoint as ckpt
 from glow.config import Config, config_hash, to_dict, to_yaml
-from glow.data import make_train_loader
+from glow.data import fan_out_warning, make_train_loader
 from glow.distributed import StopFlag, all_reduce_mean
 from glow.flows import set_actnorm_reducer
 from glow.files import atomic_write_text
@@ -150,6 +150,10 @@ class Trainer:
         log.info("model %s (hash %s), %d parameters", c.model.to_dict(), c.model.hash(),
                  sum(p.numel() for p in self.model_unwrapped.parameters()))
         log.info("resuming from %s" % resume_from if resume_from else "starting from scratch")
+        warning = fan_out_warning(c.data.root, c.data.dataset, c.data.split, self.acc.num_processes,
+                                  c.data.num_workers)
+        if warning and self.acc.is_main_process:
+            log.warning(warning)
 
     @property
     def global_batch(self) -> int:
@@ -221,6 +225,7 @@ class Trainer:
             epoch=epoch, rank=self.acc.process_index, world_size=self.acc.num_processes,
             num_workers=c.num_workers, batches_per_epoch=c.batches_per_epoch, hflip=c.hflip,
             shuffle_buffer=c.shuffle_buffer, skip_batches=skip,
+            channels=self.cfg.model.in_channels, resolution=self.cfg.model.image_size,
         )
 
     def _batches(self) -> Iterator[torch.Tensor]:

@@ -211,6 +211,29 @@ def test_killed_build_resumes_to_identical_manifest(fake_celeba, tmp_path):
     assert not list(d.glob("*.tmp"))
 
 
+def test_concurrent_build_refused(fake_celeba, tmp_path):
+    """Two builds on one output: the second refuses, naming the first; the first ends intact."""
+    out = tmp_path / "out"
+    d = out / "celeba" / "train"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_BUILD, str(fake_celeba), str(out)], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_listed_shards(d)) < 1:
+            assert proc.poll() is None and time.monotonic() < deadline, "first build ended before the second started"
+            time.sleep(0.005)
+        with pytest.raises(S.BuildBusy, match=f"another shard build .*pid={proc.pid}"):
+            S.build(celeba_sources(fake_celeba, splits=["train"])[0], out, samples_per_shard=4, progress=False)
+        res = run_cli("celeba", "--root", str(fake_celeba), "--split", "train", "--out", str(out),
+                      "--samples-per-shard", "4", ok=False)
+        assert res.exit_code == 1 and str(d) in res.output and "another shard build" in res.output
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert S.verify(out, "celeba", "train")["count"] == 20
+    assert not list(d.glob("*.tmp"))
+
+
 def test_deleted_or_corrupt_shard_is_rebuilt(fake_svhn, tmp_path):
     src = svhn_sources(fake_svhn, splits=["train"])[0]
     ref = S.build(src, tmp_path, samples_per_shard=7, progress=False)
