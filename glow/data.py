@@ -56,6 +56,7 @@ __all__ = ["ShardReadError", "check_channels", "decode_png", "fan_out_warning", 
            "make_train_loader", "manifest_hash", "read_manifest", "shard_paths"]
 
 logger = logging.getLogger(__name__)
+BUILD_COMMANDS = ("demo", "gaussian", "svhn", "celeba", "cifar10", "cifar100", "mnist", "fashion-mnist")
 
 
 # --------------------------------------------------------------------------- manifest
@@ -65,7 +66,7 @@ def read_manifest(root: str | os.PathLike, dataset: str, split: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(
             f"no shard manifest at {path}; build the shards first, e.g. "
-            f"`python shards/build.py {dataset if dataset in ('demo', 'gaussian', 'svhn', 'celeba') else 'folder'}"
+            f"`python shards/build.py {dataset if dataset in BUILD_COMMANDS else 'folder'}"
             f" --out {root}`"
         )
     try:

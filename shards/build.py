@@ -7,6 +7,9 @@ Examples:
   python shards/build.py celeba --root ~/data/celeba --preset kirichenko32 --workers 8
   python shards/build.py celeba --root ~/data/celeba --preset glow64 --out data/shards64
   python shards/build.py svhn --root ~/data/svhn                # train/test (+extra if present)
+  python shards/build.py cifar10 --root ~/data/torchvision       # cifar-10-batches-py/ (cifar100: cifar-100-python/)
+  python shards/build.py fashion-mnist --root ~/data/torchvision # FashionMNIST/raw/ IDX files, padded to 32x32, gray
+  python shards/build.py mnist --root ~/data/torchvision         # MNIST/raw/
   python shards/build.py folder --root ~/photos --name photos --split-fraction test=0.1 --seed 0
   python shards/build.py verify --out data/shards celeba/test   # check shards against the manifest
 
@@ -109,6 +112,47 @@ def svhn(root, resolution, splits, **kw):
     from glow.sources import svhn_sources
 
     _run(_sources(svhn_sources, root, resolution, splits or None), **kw)
+
+
+def _cifar_command(name: str, layout: str):
+    @cli.command(name=name, help=f"{name.upper()} python pickle batches ({layout}/), labels in each sample's JSON."
+                                 f"\n\nExample: python shards/build.py {name} --root ~/data/torchvision --out data/shards")
+    @click.option("--root", required=True, type=click.Path(), help=f"Holds {layout}/ (torchvision's root=).")
+    @click.option("--resolution", type=click.IntRange(min=1), default=32, show_default=True,
+                  help="Output size; != 32 resizes bilinearly.")
+    @click.option("--valid", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="Hold out the last N train images as a 'valid' split (train keeps the rest).")
+    @click.option("--split", "splits", multiple=True, type=click.Choice(["train", "valid", "test"]),
+                  help="Only these splits (default all).")
+    @_common
+    def command(root, resolution, valid, splits, **kw):
+        from glow.standard_sets import cifar_sources
+
+        _run(_sources(cifar_sources, name, root, resolution, valid, splits or None), **kw)
+
+
+
+def _idx_command(name: str, layout: str):
+    @cli.command(name=name, help=f"{name} IDX files ({layout}/, .gz or not): 1 channel, padded to 32x32, labels "
+                                 f"in each sample's JSON.\n\nExample: python shards/build.py {name} --root "
+                                 f"~/data/torchvision --out data/shards")
+    @click.option("--root", required=True, type=click.Path(), help=f"Holds {layout}/ (torchvision's root=).")
+    @click.option("--resolution", type=click.IntRange(min=28), default=32, show_default=True,
+                  help="Output size: the 28x28 images are padded (centred, black), never resized.")
+    @click.option("--split", "splits", multiple=True, type=click.Choice(["train", "test"]),
+                  help="Only these splits (default both).")
+    @_common
+    def command(root, resolution, splits, **kw):
+        from glow.standard_sets import idx_sources
+
+        _run(_sources(idx_sources, name, root, resolution, splits or None), **kw)
+
+
+
+_cifar_command("cifar10", "cifar-10-batches-py")
+_cifar_command("cifar100", "cifar-100-python")
+_idx_command("mnist", "MNIST/raw")
+_idx_command("fashion-mnist", "FashionMNIST/raw")
 
 
 def _parse_fractions(values) -> dict[str, float]:

@@ -89,3 +89,56 @@ def build_small_shards(out: str | Path, n: int = 60, samples_per_shard: int = 20
     src = [s for s in gaussian_sources("gaussian", n_train=n, n_test=n, seed=seed) if s.split == "test"][0]
     src.dataset, src.split = dataset, split
     return build(src, out, samples_per_shard=samples_per_shard, progress=False)
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    """An IDX file (gzip'd when ``path`` ends in .gz): magic, big-endian dimensions, uint8 data."""
+    import gzip
+
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + np.ascontiguousarray(array, np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+
+
+def make_fake_idx(root: str | Path, layout: str = "MNIST", n_train: int = 24, n_test: int = 12, seed: int = 0,
+                  gz: bool = False) -> Path:
+    """torchvision's ``<root>/<layout>/raw/`` with the four IDX files (28x28 digits, labels 0..9).
+
+    Images are random strokes on black with a white 1-pixel border, so padding is visible."""
+    raw = Path(root) / layout / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) // 2
+        x[:, [0, -1], :] = 255
+        x[:, :, [0, -1]] = 255
+        y = (np.arange(n) % 10).astype(np.uint8)
+        ext = ".gz" if gz else ""
+        write_idx(raw / f"{prefix}-images-idx3-ubyte{ext}", x, 2051)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte{ext}", y, 2049)
+    return Path(root)
+
+
+def make_fake_cifar(root: str | Path, name: str = "cifar10", per_batch: int = 6, n_test: int = 8,
+                    seed: int = 0) -> Path:
+    """torchvision's CIFAR python layout: ``cifar-10-batches-py/data_batch_1..5, test_batch`` or
+    ``cifar-100-python/train, test``, dicts with b"data" (N x 3072 uint8, R/G/B planes) and labels."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    c10 = name == "cifar10"
+    d = Path(root) / ("cifar-10-batches-py" if c10 else "cifar-100-python")
+    d.mkdir(parents=True, exist_ok=True)
+    files = ({f"data_batch_{i}": per_batch for i in range(1, 6)} if c10 else {"train": 5 * per_batch})
+    files["test_batch" if c10 else "test"] = n_test
+    for fname, n in files.items():
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10 if c10 else 100, n)]
+        batch = {b"batch_label": fname.encode(), b"data": data, b"filenames": [b"x%d.png" % i for i in range(n)]}
+        if c10:
+            batch[b"labels"] = labels
+        else:
+            batch[b"fine_labels"], batch[b"coarse_labels"] = labels, [v // 5 for v in labels]
+        with open(d / fname, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return Path(root)
