@@ -65,15 +65,19 @@ def _parse_spec(spec: str) -> tuple[str, str]:
 @click.option("--check-done", is_flag=True,
               help="Only say whether there is work: exit 0 when every requested result exists under the same "
                    f"settings, {EXIT_PENDING} otherwise. Loads no model, starts no process group (for schedulers).")
+@click.option("--convert-channels", is_flag=True,
+              help="Score sets of the other modality: grayscale replicated to RGB for an RGB model, RGB to "
+                   "luma (ITU-R 601-2) for a grayscale model. Without it a mismatch is an error.")
 def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, temperatures,
          samples_per_temperature, fid_samples, fid_temperatures, inception_weights, fid_cache, latents_images,
-         check_done):
+         check_done, convert_channels):
     from glow.checkpoint import load_model, read_meta, resolve_checkpoint
     from glow.dumps import eval_dir
     from glow.evaluation import (CountMismatch, EvalContext, pending_work, run_bpd, run_fid, run_latents,
                                  run_samples)
     from glow.tracking import setup_logging
     from glow.distributed import make_accelerator
+    from glow.shards import ShardError
 
     parsed = [_parse_spec(s) for s in specs]
     if any(t in tasks for t in ("dump", "bpd", "fid", "latents")) and not parsed:
@@ -101,7 +105,7 @@ def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, 
     ctx = EvalContext(
         model=model, meta=meta, out_dir=out_dir, data_root=data_root or meta["data"]["root"],
         rank=accelerator.process_index, world_size=accelerator.num_processes, device=accelerator.device,
-        batch_size=batch_size, num_workers=workers, seed=seed, force=force,
+        batch_size=batch_size, num_workers=workers, seed=seed, force=force, convert_channels=convert_channels,
     )
     try:
         for task in tasks:
@@ -116,7 +120,7 @@ def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, 
                     run_fid(ctx, dataset, split, list(fid_temperatures), fid_samples, inception_weights, cache)
             elif task == "latents":
                 run_latents(ctx, parsed, latents_images)
-    except (CountMismatch, FileNotFoundError, ValueError) as err:
+    except (CountMismatch, FileNotFoundError, ValueError, ShardError) as err:
         raise click.ClickException(str(err)) from err
     accelerator.end_training()
 

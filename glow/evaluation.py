@@ -64,6 +64,12 @@ class EvalContext:
     num_workers: int = 0
     seed: int = 0
     force: bool = False
+    convert_channels: bool = False  # evaluate a set of the other modality (gray <-> RGB) by converting it
+
+    def loader_args(self) -> dict:
+        """What every scoring stream needs to give images the model's shape (glow.data.check_channels)."""
+        cfg = self.model.config
+        return {"channels": cfg.in_channels, "convert_channels": self.convert_channels, "resolution": cfg.image_size}
 
     @property
     def is_main(self) -> bool:
@@ -80,7 +86,7 @@ def score_split(ctx: EvalContext, dataset: str, split: str) -> dict[str, np.ndar
     manifest = read_manifest(ctx.data_root, dataset, split)
     expected = int(manifest["count"])
     loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=ctx.batch_size, rank=ctx.rank,
-                              world_size=ctx.world_size, num_workers=ctx.num_workers)
+                              world_size=ctx.world_size, num_workers=ctx.num_workers, **ctx.loader_args())
     parts: dict[str, list] = {"key": [], "index": [], "label": [], "log_p": [], "bpd": [], "complexity_bpd": []}
     bar = tqdm(total=expected, desc=f"{dataset}/{split}", disable=not ctx.is_main, dynamic_ncols=True)
     with fast_eval(ctx.model):  # eval mode, inference mode, 1x1-conv weights computed once
@@ -229,6 +235,8 @@ def run_bpd(ctx: EvalContext, dataset: str, split: str, dump: bool) -> dict | No
         "mean": float(scores["bpd"].mean()), "std": float(scores["bpd"].std()), "count": int(len(scores["bpd"])),
         "n_bits": int(ctx.model.config.n_bits), **settings,
     }
+    if ctx.convert_channels:
+        entry["channels_converted_to"] = int(ctx.model.config.in_channels)
     if ctx.is_main:
         if dump:
             write_dump(path, scores, checkpoint=str(ctx.meta["path"]), dataset=dataset, split=split,
@@ -265,7 +273,8 @@ def run_latents(ctx: EvalContext, specs: list[tuple[str, str]], n_images: int) -
     if ctx.is_main:
         sets = []
         for dataset, split in specs:
-            loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=n_images, rank=0, world_size=1)
+            loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=n_images, rank=0, world_size=1,
+                                      **ctx.loader_args())
             sets.append((f"{dataset}/{split}", next(iter(loader))["image"][:n_images]))
         plot_latents(ctx.model, sets, path, seed=ctx.seed)
         log.info("wrote %s", path)

@@ -176,12 +176,14 @@ def inception_features(
     weights_path: str | os.PathLike | None = None,
     model=None,
 ) -> np.ndarray:
-    """2048-d pool3 features (float64, (N, 2048)) of uint8 RGB images.
+    """2048-d pool3 features (float64, (N, 2048)) of uint8 RGB or grayscale images.
 
-    ``images``: one array/tensor or an iterable of batches. numpy batches are (B, H, W, 3)
-    (image layout, as ``glow.data.load_images`` gives); torch batches are (B, 3, H, W) (as the
-    eval loader yields). Pixels are scaled to [0, 1]; pytorch-fid resizes to 299x299 bilinearly
-    and maps to [-1, 1]. Pass ``model`` (from `load_inception`) to reuse a loaded network.
+    ``images``: one array/tensor or an iterable of batches. numpy batches are (B, H, W, C)
+    (image layout, as ``glow.data.load_images`` gives); torch batches are (B, C, H, W) (as the
+    eval loader yields). Grayscale (C = 1) is replicated to 3 channels, as Inception takes RGB
+    (the usual practice for FID on MNIST-like sets). Pixels are scaled to [0, 1]; pytorch-fid
+    resizes to 299x299 bilinearly and maps to [-1, 1]. Pass ``model`` (from `load_inception`)
+    to reuse a loaded network.
     """
     import torch
 
@@ -191,8 +193,10 @@ def inception_features(
     with torch.inference_mode():
         for batch in _iter_batches(images):
             arr = to_nhwc_uint8(batch)
+            if arr.shape[-1] == 1:
+                arr = np.repeat(arr, 3, axis=-1)
             if arr.shape[-1] != 3:
-                raise ValueError(f"inception_features expects RGB images, got {arr.shape[-1]} channels")
+                raise ValueError(f"inception_features expects RGB or grayscale images, got {arr.shape[-1]} channels")
             for start in range(0, arr.shape[0], batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(arr[start : start + batch_size]))
                 x = x.permute(0, 3, 1, 2).to(device=device, dtype=torch.float32) / 255.0

@@ -74,7 +74,8 @@ def plot_latents(model: Glow, image_sets: Sequence[tuple[str, torch.Tensor]], pa
         y = preprocess(images, model.config.n_bits, eval_noise(seed, keys, images.shape[1:]))
         latents, maps = coupling_maps(model, y.to(model.top_prior.device), layers)
         for i in range(len(images)):
-            row = [(f"{name}", images[i].permute(1, 2, 0).numpy(), None)]
+            img = images[i].permute(1, 2, 0).numpy()
+            row = [(f"{name}", img[:, :, 0], "gray") if img.shape[2] == 1 else (f"{name}", img, None)]
             row += [(f"z level {lv}", _gray(z[i]), "gray") for lv, z in enumerate(latents)]
             for key in layers:
                 t, s = maps[key]
@@ -85,7 +86,7 @@ def plot_latents(model: Glow, image_sets: Sequence[tuple[str, torch.Tensor]], pa
     for r, row in enumerate(rows):
         for c, (title, img, cmap) in enumerate(row):
             ax = axes[r][c]
-            ax.imshow(img, cmap=cmap, interpolation="nearest")
+            ax.imshow(img, cmap=cmap, interpolation="nearest", **({"vmin": 0, "vmax": 255} if img.dtype == np.uint8 else {}))
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0 or c == 0:
