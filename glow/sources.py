@@ -280,8 +280,9 @@ def folder_sources(root: str | os.PathLike, name: str | None = None, resolution:
     fractions = dict(fractions or {})
     if "train" in fractions:
         raise SourceError("split fractions name the held-out splits; 'train' gets the rest")
-    if any(f < 0 for f in fractions.values()) or sum(fractions.values()) >= 1.0:
-        raise SourceError(f"split fractions {fractions} must be >= 0 and sum to less than 1")
+    if any(f < 0 for f in fractions.values()) or sum(fractions.values()) > 1.0:
+        raise SourceError(f"split fractions {fractions} must be >= 0 and sum to at most 1 "
+                          f"(test=1.0 puts every image in test, e.g. for an OOD-only set)")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise SourceError(f"no images under {root}: expected files ending in {', '.join(IMAGE_EXTENSIONS)}")

@@ -162,6 +162,8 @@ def test_folder_split_deterministic(tmp_path):
     assert all("/" in s for s in sources)  # recursive, relative paths recorded
     img = next(iter(read_shards(tmp_path / "o1" / "pics" / "train").values()))[0]
     assert img.shape == (32, 32, 3)
+    run_cli("folder", "--root", str(src), "--name", "ood", "--split-fraction", "test=1.0", "--out", str(tmp_path / "o3"))
+    assert read_manifest(tmp_path / "o3", "ood", "test")["count"] == 24 and not (tmp_path / "o3" / "ood" / "train").exists()
 
 
 # --------------------------------------------------------------------------- resume / refusal
