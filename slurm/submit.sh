@@ -4,16 +4,19 @@
 #
 #   slurm/submit.sh --name NAME --config train/configs/X.yaml --in DATASET[/SPLIT] \
 #       [--ood DATASET/SPLIT]... [--nodes N] [--data-root DIR] [--tasks "dump bpd"] \
-#       [--run-tasks "samples"] [--no-eval] [--dry-run] [key=value ...]
+#       [--run-tasks "samples"] [--convert-channels] [--no-eval] [--dry-run] [key=value ...]
 #
 # Examples:
 #   slurm/submit.sh --name celeba32 --config train/configs/celeba32.yaml --nodes 4 \
 #       --in celeba/test --ood svhn/test --ood gaussian-smooth/test --data-root /data/shards
+#   slurm/submit.sh --name fmnist --config train/configs/fashion_mnist32.yaml --in fashion-mnist/test \
+#       --ood mnist/test --ood cifar10/test --ood svhn/test --convert-channels --data-root /data/shards
 #   GLOW_CPU=1 GLOW_PROCS_PER_NODE=2 slurm/submit.sh --name demo --config train/configs/tiny.yaml \
 #       --in demo/test --ood digits/test --dry-run
 #
 # key=value arguments are training config overrides. --tasks are run for the in-distribution
 # split and every OOD split; --run-tasks once per run (with the in-distribution split).
+# --convert-channels lets a grayscale model score RGB OOD sets (and the reverse).
 # Logs: <run>/logs/{train-JOB,eval-ARRAY_TASK,figures-JOB}.out; job list: <run>/slurm/eval-jobs.txt.
 set -euo pipefail
 
@@ -28,7 +31,7 @@ source "$REPO/slurm/env.sh"
 
 NAME="" CONFIG="" NODES=1 IN="" DATA_ROOT="" DRY=0 EVAL=1
 TASKS="dump bpd" RUN_TASKS="samples"
-OOD=() OVERRIDES=()
+OOD=() OVERRIDES=() CONVERT=""
 while (($#)); do
     case $1 in
         --name) NAME=${2:?--name needs a value}; shift 2 ;;
@@ -39,11 +42,12 @@ while (($#)); do
         --data-root) DATA_ROOT=${2:?--data-root needs a value}; shift 2 ;;
         --tasks) TASKS=${2?--tasks needs a value}; shift 2 ;;
         --run-tasks) RUN_TASKS=${2?--run-tasks needs a value}; shift 2 ;;
+        --convert-channels) CONVERT=" --convert-channels"; shift ;;
         --no-eval) EVAL=0; shift ;;
         --dry-run) DRY=1; shift ;;
         -h | --help) usage 0 ;;
         *=*) OVERRIDES+=("$1"); shift ;;
-        *) die "unknown argument '$1' (options: --name --config --nodes --in --ood --data-root --tasks --run-tasks --no-eval --dry-run, then key=value overrides); see --help" ;;
+        *) die "unknown argument '$1' (options: --name --config --nodes --in --ood --data-root --tasks --run-tasks --convert-channels --no-eval --dry-run, then key=value overrides); see --help" ;;
     esac
 done
 [[ -n "$NAME" ]] || die "--name is required (the run directory will be $GLOW_RUN_ROOT/NAME)"
@@ -88,7 +92,7 @@ DR=()
 JOBS=()
 if ((EVAL)); then
     for spec in "$IN" "${OOD[@]}"; do
-        for t in $TASKS; do JOBS+=("--checkpoint $CKPT --task $t --data $spec ${DR[*]}"); done
+        for t in $TASKS; do JOBS+=("--checkpoint $CKPT --task $t --data $spec ${DR[*]}$CONVERT"); done
     done
     for t in $RUN_TASKS; do JOBS+=("--checkpoint $CKPT --task $t --data $IN ${DR[*]}"); done
 fi

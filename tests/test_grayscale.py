@@ -2,6 +2,7 @@
 RGB shards, evaluation against a grayscale set and an RGB set converted by --convert-channels."""
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +14,6 @@ from glow.standard_sets import cifar_sources, idx_sources
 from tests.fakedata import make_fake_cifar, make_fake_idx
 from tests.toydata import REPO, run, train_command
 
-pytestmark = pytest.mark.slow
 TINY_GRAY = REPO / "train" / "configs" / "tiny_gray.yaml"
 
 
@@ -22,6 +22,7 @@ def evaluate(run_dir: Path, *args: str):
                 str(run_dir / "checkpoints" / "latest"), *args])
 
 
+@pytest.mark.slow
 def test_grayscale_model_trains_and_scores_gray_and_converted_rgb(tmp_path):
     src = make_fake_cifar(make_fake_idx(tmp_path / "src", "MNIST", n_train=64, n_test=12), per_batch=2, n_test=10)
     shards = tmp_path / "shards"
@@ -52,3 +53,14 @@ def test_grayscale_model_trains_and_scores_gray_and_converted_rgb(tmp_path):
             assert len(z["bpd"]) == n and np.isfinite(z["bpd"]).all()
             assert np.allclose(z["bpd"], -z["log_p"] / (1 * 32 * 32 * np.log(2)))  # D = 1 x 32 x 32
     assert (step_dir / "latents.png").stat().st_size > 0 and (run_dir / "samples").is_dir()
+
+
+def test_submit_passes_convert_channels_to_every_scoring_job():
+    out = subprocess.run(["bash", "slurm/submit.sh", "--name", "g", "--config", "train/configs/tiny_gray.yaml",
+                          "--in", "mnist/test", "--ood", "cifar10/test", "--ood", "svhn/test", "--convert-channels",
+                          "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    jobs = [line for line in out.stdout.splitlines() if line.startswith("#   --checkpoint")]
+    scoring = [j for j in jobs if "--task dump" in j or "--task bpd" in j]
+    assert len(scoring) == 6 and all(j.endswith("--convert-channels") for j in scoring)
+    assert {j.split("--data ")[1].split()[0] for j in scoring} == {"mnist/test", "cifar10/test", "svhn/test"}
