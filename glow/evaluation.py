@@ -225,7 +225,8 @@ def pending_work(ctx: EvalContext, tasks: list[str], specs: list[tuple[str, str]
 def run_bpd(ctx: EvalContext, dataset: str, split: str, dump: bool) -> dict | None:
     """Task `bpd` (summary only) or `dump` (summary and per-sample dump)."""
     spec = f"{dataset}/{split}"
-    settings = _settings(ctx, read_manifest(ctx.data_root, dataset, split))
+    manifest = read_manifest(ctx.data_root, dataset, split)
+    settings = _settings(ctx, manifest)
     path = dump_path(ctx.out_dir, dataset, split)
     if not ctx.force and _bpd_done(ctx, dataset, split, dump):
         log.info("%s: result exists under %s, skipped (--force recomputes)", spec, ctx.out_dir)
@@ -235,8 +236,8 @@ def run_bpd(ctx: EvalContext, dataset: str, split: str, dump: bool) -> dict | No
         "mean": float(scores["bpd"].mean()), "std": float(scores["bpd"].std()), "count": int(len(scores["bpd"])),
         "n_bits": int(ctx.model.config.n_bits), **settings,
     }
-    if ctx.convert_channels:
-        entry["channels_converted_to"] = int(ctx.model.config.in_channels)
+    if manifest.get("channels", 3) != ctx.model.config.in_channels:  # only reachable with --convert-channels
+        entry["channels_converted"] = f"{manifest.get('channels', 3)} -> {ctx.model.config.in_channels}"
     if ctx.is_main:
         if dump:
             write_dump(path, scores, checkpoint=str(ctx.meta["path"]), dataset=dataset, split=split,

@@ -90,6 +90,27 @@ def _grid(images: Sequence[np.ndarray], ncol: int) -> np.ndarray:
     return out
 
 
+def plot_auroc_matrix(auroc: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], title: str,
+                      path: Path, texts: Sequence[Sequence[str]] | None = None) -> Path:
+    """Heatmap of an AUROC matrix (rows x columns, NaN = no value) with each value (or ``texts``)
+    written in its cell; a diverging map centred on 0.5, so red (below 0.5: OOD looks more
+    likely) stands out."""
+    auroc = np.asarray(auroc, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(1.4 + 1.3 * len(col_labels), 1.0 + 0.7 * len(row_labels)))
+    cmap = plt.get_cmap("RdBu").with_extremes(bad="#dddddd")
+    im = ax.imshow(np.ma.masked_invalid(auroc), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for (i, j), v in np.ndenumerate(auroc):
+        text = texts[i][j] if texts is not None else ("-" if np.isnan(v) else f"{v:.2f}")
+        ax.text(j, i, text, ha="center", va="center", fontsize=9,
+                color="white" if not np.isnan(v) and abs(v - 0.5) > 0.35 else "black")
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+    ax.set_xlabel("OOD set")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05, label="AUROC")
+    return atomic_save_figure(fig, path, bbox_inches="tight")
+
+
 def plot_extremes(panels: Sequence[tuple[str, Sequence[np.ndarray]]], path: Path, suptitle: str) -> Path:
     """One panel per set, each a grid of images (already in the order to show)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4.0), squeeze=False)
