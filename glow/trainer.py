@@ -150,10 +150,11 @@ class Trainer:
         log.info("model %s (hash %s), %d parameters", c.model.to_dict(), c.model.hash(),
                  sum(p.numel() for p in self.model_unwrapped.parameters()))
         log.info("resuming from %s" % resume_from if resume_from else "starting from scratch")
-        warning = fan_out_warning(c.data.root, c.data.dataset, c.data.split, self.acc.num_processes,
-                                  c.data.num_workers)
-        if warning and self.acc.is_main_process:
-            log.warning(warning)
+        if self.acc.is_main_process:  # readers (ranks x workers) sharing shards: say how to rebuild
+            warning = fan_out_warning(c.data.root, c.data.dataset, c.data.split, self.acc.num_processes,
+                                      c.data.num_workers)
+            if warning:
+                log.warning(warning)
 
     @property
     def global_batch(self) -> int:
