@@ -263,6 +263,10 @@ def build(
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if src.n < 1:
         raise ValueError(f"source {src.dataset}/{src.split} has no items")
+    if not isinstance(src.settings.get("resolution"), int) or src.channels not in (1, 3):
+        raise ValueError(f"source {src.dataset}/{src.split} must declare an int resolution and 1 or 3 channels "
+                         f"(readers check every image against them), got {src.settings.get('resolution')!r}, "
+                         f"{src.channels!r}")
     d = split_dir(root, src.dataset, src.split)
     d.mkdir(parents=True, exist_ok=True)
     try:
@@ -353,9 +357,9 @@ def _write_shard(src: Source, d: Path, i: int, start: int, stop: int, pool, skip
                 elif img_shape != shape:
                     raise ShardError(f"item {index} has shape {img_shape}, expected {shape}")
                 channels = 1 if len(img_shape) == 2 else img_shape[2]
-                if channels != src.channels:
-                    raise ShardError(f"item {index} of {src.dataset}/{src.split} has {channels} channels, "
-                                     f"the source declares {src.channels}")
+                if img_shape[:2] != (src.settings["resolution"],) * 2 or channels != src.channels:
+                    raise ShardError(f"item {index} of {src.dataset}/{src.split} has shape {img_shape}, the source "
+                                     f"declares {src.settings['resolution']}x{src.settings['resolution']}x{src.channels}")
                 key = KEY_FORMAT % index
                 record = {"dataset": src.dataset, "split": src.split, "index": int(index), **meta}
                 record.setdefault("label", None)

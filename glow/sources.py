@@ -221,7 +221,7 @@ def array_source(dataset: str, split: str, images: np.ndarray, labels: np.ndarra
     if labels is not None:
         h.update(np.asarray(labels, np.int64).tobytes())
     return Source(dataset, split, len(images), _ArrayPayloads(images, labels, source_name),
-                  functools.partial(_process_array, resolution=resolution), settings,
+                  functools.partial(_process_array, resolution=resolution), {**settings, "resolution": int(resolution)},
                   h.hexdigest()[:16], extra or {})
 
 
