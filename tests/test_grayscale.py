@@ -53,6 +53,26 @@ def test_grayscale_model_trains_and_scores_gray_and_converted_rgb(tmp_path):
             assert len(z["bpd"]) == n and np.isfinite(z["bpd"]).all()
             assert np.allclose(z["bpd"], -z["log_p"] / (1 * 32 * 32 * np.log(2)))  # D = 1 x 32 x 32
     assert (step_dir / "latents.png").stat().st_size > 0 and (run_dir / "samples").is_dir()
+    # the figures of a gray run: distributions, most/least likely images (gray shown as RGB), OOD table
+    res = run([sys.executable, str(REPO / "eval" / "figures.py"), "--run", str(run_dir), "--in", "mnist",
+               "--ood", "cifar10/test"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert all((run_dir / "figures" / f).is_file() for f in ("exp1.png", "exp2.png", "ood.md", "distributions.png"))
+
+
+def test_fid_features_of_gray_images_are_those_of_the_gray_replicated_to_rgb():
+    import torch
+
+    from glow.fid import inception_features
+
+    def stub(x):  # stands in for Inception: per-channel sums, enough to see what it was given
+        assert x.shape[1] == 3
+        return [x.sum(dim=(2, 3), keepdim=True) * torch.arange(1.0, 4.0)[None, :, None, None]]
+
+    gray = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    got = inception_features(gray, model=stub)
+    assert got.shape == (5, 3) and np.array_equal(got, inception_features(gray.expand(-1, 3, -1, -1), model=stub))
+    assert np.array_equal(inception_features(gray.permute(0, 2, 3, 1).numpy(), model=stub), got)  # NHWC too
 
 
 def test_submit_passes_convert_channels_to_every_scoring_job():
