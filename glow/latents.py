@@ -86,7 +86,8 @@ def plot_latents(model: Glow, image_sets: Sequence[tuple[str, torch.Tensor]], pa
     for r, row in enumerate(rows):
         for c, (title, img, cmap) in enumerate(row):
             ax = axes[r][c]
-            ax.imshow(img, cmap=cmap, interpolation="nearest", **({"vmin": 0, "vmax": 255} if img.dtype == np.uint8 else {}))
+            pixels = {"vmin": 0, "vmax": 255} if img.dtype == np.uint8 else {}  # a gray input keeps its levels
+            ax.imshow(img, cmap=cmap, interpolation="nearest", **pixels)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0 or c == 0:

@@ -136,7 +136,8 @@ def matrix_markdown(table: dict) -> str:
     for k, score in enumerate([chosen] + [s for s in table["scores"] if s != chosen]):
         if k:
             lines += [f"## AUROC of `{score}`", ""]
-        head = "| model (in-distribution) |" + (" test bits/dim |" if k == 0 else "") + "".join(f" {s} |" for s in specs)
+        head = "| model (in-distribution) |" + (" test bits/dim |" if k == 0 else "")
+        head += "".join(f" {s} |" for s in specs)
         lines += [head, "|---|" + ("---:|" if k == 0 else "") + "---:|" * len(specs)]
         for r in table["rows"]:
             bpd = f" {r['test_bpd']:.4f} |" if k == 0 else ""

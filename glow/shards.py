@@ -358,8 +358,9 @@ def _write_shard(src: Source, d: Path, i: int, start: int, stop: int, pool, skip
                     raise ShardError(f"item {index} has shape {img_shape}, expected {shape}")
                 channels = 1 if len(img_shape) == 2 else img_shape[2]
                 if img_shape[:2] != (src.settings["resolution"],) * 2 or channels != src.channels:
+                    res = src.settings["resolution"]
                     raise ShardError(f"item {index} of {src.dataset}/{src.split} has shape {img_shape}, the source "
-                                     f"declares {src.settings['resolution']}x{src.settings['resolution']}x{src.channels}")
+                                     f"declares {res}x{res}x{src.channels}")
                 key = KEY_FORMAT % index
                 record = {"dataset": src.dataset, "split": src.split, "index": int(index), **meta}
                 record.setdefault("label", None)

@@ -114,9 +114,9 @@ def svhn(root, resolution, splits, **kw):
     _run(_sources(svhn_sources, root, resolution, splits or None), **kw)
 
 
-def _cifar_command(name: str, layout: str):
-    @cli.command(name=name, help=f"{name.upper()} python pickle batches ({layout}/), labels in each sample's JSON."
-                                 f"\n\nExample: python shards/build.py {name} --root ~/data/torchvision --out data/shards")
+def _cifar_command(name: str, layout: str, title: str):
+    @cli.command(name=name, help=f"{title} python pickle batches ({layout}/), labels in each sample's JSON.\n\n"
+                                 f"Example: python shards/build.py {name} --root ~/data/torchvision --out data/shards")
     @click.option("--root", required=True, type=click.Path(), help=f"Holds {layout}/ (torchvision's root=).")
     @click.option("--resolution", type=click.IntRange(min=1), default=32, show_default=True,
                   help="Output size; != 32 resizes bilinearly.")
@@ -132,8 +132,8 @@ def _cifar_command(name: str, layout: str):
 
 
 
-def _idx_command(name: str, layout: str):
-    @cli.command(name=name, help=f"{name} IDX files ({layout}/, .gz or not): 1 channel, padded to 32x32, labels "
+def _idx_command(name: str, layout: str, title: str):
+    @cli.command(name=name, help=f"{title} IDX files ({layout}/, .gz or not): 1 channel, padded to 32x32, labels "
                                  f"in each sample's JSON.\n\nExample: python shards/build.py {name} --root "
                                  f"~/data/torchvision --out data/shards")
     @click.option("--root", required=True, type=click.Path(), help=f"Holds {layout}/ (torchvision's root=).")
@@ -149,10 +149,10 @@ def _idx_command(name: str, layout: str):
 
 
 
-_cifar_command("cifar10", "cifar-10-batches-py")
-_cifar_command("cifar100", "cifar-100-python")
-_idx_command("mnist", "MNIST/raw")
-_idx_command("fashion-mnist", "FashionMNIST/raw")
+_cifar_command("cifar10", "cifar-10-batches-py", "CIFAR-10")
+_cifar_command("cifar100", "cifar-100-python", "CIFAR-100 (fine labels)")
+_idx_command("mnist", "MNIST/raw", "MNIST")
+_idx_command("fashion-mnist", "FashionMNIST/raw", "Fashion-MNIST")
 
 
 def _parse_fractions(values) -> dict[str, float]:
