@@ -56,6 +56,7 @@ __all__ = ["ShardReadError", "check_channels", "decode_png", "fan_out_warning", 
            "make_train_loader", "manifest_hash", "read_manifest", "shard_paths"]
 
 logger = logging.getLogger(__name__)
+MAX_MANIFEST_BYTES = 64 << 20  # ~200,000 shards: far beyond any split
 BUILD_COMMANDS = ("demo", "gaussian", "svhn", "celeba", "cifar10", "cifar100", "mnist", "fashion-mnist")
 
 
@@ -69,6 +70,9 @@ def read_manifest(root: str | os.PathLike, dataset: str, split: str) -> dict:
             f"`python shards/build.py {dataset if dataset in BUILD_COMMANDS else 'folder'}"
             f" --out {root}`"
         )
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ShardError(f"manifest {path} is {path.stat().st_size} bytes, more than the {MAX_MANIFEST_BYTES} any "
+                         f"build writes (~300 bytes a shard); it is corrupt or hostile: rebuild the shards")
     try:
         man = json.loads(path.read_text())
     except json.JSONDecodeError as exn:

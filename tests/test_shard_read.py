@@ -130,6 +130,13 @@ def test_hostile_shard_names_refused(shards, name):
         S.verify(shards, "gaussian", "test")
 
 
+def test_oversized_manifest_refused_unread(shards, monkeypatch):
+    mpath = shards / "gaussian" / "test" / S.MANIFEST
+    monkeypatch.setattr(D, "MAX_MANIFEST_BYTES", mpath.stat().st_size - 1)
+    with pytest.raises(S.ShardError, match=f"manifest {mpath} is .* bytes, more than"):
+        read_manifest(shards, "gaussian", "test")
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
 def test_evaluation_reads_each_shard_once(tmp_path, monkeypatch, world_size):
     build_small_shards(tmp_path, n=50, samples_per_shard=20)  # 3 shards
