@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
+from glow.errors import CheckpointMismatch, CheckpointMissing
 from glow.files import atomic_write_bytes, atomic_write_text
 from glow.names import STEP_RE, step_dir_name
 from glow.model import Glow, GlowConfig
@@ -67,11 +68,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / COMPLETE).is_file():
         return path
     if STEP_RE.match(path.name):
-        raise FileNotFoundError(f"checkpoint {path} is not complete (no {COMPLETE} file) or does not exist")
+        raise CheckpointMissing(f"checkpoint {path} is not complete (no {COMPLETE} file) or does not exist")
     run_dir = path.parent if path.name == "checkpoints" else path
     latest = latest_checkpoint(run_dir)
     if latest is None:
-        raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
+        raise CheckpointMissing(f"no complete checkpoint under {run_dir / 'checkpoints'}")
     return latest
 
 
@@ -167,7 +168,7 @@ def read_meta(step_path: str | Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{path} is missing: not a glow-ood checkpoint") from err
+        raise CheckpointMissing(f"{path} is missing: not a glow-ood checkpoint") from err
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Glow, dict]:
@@ -176,7 +177,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Gl
     meta = read_meta(step_path)
     config = GlowConfig.from_dict(meta["model_config"])
     if config.hash() != meta["model_hash"]:
-        raise ValueError(
+        raise CheckpointMismatch(
             f"{step_path / 'meta.json'}: model_hash {meta['model_hash']} does not match its model_config "
             f"({config.hash()}); the checkpoint was written by an incompatible version"
         )

@@ -16,14 +16,15 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from glow.errors import UserError
 from glow.model import GlowConfig
 from glow.names import check_name
 
 __all__ = ["Config", "ConfigError", "config_hash", "load_config", "to_dict", "to_yaml"]
 
 
-class ConfigError(ValueError):
-    """A configuration the user has to fix; the message says where and how."""
+class ConfigError(UserError, ValueError):
+    """A configuration the user has to fix; the message says where and how (exit code 2)."""
 
 
 @dataclass
@@ -155,29 +156,48 @@ def _validate(cfg: Config) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file at `path` <- `key=value` overrides; returns a validated Config."""
-    schema = OmegaConf.structured(Config)
+    """Defaults <- YAML file at `path` <- `key=value` overrides; returns a validated Config.
+
+    Layers are merged one at a time, so an error names its source: the file (and key) for a
+    bad file entry, the override itself for a bad override.
+    """
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (the configs are in train/configs/)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"config file {path}: {_describe(err)}") from None
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {item!r}: {_describe(err)}") from None
+    if OmegaConf.is_missing(merged.run, "name"):
+        raise ConfigError("run.name is not set: give it in the config file or as run.name=<name>")
     try:
-        layers = [schema]
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            layers.append(OmegaConf.load(path))
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
         _refuse_interpolations(OmegaConf.to_container(merged, resolve=False))
-        if OmegaConf.is_missing(merged.run, "name"):
-            raise ConfigError("run.name is not set: give it in the config file or as run.name=<name>")
         cfg: Config = OmegaConf.to_object(merged)
-    except (OmegaConfBaseException, yaml.YAMLError) as err:
-        source = f" (in {path})" if path is not None else ""
-        raise ConfigError(f"invalid configuration{source}: {err}") from err
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid configuration: {_describe(err)}") from None
     _validate(cfg)
     return cfg
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    """OmegaConf's message without its object dump: the key, what is wrong, and the fix."""
+    key = getattr(err, "full_key", None)
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if key and "not in" in first:
+        return f"unknown key {key} ({first}); the keys and their meaning are in docs/configuration.md"
+    return f"{key}: {first}" if key else first
 
 
 def to_yaml(cfg: Config) -> str:

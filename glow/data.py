@@ -50,7 +50,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from glow.shard_read import ImageSpec, ShardReadError, convert_channels, decode_png, iter_shard
-from glow.shards import KEY_FORMAT, MANIFEST, ShardError, canonical_json, check_shard_name, split_dir
+from glow.shards import KEY_FORMAT, MANIFEST, ShardError, ShardsMissing, canonical_json, check_shard_name, split_dir
 
 __all__ = ["ShardReadError", "check_channels", "decode_png", "fan_out_warning", "load_images", "make_eval_loader",
            "make_train_loader", "manifest_hash", "read_manifest", "shard_paths"]
@@ -65,7 +65,7 @@ def read_manifest(root: str | os.PathLike, dataset: str, split: str) -> dict:
     """The manifest of ``root/dataset/split``; FileNotFoundError names the expected path."""
     path = split_dir(root, dataset, split) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ShardsMissing(
             f"no shard manifest at {path}; build the shards first, e.g. "
             f"`python shards/build.py {dataset if dataset in BUILD_COMMANDS else 'folder'}"
             f" --out {root}`"

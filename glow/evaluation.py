@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from glow.data import make_eval_loader, manifest_hash, read_manifest
 from glow.distributed import barrier, gather_objects
+from glow.errors import DataError
 from glow.dumps import dump_path, load_dump, write_dump
 from glow.files import atomic_write_json
 from glow.likelihood import bits_per_dim, eval_noise, log_p_x, preprocess
@@ -45,7 +46,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class CountMismatch(RuntimeError):
+class CountMismatch(DataError, RuntimeError):
     """The gathered number of samples differs from the manifest: never write a partial dump."""
 
 

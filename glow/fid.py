@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy import linalg
 
+from glow.errors import CheckpointMismatch, CheckpointMissing, DataError
 from glow.likelihood import to_nhwc_uint8
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def inception_weights_path(weights_path: str | os.PathLike | None = None) -> Pat
     if not path.is_file():
         from pytorch_fid.inception import FID_WEIGHTS_URL
 
-        raise FileNotFoundError(
+        raise CheckpointMissing(
             f"FID Inception weights not found at {where}. This machine cannot download them: "
             f"fetch {FID_WEIGHTS_URL} on a machine with internet access and copy it to {path} "
             f"(file name must be exactly {FID_WEIGHTS_FILE} in $TORCH_HOME/hub/checkpoints/), "
@@ -156,7 +157,7 @@ def load_inception(device="cpu", weights_path: str | os.PathLike | None = None):
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # an unpickling refusal or a corrupt file: say which file
-        raise ValueError(f"cannot load the Inception weights {path} as plain tensors ({err}); "
+        raise CheckpointMismatch(f"cannot load the Inception weights {path} as plain tensors ({err}); "
                          f"replace it with the original {FID_WEIGHTS_FILE}") from None
     return _fid_inception(state_dict).eval().to(device)
 
@@ -231,13 +232,17 @@ def save_statistics(path, mu, sigma, key: Mapping) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+class StatisticsMismatch(DataError, ValueError):
+    """A cached statistics file written for other settings than those asked for."""
+
+
 def load_statistics(path, key: Mapping | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read (mu, sigma) from ``path``; with ``key``, refuse a file written for other settings."""
     with np.load(path, allow_pickle=False) as z:
         if key is not None:
             stored = json.loads(str(z["key"]))
             if stored != json.loads(json.dumps(dict(key), sort_keys=True)):
-                raise ValueError(f"{path} holds statistics for {stored}, not {dict(key)}; delete it or fix the key")
+                raise StatisticsMismatch(f"{path} holds statistics for {stored}, not {dict(key)}; delete it or fix the key")
         return z["mu"], z["sigma"]
 
 

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from glow.errors import DataError
 from glow.files import LockHeld, atomic_write_json, hold_lock, new_file_mode
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,12 @@ DEFAULT_SAMPLES_PER_SHARD = 500
 SHARD_NAME_RE = r"{dataset}-{split}-\d{{6}}\.tar"
 
 
-class ShardError(RuntimeError):
-    """A shard set on disk is missing, corrupt, or does not match its manifest."""
+class ShardError(DataError, RuntimeError):
+    """A shard set on disk is missing, corrupt, or does not match its manifest (exit code 4)."""
+
+
+class ShardsMissing(ShardError, FileNotFoundError):
+    """No manifest where shards were expected; the message says how to build them."""
 
 
 class BuildRefused(ShardError):
@@ -67,7 +72,7 @@ class BuildBusy(ShardError):
     """Another build is writing the same split directory right now."""
 
 
-class BadSourceImage(ValueError):
+class BadSourceImage(DataError, ValueError):
     """A source image could not be read; ``path`` names it."""
 
     def __init__(self, path: str, reason: str):
@@ -392,7 +397,7 @@ def _write_shard(src: Source, d: Path, i: int, start: int, stop: int, pool, skip
 def load_manifest(root: str | os.PathLike, dataset: str, split: str) -> dict:
     path = split_dir(root, dataset, split) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(
+        raise ShardsMissing(
             f"no shard manifest at {path}: build the shards first (python shards/build.py ... --out {root})"
         )
     try:

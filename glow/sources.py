@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from glow.errors import DataError
 from glow.shards import BadSourceImage, Source, digest_strings
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ CELEBA_PRESETS = {
 CELEBA_SPLITS = {0: "train", 1: "valid", 2: "test"}
 
 
-class SourceError(ValueError):
+class SourceError(DataError, ValueError):
     """The user pointed a builder at something that is not the expected source."""
 
 

@@ -32,8 +32,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from glow import checkpoint as ckpt
-from glow.config import Config, config_hash, to_dict, to_yaml
-from glow.data import fan_out_warning, make_train_loader
+from glow.config import Config, ConfigError, config_hash, to_dict, to_yaml
+from glow.data import check_channels, fan_out_warning, make_train_loader, read_manifest
+from glow.errors import CheckpointMismatch, UserError
 from glow.distributed import StopFlag, all_reduce_mean
 from glow.flows import set_actnorm_reducer
 from glow.files import atomic_write_text
@@ -59,6 +60,10 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class RunExists(UserError, FileExistsError):
+    """--no-resume on a run directory that already holds checkpoints."""
 
 
 class TrainState:
@@ -104,7 +109,8 @@ class Trainer:
         self.tracker: Tracker | None = None
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.deepspeed and cfg.optim.grad_accum != 1:
-            raise ValueError("optim.grad_accum > 1 is not supported with DeepSpeed; set it in the DeepSpeed config")
+            raise ConfigError("optim.grad_accum > 1 is not supported with DeepSpeed: set optim.grad_accum=1 and "
+                              "gradient_accumulation_steps in the DeepSpeed config instead")
 
     # -- set-up ------------------------------------------------------------------------
     def _prepare_run_dir(self) -> Path | None:
@@ -116,7 +122,7 @@ class Trainer:
             for marker in ("STOP", "STOPPED"):
                 (run_dir / marker).unlink(missing_ok=True)
             if not self.resume and ckpt.complete_checkpoints(run_dir):
-                raise FileExistsError(
+                raise RunExists(
                     f"{run_dir / 'checkpoints'} already holds checkpoints and --no-resume was given: "
                     "choose another run.name or move that directory away"
                 )
@@ -125,7 +131,7 @@ class Trainer:
         if resume_from is not None:
             meta = ckpt.read_meta(resume_from)
             if meta["model_hash"] != self.cfg.model.hash():
-                raise ValueError(
+                raise CheckpointMismatch(
                     f"cannot resume {resume_from}: its model config (hash {meta['model_hash']}, "
                     f"{meta['model_config']}) differs from the requested one (hash {self.cfg.model.hash()}, "
                     f"{self.cfg.model.to_dict()}); use another run.name, or --no-resume in a fresh run dir"
@@ -169,7 +175,10 @@ class Trainer:
             source = ckpt.resolve_checkpoint(c.run.init_from)
             meta = ckpt.read_meta(source)
             if meta["model_hash"] != c.model.hash():
-                raise ValueError(f"init_from {source}: model hash {meta['model_hash']} != {c.model.hash()}")
+                raise CheckpointMismatch(
+                    f"run.init_from {source}: its model config (hash {meta['model_hash']}, {meta['model_config']}) "
+                    f"differs from model.* of this config (hash {c.model.hash()}): give the same model settings "
+                    "or another run.init_from")
             model.load_state_dict(load_file(str(source / "model.safetensors")))
             log.info("warm start from %s", source)
         self.model_unwrapped = model
@@ -219,6 +228,12 @@ class Trainer:
         set_actnorm_reducer(model, None)
 
     # -- data --------------------------------------------------------------------------
+    def _check_data(self) -> None:
+        """Shards exist, are complete and fit the model: refused before anything is written."""
+        c, m = self.cfg.data, self.cfg.model
+        manifest = read_manifest(c.root, c.dataset, c.split)
+        check_channels(manifest, Path(c.root) / c.dataset / c.split, m.in_channels, False, m.image_size)
+
     def _loader(self, epoch: int, skip: int):
         c = self.cfg.data
         return make_train_loader(
@@ -369,6 +384,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------
     def fit(self) -> int:
         c, acc = self.cfg, self.acc
+        self._check_data()
         resume_from = self._prepare_run_dir()
         self._build(resume_from)
         self._log_startup(resume_from)

@@ -1,0 +1,85 @@
+"""Errors the user has to fix, and how entry points end on them.
+
+Every error a user can fix (a config key or value, an override, missing or corrupt shards,
+a model that does not fit its shards, a checkpoint that does not match, missing FID weights)
+is a :class:`UserError`: its message names the file, key or value and says what to do, and
+its ``exit_code`` tells scripts and schedulers which kind it was. Entry points catch
+:class:`UserError` once (:func:`exit_on_user_error`) and end with that message alone; any
+other exception is a bug and keeps its traceback.
+
+Exit codes of every entry point (README "Exit codes"):
+
+    0   done
+    1   internal error: a bug, reported with its traceback
+    2   usage or configuration error (an option, a config key or value, an override)
+    3   ``eval/evaluate.py --check-done``: results are missing (work to do)
+    4   data error: shards missing, incomplete, corrupt, or not fitting the model
+    5   checkpoint error: missing, incomplete, or not matching the config; FID weights missing
+    75  training stopped on request (resumable), when not run through ``accelerate launch``
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+__all__ = [
+    "EXIT_CHECKPOINT",
+    "EXIT_DATA",
+    "EXIT_USAGE",
+    "CheckpointError",
+    "CheckpointMismatch",
+    "CheckpointMissing",
+    "DataError",
+    "UserError",
+    "exit_on_user_error",
+]
+
+EXIT_USAGE = 2
+EXIT_DATA = 4
+EXIT_CHECKPOINT = 5
+
+F = TypeVar("F", bound=Callable)
+
+
+class UserError(Exception):
+    """Something the user has to fix; the message says where (file, key, value) and how."""
+
+    exit_code = EXIT_USAGE
+
+
+class DataError(UserError):
+    """Shards missing, incomplete, corrupt or not fitting the model."""
+
+    exit_code = EXIT_DATA
+
+
+class CheckpointError(UserError):
+    """A checkpoint (or the FID weights) missing, incomplete, or not matching the config."""
+
+    exit_code = EXIT_CHECKPOINT
+
+
+class CheckpointMissing(CheckpointError, FileNotFoundError):
+    """No (complete) checkpoint, or no FID weights, where the user pointed."""
+
+
+class CheckpointMismatch(CheckpointError, ValueError):
+    """A checkpoint (or weights file) that does not match the config or cannot be read."""
+
+
+def exit_on_user_error(func: F) -> F:
+    """Run ``func``; on a :class:`UserError`, write ``error: <message>`` to stderr and exit
+    with its code, without a traceback. Every other exception propagates unchanged."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UserError as err:
+            sys.stderr.write(f"error: {err}\n")
+            sys.stderr.flush()
+            sys.exit(err.exit_code)
+
+    return wrapper  # type: ignore[return-value]
