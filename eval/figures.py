@@ -1,30 +1,53 @@
-"""Merge the evaluation dumps of a run into figures and the OOD table (no GPU, files only).
+"""Merge the evaluation dumps of a run into figures, the OOD table and one page of results (CPU, files only).
 
 \b
 Examples:
   # CelebA vs SVHN (Kirichenko et al. 2020), newest evaluated step
-  python eval/figures.py --run runs/celeba32 --in celeba --ood svhn/test
-  # the CPU demo, a given step, shards moved since the dumps were written
-  python eval/figures.py --run runs/demo --step 3000 --in demo --ood digits/test --data-root data/shards
+  python eval/figures.py --run runs/celeba32 --in celeba/test --ood svhn/test
+  # the CPU demo, a given step, validation split as in-distribution, shards moved since the dumps
+  python eval/figures.py --run runs/demo --step 3000 --in demo/valid --ood digits/test --data-root data/shards
   # several runs (model variants) side by side, with a background model for the likelihood ratio
-  python eval/figures.py compare --run runs/demo --run runs/demo_cycle --background runs/demo_background \
+  python eval/figures.py compare --run runs/demo --run runs/demo_cycle --background runs/demo_background \\
       --in demo --ood digits/test --out runs/comparison
   # the benchmark matrix of the papers: one run per in-distribution set, AUROC per OOD set
-  python eval/figures.py matrix --run runs/fashion_mnist32 --run runs/cifar10_32 --run runs/celeba32 \
+  python eval/figures.py matrix --run runs/fashion_mnist32 --run runs/cifar10_32 --run runs/celeba32 \\
       --ood mnist/test --ood svhn/test --ood celeba/test --ood cifar10/test --ood cifar100/test --out runs/matrix
 
+\b
 Reads runs/<name>/eval/step-N/dumps/<dataset>-<split>.npz (written by
 `eval/evaluate.py --task dump`) and writes runs/<name>/figures/: distributions.png,
-exp1.png, exp2.png, samples.png, ood.json, ood.md; `compare` writes compare.json and
-compare.md (one row per variant and score; see docs/variants.md); `matrix` writes matrix.json,
-matrix.md and matrix.png (rows = runs, columns = OOD sets; docs/matrix.md).
+exp1.png, exp2.png, samples.png, ood.json, ood.md and index.html (the whole result on one
+self-contained page: open it in a browser). The in-distribution training split's dump
+(--train-split) adds the typicality rows. With the run's run.logger wandb, the table and
+figures also go to wandb (job type figures; offline in <run>/wandb/ unless WANDB_MODE says
+otherwise). `compare` writes compare.json and compare.md (one row per variant and score;
+see docs/variants.md); `matrix` writes matrix.json, matrix.md and matrix.png (rows = runs,
+columns = OOD sets; docs/matrix.md). Exit codes: 0 done, 2 usage error, 4 dumps missing or
+not matching, 1 internal error (with a traceback).
 """
 
 from pathlib import Path
 
 import click
 
+from glow.errors import exit_on_user_error
 from glow.figures import make_figures
+
+
+def _in_spec(value: str, in_split: str | None) -> tuple[str, str]:
+    """--in DATASET or DATASET/SPLIT (and --in-split) -> (dataset, split)."""
+    from glow.names import check_name, parse_spec
+
+    try:
+        if "/" in value:
+            dataset, split = parse_spec(value)
+            if in_split is not None and in_split != split:
+                raise click.BadParameter(f"--in {value} names split {split!r}, --in-split says {in_split!r}: "
+                                         "give the split once", param_hint="--in")
+            return dataset, split
+        return check_name(value, "--in dataset"), check_name(in_split or "test", "--in-split")
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--in") from None
 
 
 class _DefaultToFigures(click.Group):
@@ -46,10 +69,13 @@ def main():
               metavar="DIR", help="Run directory runs/<name>.")
 @click.option("--step", type=click.IntRange(min=0), default=None, metavar="N",
               help="Evaluated step (default: newest under <run>/eval/).")
-@click.option("--in", "in_dataset", required=True, metavar="DATASET", help="In-distribution dataset, e.g. celeba.")
-@click.option("--in-split", default="test", show_default=True, help="In-distribution held-out split.")
-@click.option("--train-split", default="train", show_default=True,
-              help="In-distribution training split (distributions and typicality; optional dump).")
+@click.option("--in", "in_dataset", required=True, metavar="DATASET[/SPLIT]",
+              help="In-distribution dataset and held-out split, e.g. celeba/test or celeba/valid "
+                   "(DATASET alone: split --in-split).")
+@click.option("--in-split", default=None, metavar="SPLIT",
+              help="In-distribution held-out split when --in names only the dataset. [default: test]")
+@click.option("--train-split", default="train", show_default=True, metavar="SPLIT",
+              help="In-distribution training split (distributions and typicality; used when its dump exists).")
 @click.option("--ood", "ood_specs", multiple=True, required=True, metavar="DATASET/SPLIT",
               help="OOD set, repeatable, e.g. svhn/test.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
@@ -59,28 +85,33 @@ def main():
 @click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=16, show_default=True,
               help="Images per panel in exp1/exp2.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the typicality batches.")
-@click.option("--wandb/--no-wandb", "use_wandb", default=False, show_default=True,
-              help="Also log the figures to the run's wandb run (offline unless WANDB_MODE says otherwise).")
-@click.option("--wandb-project", default="glow-ood", show_default=True)
-def figures(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root, out_dir, k, seed,
-            use_wandb, wandb_project):
-    """Figures and the OOD table of one run (this is what `figures.py --run ...` runs)."""
+@click.option("--wandb/--no-wandb", "use_wandb", default=None,
+              help="Log the OOD table, bits/dim and figures to wandb (job type figures, in the training run's "
+                   "project and group). [default: as the training run's run.logger]")
+@exit_on_user_error
+def figures(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root, out_dir, k, seed, use_wandb):
+    """Figures, the OOD table and index.html of one run (what `figures.py --run ...` runs).
+
+    \b
+    Example:
+      python eval/figures.py --run runs/demo --in demo/test --ood digits/test
+    """
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    tracker = None
-    if use_wandb:
-        from glow.tracking import Tracker
+    from glow.dumps import eval_step_dir
+    from glow.names import step_of
+    from glow.tracking import run_tracker
 
-        tracker = Tracker("wandb", Path(run_dir), wandb_project, Path(run_dir).name, config={})
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    in_dataset, in_split = _in_spec(in_dataset, in_split)
+    step_dir = eval_step_dir(run_dir, step)
+    tracker = run_tracker(run_dir, "figures", step_of(step_dir),
+                          f"{in_dataset}/{in_split} {' '.join(ood_specs)}", enabled=use_wandb)
     try:
         res = make_figures(run_dir, in_dataset, ood_specs, step=step, in_split=in_split, train_split=train_split,
                            out_dir=out_dir, data_root=data_root, k=k, seed=seed, tracker=tracker)
-    except (FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from err
     finally:
-        if tracker is not None and tracker.run is not None:
-            tracker.close()
+        tracker.close()
     click.echo(f"figures in {res.out_dir}:")
     for p in res.files:
         click.echo(f"  {p}")
@@ -102,26 +133,32 @@ def figures(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_ro
               metavar="DIR", help="Run directory runs/<name>, repeatable: one variant each (label = folder name).")
 @click.option("--background", type=click.Path(file_okay=False, exists=True), default=None, metavar="DIR",
               help="Background run (trained with data.perturb_prob > 0): adds a likelihood_ratio row per run.")
-@click.option("--in", "in_dataset", required=True, metavar="DATASET", help="In-distribution dataset, e.g. celeba.")
-@click.option("--in-split", default="test", show_default=True, help="In-distribution held-out split.")
+@click.option("--in", "in_dataset", required=True, metavar="DATASET[/SPLIT]",
+              help="In-distribution dataset and held-out split, e.g. celeba/test (DATASET alone: --in-split).")
+@click.option("--in-split", default=None, metavar="SPLIT",
+              help="In-distribution held-out split when --in names only the dataset. [default: test]")
 @click.option("--ood", "ood_specs", multiple=True, required=True, metavar="DATASET/SPLIT",
               help="OOD set, repeatable, e.g. svhn/test.")
 @click.option("--step", type=click.IntRange(min=0), default=None, metavar="N",
               help="Evaluated step of every run (default: each run's newest).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Output folder (default: <parent of the first run>/comparison).")
+@exit_on_user_error
 def compare(run_dirs, background, in_dataset, in_split, ood_specs, step, out_dir):
-    """Several runs side by side: compare.json / compare.md, one row per (variant, score)."""
+    """Several runs side by side: compare.json / compare.md, one row per (variant, score).
+
+    \b
+    Example:
+      python eval/figures.py compare --run runs/demo --run runs/demo_cycle --in demo/test --ood digits/test
+    """
     import logging
 
     from glow.compare import compare_runs
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        table, files = compare_runs(run_dirs, in_dataset, ood_specs, background=background, out_dir=out_dir,
-                                    in_split=in_split, step=step)
-    except (FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from err
+    in_dataset, in_split = _in_spec(in_dataset, in_split)
+    table, files = compare_runs(run_dirs, in_dataset, ood_specs, background=background, out_dir=out_dir,
+                                in_split=in_split, step=step)
     for p in files:
         click.echo(f"wrote {p}")
     header = "".join(f"{s + ' AUROC':>22}" for s in table["ood_sets"])

@@ -27,6 +27,7 @@ import numpy as np
 
 from glow.checkpoint import read_meta
 from glow.dumps import Dump, dump_path, eval_step_dir, load_dumps
+from glow.errors import BadArgument, ResultsInvalid
 from glow.files import atomic_write_text
 from glow.ood import complexity_corrected_score, likelihood_ratio, ood_metrics
 
@@ -91,15 +92,15 @@ def _row(variant: str, score: str, run: RunDumps | None, pairs: dict[str, tuple[
 def compare_table(runs: Sequence[RunDumps], background: RunDumps | None = None) -> dict:
     """Every (variant, score) row; see the module docstring for the scores."""
     if not runs:
-        raise ValueError("give at least one run to compare (--run runs/<name>)")
+        raise BadArgument("give at least one run to compare (--run runs/<name>)")
     labels = [r.label for r in runs]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"run labels must be unique, got {labels}; name the runs differently")
+        raise BadArgument(f"run labels must be unique, got {labels}; name the runs differently")
     ref = runs[0]
     specs = [d.spec for d in ref.oods]
     for r in [*runs[1:], *([background] if background else [])]:
         if r.in_test.spec != ref.in_test.spec or [d.spec for d in r.oods] != specs:
-            raise ValueError(f"{r.run_dir} was loaded for {r.in_test.spec} vs {[d.spec for d in r.oods]}, "
+            raise ResultsInvalid(f"{r.run_dir} was loaded for {r.in_test.spec} vs {[d.spec for d in r.oods]}, "
                              f"not {ref.in_test.spec} vs {specs}")
     table: dict = {
         "in_distribution": ref.in_test.spec,
@@ -174,7 +175,7 @@ def compare_runs(run_dirs: Sequence[str | Path], in_dataset: str, ood_specs: Seq
                  in_split: str = "test", step: int | None = None) -> tuple[dict, list[Path]]:
     """Load every run's dumps (newest evaluated step, or `step` for all), write compare.json/.md."""
     if not ood_specs:
-        raise ValueError("give at least one OOD set (--ood <dataset>/<split>)")
+        raise BadArgument("give at least one OOD set (--ood <dataset>/<split>)")
     in_spec = f"{in_dataset}/{in_split}"
     runs = [load_run_dumps(r, in_spec, ood_specs, step=step) for r in run_dirs]
     bg = load_run_dumps(background, in_spec, ood_specs, step=step) if background is not None else None

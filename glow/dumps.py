@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from glow.errors import ResultsInvalid, ResultsMissing
 from glow.files import atomic_write_bytes
 from glow.names import newest_step_dir, parse_spec, step_dir_name
 
@@ -84,11 +85,11 @@ def eval_step_dir(run_dir: str | Path, step: int | None = None) -> Path:
     if step is not None:
         path = base / step_dir_name(step)
         if not path.is_dir():
-            raise FileNotFoundError(f"no evaluation for step {step}: {path} does not exist; run eval/evaluate.py first")
+            raise ResultsMissing(f"no evaluation for step {step}: {path} does not exist; run eval/evaluate.py first")
         return path
     newest = newest_step_dir(base)
     if newest is None:
-        raise FileNotFoundError(f"no evaluation under {base} (expected step-NNNNNNNN folders); run eval/evaluate.py first")
+        raise ResultsMissing(f"no evaluation under {base} (expected step-NNNNNNNN folders); run eval/evaluate.py first")
     return newest
 
 
@@ -122,17 +123,17 @@ def load_dump(path: str | Path) -> Dump:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dump {path} not found; run `eval/evaluate.py --task dump` for that split")
+        raise ResultsMissing(f"dump {path} not found; run `eval/evaluate.py --task dump` for that split")
     with np.load(path, allow_pickle=False) as z:
         missing = [k for k in (*ARRAYS, *SCALARS) if k not in z.files and k not in OPTIONAL]
         if missing:
-            raise ValueError(f"dump {path} lacks {missing}; rewrite it with eval/evaluate.py --task dump --force")
+            raise ResultsInvalid(f"dump {path} lacks {missing}; rewrite it with eval/evaluate.py --task dump --force")
         arrays = {k: (z[k].astype(t) if k in z.files else None) for k, t in ARRAYS.items()}
         meta = {k: (t(z[k].item()) if k in z.files else None) for k, t in SCALARS.items()}
     n = len(arrays["key"])
     bad = {k: len(v) for k, v in arrays.items() if v is not None and len(v) != n}
     if bad:
-        raise ValueError(f"dump {path}: arrays of unequal length (key: {n}, {bad})")
+        raise ResultsInvalid(f"dump {path}: arrays of unequal length (key: {n}, {bad})")
     return Dump(path=path, **arrays, **meta)
 
 
@@ -143,7 +144,7 @@ def check_same_model(dumps: Sequence[Dump]) -> None:
         diff = [f for f in IDENTITY if getattr(d, f) != getattr(ref, f)]
         if diff:
             desc = lambda x: ", ".join(f"{f}={getattr(x, f)!r}" for f in diff)  # noqa: E731
-            raise ValueError(
+            raise ResultsInvalid(
                 f"refusing to merge dumps from different models: {ref.path} ({desc(ref)}) vs {d.path} ({desc(d)}); "
                 "re-run eval/evaluate.py --task dump --force on the same checkpoint for every split"
             )

@@ -28,10 +28,13 @@ __all__ = [
     "EXIT_CHECKPOINT",
     "EXIT_DATA",
     "EXIT_USAGE",
+    "BadArgument",
     "CheckpointError",
     "CheckpointMismatch",
     "CheckpointMissing",
     "DataError",
+    "ResultsInvalid",
+    "ResultsMissing",
     "UserError",
     "exit_on_user_error",
 ]
@@ -67,6 +70,18 @@ class CheckpointMissing(CheckpointError, FileNotFoundError):
 
 class CheckpointMismatch(CheckpointError, ValueError):
     """A checkpoint (or weights file) that does not match the config or cannot be read."""
+
+
+class BadArgument(UserError, ValueError):
+    """A command-line argument or function argument the user has to change."""
+
+
+class ResultsMissing(DataError, FileNotFoundError):
+    """Evaluation results (dumps, eval/step-N) that a later step needs are not there."""
+
+
+class ResultsInvalid(DataError, ValueError):
+    """Evaluation results that cannot be used together or lack fields; rewrite them."""
 
 
 def exit_on_user_error(func: F) -> F:

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from glow.data import make_eval_loader, manifest_hash, read_manifest
+from glow.data import check_channels, make_eval_loader, manifest_hash, read_manifest
 from glow.distributed import barrier, gather_objects
 from glow.errors import DataError
 from glow.dumps import dump_path, load_dump, write_dump
 from glow.files import atomic_write_json
 from glow.likelihood import bits_per_dim, eval_noise, log_p_x, preprocess
-from glow.model import Glow
+from glow.model import Glow, GlowConfig
 from glow.ood import png_complexity_bpd_batch
 from glow.performance import fast_eval
 from glow.results import add_entries, is_done, mismatched_settings
@@ -35,12 +35,14 @@ from glow.sampling import sample_seeded, save_sample_grid
 __all__ = [
     "CountMismatch",
     "EvalContext",
+    "check_eval_data",
     "pending_work",
     "run_bpd",
     "run_fid",
     "run_latents",
     "run_samples",
     "score_split",
+    "track_results",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,16 @@ class EvalContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def check_eval_data(data_root: str, meta: dict, specs: list[tuple[str, str]], convert_channels: bool = False) -> None:
+    """Every split exists, is complete and fits the checkpoint's model (resolution; channels
+    unless converted): checked at start, before a process group or a model is set up."""
+    config = GlowConfig.from_dict(meta["model_config"])
+    for dataset, split in specs:
+        manifest = read_manifest(data_root, dataset, split)
+        check_channels(manifest, Path(data_root) / dataset / split, config.in_channels, convert_channels,
+                       config.image_size)
 
 
 # -- bits/dim and dumps --------------------------------------------------------------------
@@ -331,3 +343,39 @@ def run_fid(ctx: EvalContext, dataset: str, split: str, temperatures: list[float
     barrier(ctx.world_size)
     return results
 
+
+
+# -- tracker -------------------------------------------------------------------------------
+def track_results(tracker, out_dir: Path, tasks: list[str], specs: list[tuple[str, str]], step: int) -> list[str]:
+    """Send this job's results, read back from ``out_dir``, to ``tracker``; returns the keys.
+
+    Read from the files (not from the tasks' return values), so a job whose results were
+    already there (skipped) still reports them: bits/dim per split into the run summary,
+    per-sample bits/dim of each dump as a histogram, FID per split and temperature, and
+    samples.png / latents.png as images.
+    """
+    from glow.results import read_table
+
+    logged: list[str] = []
+    wanted = {f"{d}/{s}" for d, s in specs}
+    if {"dump", "bpd"} & set(tasks):
+        for spec, entry in read_table(out_dir / "bpd.json").items():
+            if spec in wanted:
+                tracker.log_summary({f"bpd/{spec}": entry["mean"], f"bpd_std/{spec}": entry["std"]})
+                logged.append(f"bpd/{spec}")
+    if "dump" in tasks:
+        for dataset, split in specs:
+            path = dump_path(out_dir, dataset, split)
+            if path.is_file():
+                tracker.log_histogram(f"bpd_per_sample/{dataset}/{split}", load_dump(path).bpd, step=step)
+                logged.append(f"bpd_per_sample/{dataset}/{split}")
+    if "fid" in tasks:
+        for key, entry in read_table(out_dir / "fid.json").items():
+            if key.split("@")[0] in wanted:
+                tracker.log_summary({f"fid/{key}": entry["fid"]})
+                logged.append(f"fid/{key}")
+    for task, image in (("samples", "samples.png"), ("latents", "latents.png")):
+        if task in tasks and (out_dir / image).is_file():
+            tracker.log_image(task, out_dir / image, step=step)
+            logged.append(task)
+    return logged

@@ -3,8 +3,8 @@
 `make_figures` reads the dumps of one evaluated checkpoint (scores come from the dumps
 alone; the shards are read only for the images of exp1/exp2) and writes
 `runs/<name>/figures/`: distributions.png, exp1.png, exp2.png, samples.png, ood.json,
-ood.md. The OOD table itself is computed by :mod:`glow.ood`; a tracker, when given, gets
-the figures as images.
+ood.md and index.html (all of it on one page). The OOD table itself is computed by
+:mod:`glow.ood`; a tracker, when given, gets the table, the bits/dim and the figures.
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ import numpy as np  # noqa: E402
 from scipy.stats import gaussian_kde  # noqa: E402
 
 from glow.dumps import Dump, dump_path, eval_step_dir, load_dumps  # noqa: E402
+from glow.errors import BadArgument  # noqa: E402
 from glow.files import atomic_save_figure, atomic_write_bytes, atomic_write_text  # noqa: E402
 from glow.names import step_dir_name  # noqa: E402
 from glow.ood import ood_markdown, ood_table  # noqa: E402
+from glow.report_page import write_index  # noqa: E402
+from glow.results import read_table  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +145,16 @@ def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str],
                  image_loader: ImageLoader | None = None, tracker=None) -> FiguresResult:
     """Write figures/ for one run from the dumps of one evaluated step (newest by default).
 
-    ``tracker`` (a :class:`glow.tracking.Tracker`, optional) receives the PNG figures.
+    Also writes ``index.html``, the one page of results (:mod:`glow.report_page`).
+    ``tracker`` (a :class:`glow.tracking.Tracker`, optional) receives the OOD table, the
+    bits/dim per split and the PNG figures.
     """
     loader = image_loader or default_image_loader
     step_dir = eval_step_dir(run_dir, step)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "figures"
     res = FiguresResult(out_dir=out)
     if not ood_specs:
-        raise ValueError("give at least one OOD set (--ood <dataset>/<split>)")
+        raise BadArgument("give at least one OOD set (--ood <dataset>/<split>)")
     in_spec, train_spec = f"{in_dataset}/{in_split}", f"{in_dataset}/{train_split}"
     paths = [dump_path(step_dir, in_spec)] + [dump_path(step_dir, s) for s in ood_specs]
     train_path = dump_path(step_dir, train_spec)
@@ -195,8 +200,25 @@ def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str],
     else:
         atomic_write_bytes(out / "samples.png", src.read_bytes())
         res.files.append(out / "samples.png")
+    images = [p for p in res.files if p.suffix == ".png"]
+    config = Path(run_dir) / "config.yaml"
+    res.files.append(write_index(out, table, images, run_name=Path(run_dir).name,
+                                 config_text=config.read_text() if config.is_file() else None,
+                                 fid=read_table(step_dir / "fid.json")))
     if tracker is not None:
-        for path in res.files:
-            if path.suffix == ".png":
-                tracker.log_image(f"figures/{path.stem}", path, step=None)
+        track_figures(tracker, table, images)
     return res
+
+
+def track_figures(tracker, table: dict, images: Sequence[Path]) -> None:
+    """The OOD table (a wandb.Table), bits/dim per split (summary) and the figures (images)."""
+    step = int(table["step"])
+    tracker.log_summary({f"bpd/{spec}": v["mean"] for spec, v in table["bpd"].items()})
+    columns = ["ood_set", "score", "auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "n_in", "n_out"]
+    rows = [[spec, name, *(r[c] for c in columns[2:])] for spec, scores in table["ood"].items()
+            for name, r in scores.items()]
+    tracker.log_table("ood_table", columns, rows, step=step)
+    tracker.log_summary({f"auroc/{spec}/{name}": r["auroc"] for spec, scores in table["ood"].items()
+                         for name, r in scores.items()})
+    for path in images:
+        tracker.log_image(f"figures/{path.stem}", path, step=step)

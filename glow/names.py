@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from glow.errors import BadArgument
+
 __all__ = [
     "NAME_RE",
     "STEP_RE",
@@ -26,9 +28,9 @@ STEP_RE = re.compile(r"^step-(\d{8})$")
 
 
 def check_name(value: str, what: str) -> str:
-    """``value`` if it is a safe single path component; ValueError naming ``what`` otherwise."""
+    """``value`` if it is a safe single path component; BadArgument (a ValueError) naming ``what`` otherwise."""
     if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", ".."):
-        raise ValueError(
+        raise BadArgument(
             f"{what} {value!r} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/', whitespace, '.' or '..')"
         )
@@ -39,7 +41,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     """``"<dataset>/<split>"`` -> (dataset, split), both checked names."""
     dataset, sep, split = str(spec).partition("/")
     if not sep or not dataset or not split or "/" in split:
-        raise ValueError(f"data spec {spec!r} is not of the form <dataset>/<split> (e.g. svhn/test)")
+        raise BadArgument(f"data spec {spec!r} is not of the form <dataset>/<split> (e.g. svhn/test)")
     return check_name(dataset, f"dataset in {spec!r}"), check_name(split, f"split in {spec!r}")
 
 

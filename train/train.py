@@ -11,30 +11,39 @@ Examples:
   # print the resolved config and exit
   python train/train.py --config train/configs/tiny.yaml --dry-run train.max_steps=10
 
-Overrides are dotted key=value pairs (see glow/config.py for every key). The run directory
-is <run.root>/<run.name>; an existing run resumes from its newest complete checkpoint.
-Exit codes: 0 finished, 75 stopped on request (resumable; <run>/STOPPED is written),
-1 failed.
+\b
+Overrides are dotted KEY=VALUE pairs applied after the config file, e.g. train.max_steps=100
+model.n_levels=2 (every key and its default: docs/configuration.md). The run directory is
+<run.root>/<run.name>; an existing run resumes from its newest complete checkpoint. The
+shards (<data.root>/<data.dataset>/<data.split>) are checked against the model
+(model.image_size, model.in_channels) before anything is written.
+
+\b
+Exit codes: 0 finished; 2 configuration or override error; 4 data error (shards missing,
+corrupt or not fitting the model); 5 checkpoint error (resuming or run.init_from with
+another model); 1 internal error or too many non-finite steps (with a traceback for a bug).
+A stop on request (SIGUSR1, SIGTERM, <run>/STOP) saves a checkpoint and writes
+<run>/STOPPED, the signal to requeue (see docs/cluster.md for its exit code).
 """
 
 import sys
 
 import click
 
-from glow.config import ConfigError, load_config, to_yaml
+from glow.config import load_config, to_yaml
+from glow.errors import exit_on_user_error
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True,
-              metavar="YAML", help="Config file in train/configs/ (overrides the dataclass defaults).")
-@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
-@click.option("--no-resume", is_flag=True, help="Refuse to continue an existing run instead of resuming it.")
+              metavar="YAML", help="Config file, e.g. train/configs/demo.yaml (over the defaults in glow/config.py).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config (file + overrides) and exit.")
+@click.option("--no-resume", is_flag=True,
+              help="Refuse to continue an existing run instead of resuming it. [default: resume]")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@exit_on_user_error
 def main(config_path: str, dry_run: bool, no_resume: bool, overrides: tuple[str, ...]) -> None:
-    try:
-        cfg = load_config(config_path, overrides)
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from err
+    cfg = load_config(config_path, overrides)
     if dry_run:
         click.echo(to_yaml(cfg), nl=False)
         return
@@ -42,10 +51,7 @@ def main(config_path: str, dry_run: bool, no_resume: bool, overrides: tuple[str,
     from glow.trainer import Trainer
 
     accelerator = make_accelerator()
-    try:
-        code = Trainer(cfg, accelerator, resume=not no_resume).fit()
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
+    code = Trainer(cfg, accelerator, resume=not no_resume).fit()
     accelerator.end_training()
     sys.exit(code)
 
