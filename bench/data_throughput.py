@@ -3,8 +3,11 @@
 Builds shards of natural-image crops (scikit-image photos) in a temp dir, then times
 ``glow.data`` streams: the eval stream and the train stream (shuffle buffer, batching) in
 one process (= one worker), and the train stream with ``--workers`` DataLoader workers.
+Prints the results as JSON.
 
-    python bench/data_throughput.py --n 4000 --workers 2
+\b
+Example:
+  python bench/data_throughput.py --n 4000 --workers 2
 """
 from __future__ import annotations
 
@@ -39,9 +42,9 @@ def _time(it, warmup: int = 2) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-@click.command()
+@click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--n", default=4000, show_default=True, help="Images per resolution.")
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", default=64, show_default=True, help="Images per batch of the train stream.")
 @click.option("--workers", default=2, show_default=True, help="DataLoader workers for the multi-worker run.")
 def main(n, batch_size, workers):
     from glow.data import make_eval_loader, make_train_loader

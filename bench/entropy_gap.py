@@ -4,8 +4,11 @@ Builds the `gaussian` shards (a Gaussian random field whose discretized entropy 
 analytically, recorded in the manifest), trains a demo-size Glow on them for a fixed wall
 time (stopped through the run's STOP file, i.e. the preemption path), evaluates test
 bits/dim and prints the gap to the analytic bound. Not a test: it takes minutes.
+Trailing KEY=VALUE arguments are training config overrides.
 
-    python bench/entropy_gap.py --minutes 10 --out bench-results/entropy_gap
+\b
+Example:
+  python bench/entropy_gap.py --minutes 10 --out bench-results/entropy_gap
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ import click
 REPO = Path(__file__).resolve().parents[1]
 
 
-@click.command()
+@click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--minutes", type=float, default=10.0, show_default=True, help="Training wall time.")
-@click.option("--out", type=click.Path(file_okay=False), default="bench-results/entropy_gap", show_default=True)
-@click.option("--data-root", type=click.Path(file_okay=False), default="data/shards", show_default=True)
-@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True)
-@click.argument("overrides", nargs=-1)
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results/entropy_gap", show_default=True,
+              help="Folder of the run, its evaluation and result.json.")
+@click.option("--data-root", type=click.Path(file_okay=False), default="data/shards", show_default=True,
+              help="Shard root; the gaussian shards are built there if missing.")
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Training processes (accelerate launch).")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 def main(minutes, out, data_root, processes, overrides):
     out = Path(out)
     py = sys.executable

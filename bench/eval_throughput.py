@@ -1,7 +1,9 @@
 """Per-sample log-likelihood images/s: the evaluation fast path against the training forward.
 
-    python bench/eval_throughput.py                       # CPU: demo + celeba32-reduced
-    python bench/eval_throughput.py --device cuda --configs celeba32,celeba64
+\b
+Examples:
+  python bench/eval_throughput.py                       # CPU: demo + celeba32-reduced
+  python bench/eval_throughput.py --device cuda --configs celeba32,celeba64
 
 Variants (first = reference): train_forward (train mode, autograd recording, forward only),
 train_step (forward + backward + Adam), eval_no_grad (eval mode, torch.no_grad),
@@ -20,18 +22,19 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = "train_forward,train_step,eval_no_grad,eval_fast,eval_fast+compile"
 
 
-@click.command()
+@click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--configs", default=None, help="Comma list [default: demo,celeba32-reduced; on CUDA celeba32,celeba64]")
-@click.option("--variants", default=VARIANTS, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--repeats", default=5, show_default=True)
+@click.option("--variants", default=VARIANTS, show_default=True, help="Comma list; the first is the reference.")
+@click.option("--device", default="auto", show_default=True, help="cpu | cuda | auto")
+@click.option("--repeats", default=5, show_default=True, help="Timed repeats per variant.")
 @click.option("--steps", default=4, show_default=True, help="Batches per timed repeat.")
-@click.option("--warmup", default=3, show_default=True)
-@click.option("--batch-size", default=0, help="Override the config's batch size (same for every variant).")
-@click.option("--threads", default=0)
-@click.option("--interleave/--no-interleave", default=None)
-@click.option("--out-dir", default=str(REPO / "bench" / "results"), show_default=True, type=click.Path(path_type=Path))
-@click.option("--tag", default="")
+@click.option("--warmup", default=3, show_default=True, help="Untimed batches first (compilation happens here).")
+@click.option("--batch-size", default=0, show_default=True, help="Override the config's batch size (same for every variant; 0: the config's).")
+@click.option("--threads", default=0, show_default=True, help="torch threads (0: default).")
+@click.option("--interleave/--no-interleave", default=None, help="Interleave variants round by round. [default: on CPU yes, on CUDA no]")
+@click.option("--out-dir", default=str(REPO / "bench" / "results"), show_default=True, type=click.Path(path_type=Path),
+              help="Where the JSON and Markdown results go.")
+@click.option("--tag", default="", help="Suffix of the output file names.")
 def main(configs, variants, device, repeats, steps, warmup, batch_size, threads, interleave, out_dir, tag):
     from harness import BenchSpec, preset, run_variants, write_report
 

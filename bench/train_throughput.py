@@ -1,8 +1,10 @@
 """Training images/s and peak memory per fast path, side by side (see docs/PERFORMANCE.md).
 
-    python bench/train_throughput.py                       # CPU: demo + celeba32-reduced
-    python bench/train_throughput.py --configs celeba32,celeba64 --device cuda
-    python bench/train_throughput.py --variants eager,compile --configs demo --repeats 7
+\b
+Examples:
+  python bench/train_throughput.py                       # CPU: demo + celeba32-reduced
+  python bench/train_throughput.py --configs celeba32,celeba64 --device cuda
+  python bench/train_throughput.py --variants eager,compile --configs demo --repeats 7
 
 Each variant runs in its own process; on CPU the variants of a config are interleaved
 round by round (the machine is shared), on CUDA they run one after another.
@@ -20,7 +22,7 @@ CPU_VARIANTS = "eager,channels_last,compile,bf16,checkpointing"
 CUDA_VARIANTS = "eager,tf32,bf16,bf16+channels_last,bf16+compile,bf16+checkpointing"
 
 
-@click.command()
+@click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--configs", default=None, help="Comma list: demo, celeba32-reduced, celeba32, celeba64, ... "
               "[default: demo,celeba32-reduced; plus celeba32,celeba64 on CUDA]")
 @click.option("--variants", default=None, help=f"Comma list of '+'-joined tokens [CPU: {CPU_VARIANTS}; CUDA: {CUDA_VARIANTS}]")
@@ -28,11 +30,12 @@ CUDA_VARIANTS = "eager,tf32,bf16,bf16+channels_last,bf16+compile,bf16+checkpoint
 @click.option("--repeats", default=5, show_default=True, help="Timed repeats (rounds) per variant.")
 @click.option("--steps", default=4, show_default=True, help="Training steps per timed repeat.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed steps first (compilation happens here).")
-@click.option("--batch-size", default=0, help="Override the config's batch size.")
+@click.option("--batch-size", default=0, show_default=True, help="Override the config's batch size (0: the config's).")
 @click.option("--threads", default=0, help="torch threads per worker (0: default).")
 @click.option("--interleave/--no-interleave", default=None, help="[default: on CPU yes, on CUDA no]")
 @click.option("--peak-tflops", default=0.0, help="Device bf16 dense peak for the conv-FLOP fraction (0: auto on H100/H200).")
-@click.option("--out-dir", default=str(REPO / "bench" / "results"), show_default=True, type=click.Path(path_type=Path))
+@click.option("--out-dir", default=str(REPO / "bench" / "results"), show_default=True, type=click.Path(path_type=Path),
+              help="Where the JSON and Markdown results go.")
 @click.option("--tag", default="", help="Suffix of the output file names.")
 def main(configs, variants, device, repeats, steps, warmup, batch_size, threads, interleave, peak_tflops, out_dir, tag):
     from harness import BenchSpec, conv_flops_per_image, preset, run_variants, write_report

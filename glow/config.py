@@ -75,7 +75,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal; elsewhere (Slurm logs) one line every progress_every_s
+    progress_every_s: float = 60.0
     # Fast paths that do not change results (glow.performance, docs/PERFORMANCE.md); runtime
     # options, so they live here and not in GlowConfig (whose hash names the architecture).
     compile: bool = False  # torch.compile of the training forward (cold compile: ~1 min on 2 CPU cores)
@@ -145,6 +146,8 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.train.progress_every_s <= 0:
+        raise ConfigError(f"train.progress_every_s must be > 0 (seconds between progress lines), got {cfg.train.progress_every_s}")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}")
     if not 0.0 <= cfg.data.perturb_prob < 1.0:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from glow.tracking import Progress
 
 from glow.data import check_channels, make_eval_loader, manifest_hash, read_manifest
 from glow.distributed import barrier, gather_objects
@@ -101,7 +101,7 @@ def score_split(ctx: EvalContext, dataset: str, split: str) -> dict[str, np.ndar
     loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=ctx.batch_size, rank=ctx.rank,
                               world_size=ctx.world_size, num_workers=ctx.num_workers, **ctx.loader_args())
     parts: dict[str, list] = {"key": [], "index": [], "label": [], "log_p": [], "bpd": [], "complexity_bpd": []}
-    bar = tqdm(total=expected, desc=f"{dataset}/{split}", disable=not ctx.is_main, dynamic_ncols=True)
+    bar = Progress(expected, desc=f"{dataset}/{split}", enabled=ctx.is_main, unit="image", every_s=60.0)
     with fast_eval(ctx.model):  # eval mode, inference mode, 1x1-conv weights computed once
         for batch in loader:
             _score_batch(ctx, batch, parts)

@@ -29,7 +29,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm.auto import tqdm
 
 from glow import checkpoint as ckpt
 from glow.config import Config, ConfigError, config_hash, to_dict, to_yaml
@@ -43,7 +42,7 @@ from glow.model import Glow
 from glow.names import step_dir_name
 from glow.performance import apply_train_config
 from glow.sampling import save_sample_grid
-from glow.tracking import MetricsLog, Tracker, git_sha, setup_logging
+from glow.tracking import MetricsLog, Progress, Tracker, git_sha, setup_logging
 
 __all__ = ["EXIT_FAILED", "EXIT_STOPPED", "Trainer", "lr_factor"]
 
@@ -405,17 +404,15 @@ class Trainer:
         c, acc, state = self.cfg, self.acc, self.state
         self.model.train()
         batches = self._batches()
-        bar = tqdm(total=c.train.max_steps, initial=state.step, disable=not (acc.is_main_process and c.train.progress),
-                   desc="train", dynamic_ncols=True, mininterval=2.0)
+        bar = Progress(c.train.max_steps, state.step, desc="train", enabled=acc.is_main_process and c.train.progress,
+                       images_per_unit=self.global_batch, every_s=c.train.progress_every_s)
         timed_steps = 0
         tick = time.perf_counter()
         while state.step < c.train.max_steps:
             loss, grad_norm, stop = self.train_step(batches)
             state.window.append(loss)
             timed_steps += 1
-            bar.update(1)
-            if math.isfinite(loss):
-                bar.set_postfix(bpd=f"{loss:.3f}", refresh=False)
+            bar.update(1, **({"bits/dim": f"{loss:.3f}"} if math.isfinite(loss) else {}))
             if state.bad_in_a_row >= c.train.max_bad_steps:
                 log.error("%d consecutive non-finite steps: stopping; the last complete checkpoint (%s) is intact",
                           state.bad_in_a_row, ckpt.latest_checkpoint(self.run_dir))

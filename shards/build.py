@@ -15,7 +15,9 @@ Examples:
 
 A rerun of the same command resumes an interrupted build (complete shards are kept after
 their sha256 is checked); a build with other settings into the same directory is refused
-unless --overwrite is given.
+unless --overwrite is given. `python shards/build.py COMMAND -h` shows a command's options.
+Exit codes: 0 done, 2 usage error, 4 data error (source missing or unreadable, build refused,
+verification failed), 1 internal error (with a traceback).
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ import logging
 import click
 
 from glow import shards as S
+from glow.errors import exit_on_user_error
 from glow.names import parse_spec
-from glow.sources import SourceError
 
 LOG = logging.getLogger("shards.build")
 
@@ -48,18 +50,17 @@ def _common(f):
 def _synthetic(f):
     """Options of the generated sources (demo, gaussian): sizes, seed, and the common ones."""
     f = _common(f)
-    f = click.option("--seed", default=0, show_default=True)(f)
-    f = click.option("--n-test", default=2000, show_default=True, type=click.IntRange(min=1))(f)
-    return click.option("--n-train", default=20000, show_default=True, type=click.IntRange(min=1))(f)
+    f = click.option("--seed", default=0, show_default=True, help="Seed of the generated images.")(f)
+    f = click.option("--n-test", default=2000, show_default=True, type=click.IntRange(min=1),
+                     help="Images in each test split.")(f)
+    return click.option("--n-train", default=20000, show_default=True, type=click.IntRange(min=1),
+                        help="Images in the training split.")(f)
 
 
 def _run(sources, out, samples_per_shard, workers, overwrite, skip_bad):
     for src in sources:
-        try:
-            man = S.build(src, out, samples_per_shard=samples_per_shard, workers=workers,
-                          overwrite=overwrite, skip_bad=skip_bad)
-        except (S.ShardError, S.BadSourceImage, SourceError) as exn:
-            raise click.ClickException(str(exn)) from None
+        man = S.build(src, out, samples_per_shard=samples_per_shard, workers=workers,
+                      overwrite=overwrite, skip_bad=skip_bad)
         msg = f"{src.dataset}/{src.split}: {man['count']} samples in {len(man['shards'])} shards"
         if man["skipped"]:
             msg += f", {len(man['skipped'])} unreadable images skipped"
@@ -67,13 +68,17 @@ def _run(sources, out, samples_per_shard, workers, overwrite, skip_bad):
 
 
 def _sources(fn, *args, **kw):
-    try:
-        return fn(*args, **kw)
-    except SourceError as exn:
-        raise click.ClickException(str(exn)) from None
+    return fn(*args, **kw)
 
 
-@click.group(help=__doc__)
+class _Commands(click.Group):
+    """Every command ends on a user error (glow.errors.UserError) with its message and exit code."""
+
+    def invoke(self, ctx):
+        return exit_on_user_error(super().invoke)(ctx)
+
+
+@click.group(cls=_Commands, help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
 def cli(verbose):
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -83,9 +88,10 @@ def cli(verbose):
 @click.option("--root", required=True, type=click.Path(), help="Holds img_align_celeba/ and list_eval_partition.txt.")
 @click.option("--preset", type=click.Choice(["kirichenko32", "glow64"]), default="kirichenko32", show_default=True,
               help="kirichenko32: Resize(32)+CenterCrop(32); glow64: CenterCrop(148)+Resize(64).")
-@click.option("--resolution", type=click.IntRange(min=1), default=None, help="Override the preset's output size.")
+@click.option("--resolution", type=click.IntRange(min=1), default=None,
+              help="Override the preset's output size. [default: the preset's, 32 or 64]")
 @click.option("--split", "splits", multiple=True, type=click.Choice(["train", "valid", "test"]),
-              help="Only these splits (default all).")
+              help="Only these splits, repeatable. [default: all three]")
 @_common
 def celeba(root, preset, resolution, splits, **kw):
     """CelebA aligned faces with the official train/valid/test partition.
@@ -102,7 +108,7 @@ def celeba(root, preset, resolution, splits, **kw):
 @click.option("--resolution", type=click.IntRange(min=1), default=32, show_default=True,
               help="Output size; != 32 resizes bilinearly.")
 @click.option("--split", "splits", multiple=True, type=click.Choice(["train", "test", "extra"]),
-              help="Only these splits (default all found).")
+              help="Only these splits, repeatable. [default: all found]")
 @_common
 def svhn(root, resolution, splits, **kw):
     """SVHN cropped digits (.mat files); label 10 becomes 0.
@@ -168,7 +174,7 @@ def _parse_fractions(values) -> dict[str, float]:
 
 @cli.command()
 @click.option("--root", required=True, type=click.Path(), help="Folder searched recursively for images.")
-@click.option("--name", default=None, help="Dataset name (default: the folder's name).")
+@click.option("--name", default=None, help="Dataset name. [default: the folder's name]")
 @click.option("--resolution", type=click.IntRange(min=1), default=32, show_default=True,
               help="Short side resized to this, then centre-cropped square.")
 @click.option("--split-fraction", "fractions", multiple=True, default=("test=0.1",), show_default=True,
@@ -211,10 +217,11 @@ def gaussian(n_train, n_test, seed, **kw):
 
 
 @cli.command()
-@click.option("--out", default="data/shards", show_default=True, type=click.Path(file_okay=False))
-@click.argument("specs", nargs=-1, required=True)
+@click.option("--out", default="data/shards", show_default=True, type=click.Path(file_okay=False),
+              help="Shard root holding <dataset>/<split>/.")
+@click.argument("specs", nargs=-1, required=True, metavar="DATASET/SPLIT...")
 def verify(out, specs):
-    """Check shards against their manifest: SPECS are <dataset>/<split>.
+    """Check shards against their manifest, one or more DATASET/SPLIT (e.g. celeba/test).
 
     Example: python shards/build.py verify --out data/shards celeba/train celeba/test
     """
@@ -223,10 +230,7 @@ def verify(out, specs):
             dataset, split = parse_spec(spec)
         except ValueError as err:
             raise click.BadParameter(str(err)) from None
-        try:
-            r = S.verify(out, dataset, split)
-        except (S.ShardError, FileNotFoundError) as exn:
-            raise click.ClickException(f"{spec}: {exn}") from None
+        r = S.verify(out, dataset, split)
         click.echo(f"{spec}: OK, {r['count']} samples in {r['shards']} shards")
 
 
