@@ -53,7 +53,8 @@ def test_submit_chains_train_eval_figures(slurm_cluster, tmp_path):
             "--ood", "digits/test", "--tasks", "dump", "--run-tasks", "samples",
             "train.steps=2", "train.step_seconds=0"]
     dry = slurm_cluster.run(args + ["--dry-run"], env=env, cwd=REPO).stdout
-    assert "--dependency=afterok:TRAIN_JOB_ID" in dry and "--array=0-2" in dry, dry
+    # dump of demo/test, digits/test and demo/train (typicality), then samples once
+    assert "--dependency=afterok:TRAIN_JOB_ID" in dry and "--array=0-3" in dry, dry
     out = slurm_cluster.run(args, env=env, cwd=REPO).stdout
     ids = dict(line.split()[:2] for line in out.splitlines())
     assert set(ids) == {"train", "eval", "figures"}, out
@@ -62,7 +63,7 @@ def test_submit_chains_train_eval_figures(slurm_cluster, tmp_path):
     logs = "\n".join(p.read_text() for p in sorted((run_dir / "logs").glob("*.out")))
     assert rec["JobState"] == "COMPLETED", logs
     assert {r["JobState"] for r in slurm_cluster.job_states(ids["eval"])} == {"COMPLETED"}, logs
-    assert (run_dir / "figures" / "ood.md").read_text().count(".npz") == 2
+    assert (run_dir / "figures" / "ood.md").read_text().count(".npz") == 3
     assert (run_dir / "eval" / "step-00000002" / "samples.png").exists()
     # Resubmitting the array skips finished items without starting Python.
     job = slurm_cluster.sbatch(REPO / "slurm" / "eval.sbatch", str(run_dir / "slurm" / "eval-jobs.txt"),
