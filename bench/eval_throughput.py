@@ -23,7 +23,7 @@ VARIANTS = "train_forward,train_step,eval_no_grad,eval_fast,eval_fast+compile"
 
 
 @click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--configs", default=None, help="Comma list [default: demo,celeba32-reduced; on CUDA celeba32,celeba64]")
+@click.option("--configs", default=None, help="Comma list. [default: demo,celeba32-reduced; on CUDA celeba32,celeba64]")
 @click.option("--variants", default=VARIANTS, show_default=True, help="Comma list; the first is the reference.")
 @click.option("--device", default="auto", show_default=True, help="cpu | cuda | auto")
 @click.option("--repeats", default=5, show_default=True, help="Timed repeats per variant.")
@@ -34,7 +34,7 @@ VARIANTS = "train_forward,train_step,eval_no_grad,eval_fast,eval_fast+compile"
 @click.option("--interleave/--no-interleave", default=None, help="Interleave variants round by round. [default: on CPU yes, on CUDA no]")
 @click.option("--out-dir", default=str(REPO / "bench" / "results"), show_default=True, type=click.Path(path_type=Path),
               help="Where the JSON and Markdown results go.")
-@click.option("--tag", default="", help="Suffix of the output file names.")
+@click.option("--tag", default="", help="Suffix of the output file names. [default: none]")
 def main(configs, variants, device, repeats, steps, warmup, batch_size, threads, interleave, out_dir, tag):
     from harness import BenchSpec, preset, run_variants, write_report
 

@@ -25,18 +25,18 @@ CUDA_VARIANTS = "eager,tf32,bf16,bf16+channels_last,bf16+compile,bf16+checkpoint
 @click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--configs", default=None, help="Comma list: demo, celeba32-reduced, celeba32, celeba64, ... "
               "[default: demo,celeba32-reduced; plus celeba32,celeba64 on CUDA]")
-@click.option("--variants", default=None, help=f"Comma list of '+'-joined tokens [CPU: {CPU_VARIANTS}; CUDA: {CUDA_VARIANTS}]")
+@click.option("--variants", default=None, help=f"Comma list of '+'-joined tokens. [default: CPU {CPU_VARIANTS}; CUDA {CUDA_VARIANTS}]")
 @click.option("--device", default="auto", show_default=True, help="cpu | cuda | auto")
 @click.option("--repeats", default=5, show_default=True, help="Timed repeats (rounds) per variant.")
 @click.option("--steps", default=4, show_default=True, help="Training steps per timed repeat.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed steps first (compilation happens here).")
 @click.option("--batch-size", default=0, show_default=True, help="Override the config's batch size (0: the config's).")
-@click.option("--threads", default=0, help="torch threads per worker (0: default).")
-@click.option("--interleave/--no-interleave", default=None, help="[default: on CPU yes, on CUDA no]")
-@click.option("--peak-tflops", default=0.0, help="Device bf16 dense peak for the conv-FLOP fraction (0: auto on H100/H200).")
+@click.option("--threads", default=0, show_default=True, help="torch threads per worker (0: torch's default).")
+@click.option("--interleave/--no-interleave", default=None, help="Interleave the variants round by round. [default: on CPU yes, on CUDA no]")
+@click.option("--peak-tflops", default=0.0, show_default=True, help="Device bf16 dense peak for the conv-FLOP fraction (0: auto on H100/H200).")
 @click.option("--out-dir", default=str(REPO / "bench" / "results"), show_default=True, type=click.Path(path_type=Path),
               help="Where the JSON and Markdown results go.")
-@click.option("--tag", default="", help="Suffix of the output file names.")
+@click.option("--tag", default="", help="Suffix of the output file names. [default: none]")
 def main(configs, variants, device, repeats, steps, warmup, batch_size, threads, interleave, peak_tflops, out_dir, tag):
     from harness import BenchSpec, conv_flops_per_image, preset, run_variants, write_report
     from glow.model import GlowConfig

@@ -68,7 +68,7 @@ def main():
 @click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True), required=True,
               metavar="DIR", help="Run directory runs/<name>.")
 @click.option("--step", type=click.IntRange(min=0), default=None, metavar="N",
-              help="Evaluated step (default: newest under <run>/eval/).")
+              help="Evaluated step. [default: the newest under <run>/eval/]")
 @click.option("--in", "in_dataset", required=True, metavar="DATASET[/SPLIT]",
               help="In-distribution dataset and held-out split, e.g. celeba/test or celeba/valid "
                    "(DATASET alone: split --in-split).")
@@ -79,9 +79,9 @@ def main():
 @click.option("--ood", "ood_specs", multiple=True, required=True, metavar="DATASET/SPLIT",
               help="OOD set, repeatable, e.g. svhn/test.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Shard root for the images (default: the one recorded in the dumps).")
+              help="Shard root for the images of exp1/exp2. [default: the one recorded in the dumps]")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Output folder (default <run>/figures).")
+              help="Output folder. [default: <run>/figures]")
 @click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=16, show_default=True,
               help="Images per panel in exp1/exp2.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the typicality batches.")
@@ -132,7 +132,7 @@ def figures(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_ro
 @click.option("--run", "run_dirs", type=click.Path(file_okay=False, exists=True), multiple=True, required=True,
               metavar="DIR", help="Run directory runs/<name>, repeatable: one variant each (label = folder name).")
 @click.option("--background", type=click.Path(file_okay=False, exists=True), default=None, metavar="DIR",
-              help="Background run (trained with data.perturb_prob > 0): adds a likelihood_ratio row per run.")
+              help="Background run (trained with data.perturb_prob > 0): adds a likelihood_ratio row per run. [default: none]")
 @click.option("--in", "in_dataset", required=True, metavar="DATASET[/SPLIT]",
               help="In-distribution dataset and held-out split, e.g. celeba/test (DATASET alone: --in-split).")
 @click.option("--in-split", default=None, metavar="SPLIT",
@@ -140,9 +140,9 @@ def figures(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_ro
 @click.option("--ood", "ood_specs", multiple=True, required=True, metavar="DATASET/SPLIT",
               help="OOD set, repeatable, e.g. svhn/test.")
 @click.option("--step", type=click.IntRange(min=0), default=None, metavar="N",
-              help="Evaluated step of every run (default: each run's newest).")
+              help="Evaluated step of every run. [default: each run's newest]")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Output folder (default: <parent of the first run>/comparison).")
+              help="Output folder. [default: <parent of the first run>/comparison]")
 @exit_on_user_error
 def compare(run_dirs, background, in_dataset, in_split, ood_specs, step, out_dir):
     """Several runs side by side: compare.json / compare.md, one row per (variant, score).

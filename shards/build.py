@@ -96,7 +96,9 @@ def cli(verbose):
 def celeba(root, preset, resolution, splits, **kw):
     """CelebA aligned faces with the official train/valid/test partition.
 
-    Example: python shards/build.py celeba --root ~/data/celeba --preset kirichenko32 --workers 8
+    \b
+    Example:
+      python shards/build.py celeba --root ~/data/celeba --preset kirichenko32 --workers 8
     """
     from glow.sources import celeba_sources
 
@@ -113,7 +115,9 @@ def celeba(root, preset, resolution, splits, **kw):
 def svhn(root, resolution, splits, **kw):
     """SVHN cropped digits (.mat files); label 10 becomes 0.
 
-    Example: python shards/build.py svhn --root ~/data/svhn --out data/shards
+    \b
+    Example:
+      python shards/build.py svhn --root ~/data/svhn --out data/shards
     """
     from glow.sources import svhn_sources
 
@@ -184,7 +188,9 @@ def _parse_fractions(values) -> dict[str, float]:
 def folder(root, name, resolution, fractions, seed, **kw):
     """Any folder of images (recursive), split by a hash of (seed, relative path).
 
-    Example: python shards/build.py folder --root ~/photos --name photos --split-fraction test=0.1 --split-fraction valid=0.05
+    \b
+    Example:
+      python shards/build.py folder --root ~/photos --name photos --split-fraction test=0.1 --split-fraction valid=0.05
     """
     from glow.sources import folder_sources
 
@@ -196,7 +202,9 @@ def folder(root, name, resolution, fractions, seed, **kw):
 def demo(n_train, n_test, seed, **kw):
     """Embedded demo: demo/train, demo/test (scikit-image photo crops) and digits/test (OOD).
 
-    Example: python shards/build.py demo --out data/shards
+    \b
+    Example:
+      python shards/build.py demo --out data/shards
     """
     from glow.demo_data import demo_sources, digits_sources
 
@@ -208,7 +216,9 @@ def demo(n_train, n_test, seed, **kw):
 def gaussian(n_train, n_test, seed, **kw):
     """Gaussian random fields of known density: gaussian/{train,test} and gaussian-smooth/test (OOD).
 
-    Example: python shards/build.py gaussian --n-train 20000 --n-test 2000
+    \b
+    Example:
+      python shards/build.py gaussian --n-train 20000 --n-test 2000
     """
     from glow.gaussian_field import gaussian_sources
 
@@ -223,7 +233,9 @@ def gaussian(n_train, n_test, seed, **kw):
 def verify(out, specs):
     """Check shards against their manifest, one or more DATASET/SPLIT (e.g. celeba/test).
 
-    Example: python shards/build.py verify --out data/shards celeba/train celeba/test
+    \b
+    Example:
+      python shards/build.py verify --out data/shards celeba/train celeba/test
     """
     for spec in specs:
         try:
