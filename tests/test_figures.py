@@ -123,15 +123,69 @@ def test_mismatched_dumps_refused(tmp_path):
 
 
 def test_figures_go_to_the_tracker_given(tmp_path):
-    logged = []
-    tracker = types.SimpleNamespace(log_image=lambda key, path, step: logged.append((key, Path(path).name, step)))
+    logged, summary, tables = [], {}, {}
+    tracker = types.SimpleNamespace(log_image=lambda key, path, step: logged.append((key, Path(path).name, step)),
+                                    log_summary=summary.update,
+                                    log_table=lambda key, columns, rows, step: tables.update({key: (columns, rows)}))
     run = make_run(tmp_path)
     figures.make_figures(run, "celeba", ["svhn/test"], image_loader=fake_loader())  # no tracker: nothing logged
-    assert logged == []
+    assert logged == [] and summary == {} and tables == {}
     res = figures.make_figures(run, "celeba", ["svhn/test"], image_loader=fake_loader(), tracker=tracker)
     pngs = sorted(p.name for p in res.files if p.suffix == ".png")
     assert sorted(name for _, name, _ in logged) == pngs and "ood.md" not in pngs
-    assert all(key == f"figures/{Path(name).stem}" and step is None for key, name, step in logged)
+    assert all(key == f"figures/{Path(name).stem}" and step == STEP for key, name, step in logged)
+    assert summary["bpd/celeba/test"] == pytest.approx(res.table["bpd"]["celeba/test"]["mean"])
+    columns, rows = tables["ood_table"]
+    assert columns[:3] == ["ood_set", "score", "auroc"]
+    assert {(r[0], r[1]) for r in rows} == {("svhn/test", name) for name in res.table["ood"]["svhn/test"]}
+
+
+def test_index_html_is_one_self_contained_page(tmp_path):
+    from html.parser import HTMLParser
+
+    run = make_run(tmp_path)
+    (run / "config.yaml").write_text("run:\n  name: r\n  logger: none\nmodel:\n  image_size: 32\n")
+    res = figures.make_figures(run, "celeba", ["svhn/test"], image_loader=fake_loader())
+    page = run / "figures" / "index.html"
+    assert page in res.files
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.images, self.cells, self.links, self._cell = 0, [], [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            self.tables += tag == "table"
+            if tag == "img":
+                self.images.append(attrs)
+            if tag in ("td", "th"):
+                self._cell = ""
+            self.links += [v for k, v in attrs.items() if k in ("src", "href") and not v.startswith("data:")]
+
+        def handle_data(self, data):
+            if self._cell is not None:
+                self._cell += data
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.cells.append(self._cell.strip())
+                self._cell = None
+
+    parsed = Page()
+    parsed.feed(page.read_text())
+    parsed.close()
+    pngs = sorted(p.name for p in res.files if p.suffix == ".png")
+    assert sorted(img["alt"] for img in parsed.images) == pngs  # every figure, the samples included
+    assert all(img["src"].startswith("data:image/png;base64,") for img in parsed.images)
+    assert parsed.links == []  # nothing to fetch: opens from a copied folder, offline
+    assert parsed.tables == 2  # bits/dim and OOD
+    for spec, v in res.table["bpd"].items():
+        assert spec in parsed.cells and f"{v['mean']:.4f}" in parsed.cells
+    for name, r in res.table["ood"]["svhn/test"].items():
+        assert f"svhn/test: {name}" in parsed.cells and f"{r['auroc']:.4f}" in parsed.cells
+    text = page.read_text()
+    assert "image_size: 32" in text and res.table["checkpoint"] in text
 
 
 def _cli():

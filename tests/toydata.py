@@ -26,7 +26,7 @@ def toy_images(n: int, seed: int, block: int = 8) -> np.ndarray:
 
 def build_toy_shards(root: Path, n_train: int = 240, n_test: int = 50, n_ood: int = 30) -> Path:
     """`toy/train`, `toy/test` (3 shards) and `toyood/test` (noisier, smaller blocks) under root."""
-    settings = {"kind": "toy"}
+    settings = {"kind": "toy", "resolution": 32, "channels": 3}  # recorded like every real source
     build(array_source("toy", "train", toy_images(n_train, 0), None, 32, settings, "toy"),
           root, samples_per_shard=100, progress=False)
     build(array_source("toy", "test", toy_images(n_test, 1), np.arange(n_test) % 3, 32, settings, "toy"),

@@ -1,0 +1,174 @@
+"""glow.tracking: evaluation results reach wandb offline (read back from the run's own
+transaction log), and progress suits where the output goes."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from glow.tracking import Progress, run_tracker
+
+STEP = 100
+
+
+def wandb_records(run_file: Path):
+    """Every record of an offline run's ``run-<id>.wandb``, parsed with wandb's own protobuf
+    schema. The file is a LevelDB-style log: a 7-byte header (":W&B", magic, version), then
+    32 KiB blocks of chunks (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def read_offline_run(run_file: Path) -> dict:
+    """{'run': the run record, 'summary': {key: value}, 'history': {key: value}, 'exited': bool}."""
+    out: dict = {"summary": {}, "history": {}, "exited": False}
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = record.run
+        elif kind == "exit":
+            out["exited"] = True
+        elif kind == "summary":
+            for item in record.summary.update:
+                out["summary"]["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
+        elif kind == "history":
+            for item in record.history.item:
+                out["history"]["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
+    return out
+
+
+def offline_runs(run_dir: Path, expected: int, timeout: float = 60.0) -> dict[str, dict]:
+    """job_type -> the read-back run, for every offline run folder under <run>/wandb/.
+
+    wandb's writer is a separate process that may still be flushing when ``finish()``
+    returns: poll (bounded) until every run's log holds its run and exit records."""
+    deadline = time.monotonic() + timeout
+    while True:
+        folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+        backs = [read_offline_run(f) for folder in folders for f in folder.glob("run-*.wandb")]
+        if len(backs) == expected and all("run" in b and b["exited"] for b in backs):
+            return {b["run"].job_type: b for b in backs}
+        if time.monotonic() > deadline:
+            raise AssertionError(f"offline runs under {run_dir / 'wandb'} incomplete after {timeout} s: "
+                                 f"{[(('run' in b), b['exited']) for b in backs]}")
+        time.sleep(0.2)
+
+
+def test_evaluation_and_figures_results_read_back_from_the_offline_run(tmp_path, monkeypatch):
+    from glow.evaluation import track_results
+    from glow.figures import make_figures
+    from glow.results import add_entries
+    from tests.test_figures import fake_loader, make_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run = make_run(tmp_path)
+    (run / "config.yaml").write_text("run:\n  name: r\n  logger: wandb\n  wandb_project: glow-test\n")
+    step_dir = run / "eval" / f"step-{STEP:08d}"
+    add_entries(step_dir / "bpd.json", {"celeba/test": {"mean": 3.25, "std": 0.2, "count": 60}})
+
+    tracker = run_tracker(run, "eval", STEP, "dump celeba/test")
+    logged = track_results(tracker, step_dir, ["dump", "samples"], [("celeba", "test")], STEP)
+    tracker.close()
+    assert logged == ["bpd/celeba/test", "bpd_per_sample/celeba/test", "samples"]
+    tracker = run_tracker(run, "figures", STEP, "celeba/test svhn/test")
+    res = make_figures(run, "celeba", ["svhn/test"], image_loader=fake_loader(), tracker=tracker)
+    tracker.close()
+
+    runs = offline_runs(run, expected=2)
+    assert set(runs) == {"eval", "figures"}
+    for job_type, back in runs.items():
+        assert back["run"].project == "glow-test" and back["run"].run_group == "r"
+        assert back["run"].display_name == f"r-{job_type}-step{STEP}"
+    ev = runs["eval"]
+    assert ev["summary"]["bpd/celeba/test"] == 3.25
+    assert ev["history"]["_step"] == STEP
+    assert ev["history"]["bpd_per_sample/celeba/test/_type"] == "histogram"
+    assert ev["history"]["samples/_type"] == "image-file"
+    fig = runs["figures"]
+    assert fig["history"]["ood_table/_type"] == "table-file"
+    assert fig["history"]["ood_table/nrows"] == len(res.table["ood"]["svhn/test"])
+    assert fig["summary"]["auroc/svhn/test/log_likelihood"] == pytest.approx(
+        res.table["ood"]["svhn/test"]["log_likelihood"]["auroc"])
+    assert fig["history"]["figures/distributions/_type"] == "image-file"
+    # The table itself, as wandb stored it beside the run.
+    table_file = next((run / "wandb").glob("offline-run-*/files/media/table/ood_table_*.table.json"))
+    stored = json.loads(table_file.read_text())
+    assert stored["columns"][:3] == ["ood_set", "score", "auroc"] and len(stored["data"]) == fig["history"]["ood_table/nrows"]
+    # No key anywhere in the run's files.
+    assert not any("api_key" in p.read_text(errors="ignore").lower()
+                   for p in (run / "wandb").rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".txt"))
+
+
+def test_no_tracker_without_a_training_config_or_with_logger_none(tmp_path):
+    assert run_tracker(tmp_path, "eval", 1).run is None  # not a run made by train.py
+    (tmp_path / "config.yaml").write_text("run:\n  name: r\n  logger: none\n")
+    assert run_tracker(tmp_path, "eval", 1).run is None
+    assert not (tmp_path / "wandb").exists()
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_is_a_bar_on_a_terminal_and_periodic_lines_in_a_log(caplog):
+    log_stream = _Stream(tty=False)
+    with caplog.at_level(logging.INFO, logger="progress"):
+        bar = Progress(100, 10, desc="train", images_per_unit=64, every_s=0.0, stream=log_stream)
+        for _ in range(5):
+            bar.update(1, **{"bits/dim": "3.412"})
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "progress"]
+    assert len(lines) == 6 and log_stream.getvalue() == ""  # one line per update (every_s=0) and the last
+    assert lines[-1].startswith("train: step 15/100 (15%), ") and "img/s" in lines[-1] and "3.412 bits/dim" in lines[-1]
+    assert "ETA " in lines[-1] and "\r" not in "".join(lines)
+
+    caplog.clear()
+    term = _Stream(tty=True)
+    with caplog.at_level(logging.INFO, logger="progress"):
+        bar = Progress(100, desc="train", every_s=0.0, stream=term)
+        bar.update(3)
+        bar.close()
+    assert not [r for r in caplog.records if r.name == "progress"] and "3/100" in term.getvalue()
+
+
+def test_progress_lines_are_spaced_by_every_s(caplog):
+    with caplog.at_level(logging.INFO, logger="progress"):
+        bar = Progress(1000, desc="eval", unit="image", every_s=3600.0, stream=_Stream(tty=False))
+        for _ in range(50):
+            bar.update(10)
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "progress"]
+    assert lines == [lines[-1]] and lines[0].startswith("eval: image 500/1000 (50%)")
+    assert np.isfinite(float(lines[0].split(", ")[1].split()[0]))  # a rate, e.g. "123.45 image/s"
