@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from glow.checkpoint import load_model
+from glow.errors import EXIT_CHECKPOINT, EXIT_DATA
 from glow.sampling import sample_seeded
 from tests.toydata import REPO, build_toy_shards, cpu_env, run, train_command
 
@@ -114,8 +115,19 @@ def test_a_split_shorter_than_its_manifest_fails_loudly(trained, tmp_path):
     manifest["count"] += 5  # the manifest says more than the shards hold
     manifest_path.write_text(json.dumps(manifest))
     result = evaluate(run_dir, "--task", "dump", "--data", "toy/test", "--data-root", str(broken), "--force")
-    assert result.returncode != 0
+    assert result.returncode == EXIT_DATA and "Traceback" not in result.stderr
     assert "55" in result.stderr and "no dump written" in result.stderr
+
+
+def test_a_truncated_shard_is_one_clear_message(trained, tmp_path):
+    run_dir, shards = trained
+    broken = tmp_path / "shards"
+    shutil.copytree(shards, broken)
+    shard = sorted((broken / "toy" / "test").glob("*.tar"))[1]
+    shard.write_bytes(shard.read_bytes()[:5000])
+    result = evaluate(run_dir, "--task", "dump", "--data", "toy/test", "--data-root", str(broken), "--force")
+    assert result.returncode == EXIT_DATA, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and str(shard) in result.stderr and "rebuild" in result.stderr
 
 
 def test_samples_do_not_depend_on_the_batch_they_are_drawn_in(trained):
@@ -143,6 +155,7 @@ def test_samples_latents_and_figures(trained):
     table = json.loads((figures / "ood.json").read_text())
     assert "AUROC" in (figures / "ood.md").read_text() or "auroc" in (figures / "ood.md").read_text().lower()
     assert table  # every OOD set and score has a row (checked in detail by test_figures)
+    assert "<table>" in (figures / "index.html").read_text()  # the one page (checked by test_figures)
 
 
 def test_fid_with_random_inception_weights(trained, random_inception_home, tmp_path):
@@ -161,5 +174,5 @@ def test_fid_without_weights_says_where_to_put_them(trained, tmp_path):
     run_dir, _ = trained
     result = evaluate(run_dir, "--task", "fid", "--data", "toy/test", "--fid-samples", "4", "--force",
                       env=cpu_env(TORCH_HOME=str(tmp_path / "empty")))
-    assert result.returncode != 0
+    assert result.returncode == EXIT_CHECKPOINT and "Traceback" not in result.stderr
     assert "pt_inception-2015-12-05-6726825d.pth" in result.stderr and "hub/checkpoints" in result.stderr
