@@ -29,6 +29,7 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from glow.dumps import Dump
+from glow.errors import ResultsInvalid
 from glow.likelihood import to_nhwc_uint8
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def ood_metrics(scores_in, scores_out) -> dict:
         raise ValueError(f"ood_metrics needs both sets non-empty, got n_in={s_in.size}, n_out={s_out.size}")
     for name, s in (("scores_in", s_in), ("scores_out", s_out)):
         if not np.isfinite(s).all():
-            raise ValueError(f"{name} has {int((~np.isfinite(s)).sum())} non-finite values; fix the dump first")
+            raise ResultsInvalid(f"{name} has {int((~np.isfinite(s)).sum())} non-finite values; fix the dump first")
     y = np.concatenate([np.ones(s_in.size), np.zeros(s_out.size)])
     s = np.concatenate([s_in, s_out])
     fpr, tpr, _ = roc_curve(y, s)
@@ -129,20 +130,20 @@ def typicality_scores(nll, train_mean_nll: float, batch_size: int, seed: int = 0
 def likelihood_ratio(fg: Dump, bg: Dump) -> np.ndarray:
     """log p_fg(x) - log p_bg(x) per sample, in `fg`'s order, matched key by key.
 
-    Refuses (ValueError naming both files) dumps of different splits, bit depths or key sets.
+    Refuses (ResultsInvalid, a ValueError, naming both files) dumps of different splits, bit depths or key sets.
     """
     if (fg.dataset, fg.split) != (bg.dataset, bg.split):
-        raise ValueError(f"likelihood ratio of different splits: {fg.path} ({fg.spec}) vs {bg.path} ({bg.spec})")
+        raise ResultsInvalid(f"likelihood ratio of different splits: {fg.path} ({fg.spec}) vs {bg.path} ({bg.spec})")
     if fg.n_bits != bg.n_bits:
-        raise ValueError(f"likelihood ratio of different bit depths: {fg.path} ({fg.n_bits}-bit) vs "
+        raise ResultsInvalid(f"likelihood ratio of different bit depths: {fg.path} ({fg.n_bits}-bit) vs "
                          f"{bg.path} ({bg.n_bits}-bit); evaluate both models at the same n_bits")
     for d in (fg, bg):
         if len(np.unique(d.key)) != d.key.size:
-            raise ValueError(f"dump {d.path} has duplicate keys; rewrite it with eval/evaluate.py --task dump --force")
+            raise ResultsInvalid(f"dump {d.path} has duplicate keys; rewrite it with eval/evaluate.py --task dump --force")
     if not np.array_equal(fg.key, bg.key):
         only_fg, only_bg = np.setdiff1d(fg.key, bg.key), np.setdiff1d(bg.key, fg.key)
         if only_fg.size or only_bg.size:
-            raise ValueError(
+            raise ResultsInvalid(
                 f"refusing the likelihood ratio of dumps whose keys differ: {fg.path} ({fg.key.size} keys, "
                 f"{only_fg.size} not in the other, e.g. {only_fg[:3].tolist()}) vs {bg.path} ({bg.key.size} keys, "
                 f"{only_bg.size} not in the other, e.g. {only_bg[:3].tolist()}); dump the same split with both models"

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from glow import compare, dumps, figures, ood
+from glow.errors import EXIT_DATA
 from tests.test_figures import STEP, _cli, write_dump
 
 
@@ -129,7 +130,7 @@ def test_cli_compare_and_single_run_usage(tmp_path):
                checkpoint=str(bg / "checkpoints" / f"step-{STEP:08d}"))
     bad = CliRunner().invoke(_cli(), ["compare", "--run", str(a), "--background", str(bg), "--in", "demo",
                                       "--ood", "digits/test", "--out", str(out)])
-    assert bad.exit_code != 0 and "keys differ" in bad.output and "digits-test.npz" in bad.output
+    assert bad.exit_code == EXIT_DATA and "keys differ" in bad.output and "digits-test.npz" in bad.output
     # the original single-run usage still routes to the figures command
     missing = CliRunner().invoke(_cli(), ["--run", str(a), "--in", "demo", "--ood", "nothing/test"])
-    assert missing.exit_code != 0 and "nothing-test.npz" in missing.output
+    assert missing.exit_code == EXIT_DATA and "nothing-test.npz" in missing.output

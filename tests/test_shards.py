@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from glow.errors import EXIT_DATA
 from glow import shards as S
 from glow.data import manifest_hash, read_manifest
 from glow.sources import SourceError, celeba_sources, center_crop, resize_short, svhn_sources
@@ -259,7 +260,7 @@ def test_other_settings_refused_unless_overwrite(fake_svhn, tmp_path):
     out = str(tmp_path)
     run_cli("svhn", "--root", str(fake_svhn), "--out", out, "--split", "test", "--samples-per-shard", "5")
     res = run_cli("svhn", "--root", str(fake_svhn), "--out", out, "--split", "test", "--samples-per-shard", "6", ok=False)
-    assert res.exit_code == 1 and "other settings" in res.output and "--overwrite" in res.output
+    assert res.exit_code == EXIT_DATA and "other settings" in res.output and "--overwrite" in res.output
     run_cli("svhn", "--root", str(fake_svhn), "--out", out, "--split", "test", "--samples-per-shard", "6", "--overwrite")
     man = read_manifest(tmp_path, "svhn", "test")
     assert man["samples_per_shard"] == 6 and len(list((tmp_path / "svhn" / "test").glob("*.tar"))) == 2
@@ -271,7 +272,7 @@ def test_bad_image_named_or_skipped(tmp_path):
     bad = root / "img_align_celeba" / "000003.jpg"
     bad.write_bytes(bad.read_bytes()[:400])  # truncated JPEG
     res = run_cli("celeba", "--root", str(root), "--out", str(tmp_path / "o"), ok=False)
-    assert res.exit_code == 1 and str(bad) in res.output and "--skip-bad" in res.output
+    assert res.exit_code == EXIT_DATA and str(bad) in res.output and "--skip-bad" in res.output
     assert not list((tmp_path / "o" / "celeba" / "train").glob("*.tar"))  # no half-written shard under a final name
     run_cli("celeba", "--root", str(root), "--out", str(tmp_path / "o"), "--skip-bad", "--workers", "2")
     man = read_manifest(tmp_path / "o", "celeba", "train")
@@ -284,9 +285,9 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     cel = make_fake_celeba(tmp_path / "cel", n_train=2, n_valid=1, n_test=1)
     (cel / "list_eval_partition.txt").unlink()
     res = run_cli("celeba", "--root", str(cel), "--out", str(tmp_path / "o"), ok=False)
-    assert res.exit_code == 1 and "list_eval_partition.txt" in res.output and "partition file missing" in res.output
+    assert res.exit_code == EXIT_DATA and "list_eval_partition.txt" in res.output and "partition file missing" in res.output
     res = run_cli("celeba", "--root", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"), ok=False)
-    assert res.exit_code == 1 and "img_align_celeba" in res.output
+    assert res.exit_code == EXIT_DATA and "img_align_celeba" in res.output
 
     from scipy.io import savemat
 
@@ -294,19 +295,19 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     sv.mkdir()
     savemat(str(sv / "test_32x32.mat"), {"images": np.zeros((2, 2))})
     res = run_cli("svhn", "--root", str(sv), "--out", str(tmp_path / "o"), ok=False)
-    assert res.exit_code == 1 and "test_32x32.mat" in res.output and "'X'" in res.output and "'y'" in res.output
+    assert res.exit_code == EXIT_DATA and "test_32x32.mat" in res.output and "'X'" in res.output and "'y'" in res.output
     (sv / "test_32x32.mat").unlink()
     res = run_cli("svhn", "--root", str(sv), "--out", str(tmp_path / "o"), ok=False)
-    assert res.exit_code == 1 and "train_32x32.mat" in res.output
+    assert res.exit_code == EXIT_DATA and "train_32x32.mat" in res.output
 
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "notes.txt").write_text("no images here")
     res = run_cli("folder", "--root", str(empty), "--out", str(tmp_path / "o"), ok=False)
-    assert res.exit_code == 1 and "no images under" in res.output and str(empty) in res.output
+    assert res.exit_code == EXIT_DATA and "no images under" in res.output and str(empty) in res.output
 
     res = run_cli("verify", "--out", str(tmp_path / "o"), "svhn/test", ok=False)
-    assert res.exit_code == 1 and "manifest" in res.output
+    assert res.exit_code == EXIT_DATA and "manifest" in res.output
     with pytest.raises(SourceError, match="unknown CelebA preset"):
         celeba_sources(cel, "glow128")
 
