@@ -10,8 +10,9 @@ load, and ratios are taken within a round (median over rounds). Warm-up (and com
 happens before the first round and is reported separately.
 
 Memory, honestly stated:
-- CUDA: `torch.cuda.max_memory_allocated` during the timed steps (peak) and
-  `memory_allocated` before them (baseline: parameters, gradients, optimizer state).
+- CUDA: `torch.cuda.max_memory_allocated` during one extra step after the timed repeats
+  (peak) and `memory_allocated` before that step (baseline: parameters, gradients,
+  optimizer state).
 - CPU: the process's resident set during one extra step after the timed repeats. glibc
   is then told (mallopt) to serve every block >= 128 KiB by mmap and to unmap it on free,
   and the heap is trimmed, so the resident set follows the live tensors rather than the
@@ -366,8 +367,8 @@ def write_report(results: list[dict], out_dir: Path, stem: str, title: str, devi
     where = info.get("gpu") or f"{info['cpu']} ({info['cpu_count']} cores)"
     text = (f"# {title}\n\n{info['date']}, {where}, torch {info['torch']}. Medians over repeats; "
             "'x first' = median of per-round ratios to the first row of the same config; memory: see "
-            "bench/harness.py (CPU: resident-set growth during one extra step after the timed repeats; CUDA: "
-            "max_memory_allocated during the timed steps).\n\n"
+            "bench/harness.py (one extra step after the timed repeats; CPU: resident-set growth; CUDA: "
+            "max_memory_allocated).\n\n"
             + markdown_table(results, flops, peak_tflops))
     atomic_write_text(md_path, text)
     return json_path, md_path

@@ -79,7 +79,7 @@ class TrainConfig:
     progress_every_s: float = 60.0
     # Fast paths that do not change results (glow.performance, docs/PERFORMANCE.md); runtime
     # options, so they live here and not in GlowConfig (whose hash names the architecture).
-    compile: bool = False  # torch.compile of the training forward (cold compile: ~1 min on 2 CPU cores)
+    compile: bool = False  # torch.compile of the training forward (cold compile: see docs/PERFORMANCE.md)
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     channels_last: bool = False  # coupling networks run in channels-last (NHWC) memory format
     checkpointing: bool = False  # recompute each flow step in backward: less memory, more time

@@ -125,7 +125,7 @@ def test_train_config_options_and_validation():
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager_log_p_and_gradients():
-    """One compile test (cold compile ~85-160 s on 2 cores; warm inductor cache ~5 s)."""
+    """One compile test (cold compile: see docs/PERFORMANCE.md; a few seconds with a warm inductor cache)."""
     ref_model, y = model_and_batch(torch.float32)
     ref = forward_backward(ref_model, y)
     model, _ = model_and_batch(torch.float32)
