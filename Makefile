@@ -7,12 +7,15 @@ PYTEST_ARGS ?=
 
 # The demo: every step skips or resumes what is already done. Override for a quick run, e.g.
 #   make demo DEMO_STEPS=50 DEMO_N_TRAIN=2000 DEMO_N_TEST=500 DEMO_DATA=/tmp/d DEMO_RUNS=/tmp/r
-DEMO_DATA ?= data/shards
-DEMO_RUNS ?= runs
-DEMO_NAME ?= demo
+# A variant gets its own shard directory (other sizes: data/shards-n<train>-<test>) and run
+# (runs/demo[-n<train>-<test>][-steps<N>]), so it neither clashes with nor resumes the default demo.
 DEMO_STEPS ?=
 DEMO_N_TRAIN ?= 20000
 DEMO_N_TEST ?= 2000
+DEMO_SIZE_TAG := $(if $(filter-out 20000-2000,$(DEMO_N_TRAIN)-$(DEMO_N_TEST)),-n$(DEMO_N_TRAIN)-$(DEMO_N_TEST))
+DEMO_DATA ?= data/shards$(DEMO_SIZE_TAG)
+DEMO_RUNS ?= runs
+DEMO_NAME ?= demo$(DEMO_SIZE_TAG)$(if $(DEMO_STEPS),-steps$(DEMO_STEPS))
 DEMO_FID ?= 0
 DEMO_FID_SAMPLES ?= 1000
 DEMO_OVERRIDES ?=
@@ -46,8 +49,8 @@ demo: install
 		&& echo "FID skipped (slow on a CPU): run 'make demo DEMO_FID=1' to compute it." \
 		|| echo "FID skipped: no Inception weights. Put pt_inception-2015-12-05-6726825d.pth in \$$TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/), then run 'make demo DEMO_FID=1'."; \
 	fi
-	$(PY) eval/figures.py --run $(DEMO_RUN_DIR) --in demo --ood digits/test --data-root $(DEMO_DATA)
-	@echo "Run directory $(DEMO_RUN_DIR): checkpoints/, samples/, eval/, figures/ (ood.md has the full table)."
+	$(PY) eval/figures.py --run $(DEMO_RUN_DIR) --in demo/test --ood digits/test --data-root $(DEMO_DATA)
+	@echo "Run directory $(DEMO_RUN_DIR): checkpoints/, samples/, eval/, figures/ (open figures/index.html)."
 
 clean-venv:
 	rm -rf $(VENV)

@@ -21,7 +21,7 @@ def test_make_demo_reduced(tmp_path):
     venv = Path(sys.prefix)
     if not (venv / ".installed").exists():
         pytest.skip(f"{venv} was not made by `make install` (no .installed stamp)")
-    args = [f"VENV={venv}", f"DEMO_DATA={tmp_path / 'shards'}", f"DEMO_RUNS={tmp_path / 'runs'}",
+    args = [f"VENV={venv}", f"DEMO_DATA={tmp_path / 'shards'}", f"DEMO_RUNS={tmp_path / 'runs'}", "DEMO_NAME=demo",
             "DEMO_STEPS=12", "DEMO_N_TRAIN=600", "DEMO_N_TEST=200",
             "DEMO_OVERRIDES=train.checkpoint_every=6 train.sample_every=6 data.batches_per_epoch=20"]
     env = cpu_env()
