@@ -26,8 +26,6 @@ columns = OOD sets; docs/matrix.md). Exit codes: 0 done, 2 usage error, 4 dumps 
 not matching, 1 internal error (with a traceback).
 """
 
-from pathlib import Path
-
 import click
 
 from glow.errors import exit_on_user_error
