@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import click
@@ -13,12 +14,14 @@ from click.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["train/train.py", "eval/evaluate.py", "eval/figures.py", "shards/build.py",
-           *sorted(str(p.relative_to(REPO)) for p in (REPO / "bench").glob("*.py"))]
+           *sorted(str(p.relative_to(REPO)) for p in (REPO / "bench").glob("*.py")
+                   if "__main__" in p.read_text())]  # the runnable ones (not bench/harness.py)
 
 
 def load_command(script: str) -> click.Command:
     spec = importlib.util.spec_from_file_location(f"cli_{Path(script).stem}", REPO / script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in a script look their module up there
     spec.loader.exec_module(module)
     commands = [v for v in vars(module).values() if isinstance(v, click.Command)]
     groups = [c for c in commands if isinstance(c, click.Group)]
