@@ -96,18 +96,18 @@ def figures(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_ro
     """
     import logging
 
-    from glow.dumps import eval_step_dir
-    from glow.names import step_of
+    from glow.figures import track_figures
     from glow.tracking import run_tracker
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     in_dataset, in_split = _in_spec(in_dataset, in_split)
-    step_dir = eval_step_dir(run_dir, step)
-    tracker = run_tracker(run_dir, "figures", step_of(step_dir),
+    res = make_figures(run_dir, in_dataset, ood_specs, step=step, in_split=in_split, train_split=train_split,
+                       out_dir=out_dir, data_root=data_root, k=k, seed=seed)
+    # Only a finished result opens a wandb run (a refused command leaves no empty run behind).
+    tracker = run_tracker(run_dir, "figures", int(res.table["step"]),
                           f"{in_dataset}/{in_split} {' '.join(ood_specs)}", enabled=use_wandb)
     try:
-        res = make_figures(run_dir, in_dataset, ood_specs, step=step, in_split=in_split, train_split=train_split,
-                           out_dir=out_dir, data_root=data_root, k=k, seed=seed, tracker=tracker)
+        track_figures(tracker, res.table, [p for p in res.files if p.suffix == ".png"])
     finally:
         tracker.close()
     click.echo(f"figures in {res.out_dir}:")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from glow.tracking import Progress, run_tracker
 
@@ -82,9 +83,9 @@ def offline_runs(run_dir: Path, expected: int, timeout: float = 60.0) -> dict[st
 
 def test_evaluation_and_figures_results_read_back_from_the_offline_run(tmp_path, monkeypatch):
     from glow.evaluation import track_results
-    from glow.figures import make_figures
     from glow.results import add_entries
-    from tests.test_figures import fake_loader, make_run
+    from tests.test_figures import _cli as figures_cli
+    from tests.test_figures import make_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -97,9 +98,9 @@ def test_evaluation_and_figures_results_read_back_from_the_offline_run(tmp_path,
     logged = track_results(tracker, step_dir, ["dump", "samples"], [("celeba", "test")], STEP)
     tracker.close()
     assert logged == ["bpd/celeba/test", "bpd_per_sample/celeba/test", "samples"]
-    tracker = run_tracker(run, "figures", STEP, "celeba/test svhn/test")
-    res = make_figures(run, "celeba", ["svhn/test"], image_loader=fake_loader(), tracker=tracker)
-    tracker.close()
+    result = CliRunner().invoke(figures_cli(), ["--run", str(run), "--in", "celeba/test", "--ood", "svhn/test"])
+    assert result.exit_code == 0, result.output
+    table = json.loads((run / "figures" / "ood.json").read_text())
 
     runs = offline_runs(run, expected=2)
     assert set(runs) == {"eval", "figures"}
@@ -113,9 +114,9 @@ def test_evaluation_and_figures_results_read_back_from_the_offline_run(tmp_path,
     assert ev["history"]["samples/_type"] == "image-file"
     fig = runs["figures"]
     assert fig["history"]["ood_table/_type"] == "table-file"
-    assert fig["history"]["ood_table/nrows"] == len(res.table["ood"]["svhn/test"])
+    assert fig["history"]["ood_table/nrows"] == len(table["ood"]["svhn/test"])
     assert fig["summary"]["auroc/svhn/test/log_likelihood"] == pytest.approx(
-        res.table["ood"]["svhn/test"]["log_likelihood"]["auroc"])
+        table["ood"]["svhn/test"]["log_likelihood"]["auroc"])
     assert fig["history"]["figures/distributions/_type"] == "image-file"
     # The table itself, as wandb stored it beside the run.
     table_file = next((run / "wandb").glob("offline-run-*/files/media/table/ood_table_*.table.json"))
