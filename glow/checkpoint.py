@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from glow.errors import CheckpointMismatch, CheckpointMissing
+from glow.errors import CheckpointError, CheckpointMismatch, CheckpointMissing
 from glow.files import atomic_write_bytes, atomic_write_text
 from glow.names import STEP_RE, step_dir_name
 from glow.model import Glow, GlowConfig
@@ -124,14 +124,14 @@ def load_trainer_state(state_dir: str | Path, ema: bool) -> tuple[dict, dict, di
     state_dir = Path(state_dir)
     path = state_dir / TRAINER_STATE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {state_dir} was not written by this version of glow-ood "
+        raise CheckpointMissing(f"{path} is missing: {state_dir} was not written by this version of glow-ood "
                                 "(older checkpoints pickled this state); start a new run or use run.init_from")
     stored = json.loads(path.read_text())
     weights = None
     if ema:
         ema_path = state_dir / EMA_WEIGHTS
         if not ema_path.is_file():
-            raise FileNotFoundError(f"{ema_path} is missing but optim.ema_decay > 0: the run was started without EMA")
+            raise CheckpointMissing(f"{ema_path} is missing but optim.ema_decay > 0: the run was started without EMA")
         weights = load_file(str(ema_path))
     return stored["counters"], stored["scheduler"], weights
 
@@ -145,8 +145,12 @@ def check_rng_state(state_dir: str | Path, process_index: int) -> None:
     try:
         load(path)
     except Exception as err:
-        raise ValueError(f"{path} cannot be read as plain tensors ({type(err).__name__}: {str(err)[:200]}); "
+        raise CheckpointMismatch(f"{path} cannot be read as plain tensors ({type(err).__name__}: {str(err)[:200]}); "
                          "exact resume needs it: resume from an earlier checkpoint or start a new run") from None
+
+
+class CheckpointNotOwned(CheckpointError, PermissionError):
+    """A DeepSpeed state directory holding files of another user (DeepSpeed unpickles them)."""
 
 
 def check_own_files(directory: str | Path) -> None:
@@ -155,7 +159,7 @@ def check_own_files(directory: str | Path) -> None:
     for path in sorted(Path(directory).rglob("*")):
         owner = path.lstat().st_uid
         if owner != me:
-            raise PermissionError(
+            raise CheckpointNotOwned(
                 f"{path} belongs to user id {owner}, not to you ({me}): DeepSpeed resumes by unpickling its state "
                 "files, so glow-ood resumes DeepSpeed runs only from files you wrote. Copy the run (cp -r makes "
                 "the files yours) after checking where it came from, or warm-start from its model.safetensors "
