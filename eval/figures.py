@@ -177,26 +177,30 @@ def compare(run_dirs, background, in_dataset, in_split, ood_specs, step, out_dir
               help="Score shown in matrix.md's first table and the heatmap (log_likelihood, complexity_corrected, "
                    "png_complexity, typicality_mM); matrix.json holds every score.")
 @click.option("--step", type=click.IntRange(min=0), default=None, metavar="N",
-              help="Evaluated step of every run (default: each run's newest).")
+              help="Evaluated step of every run. [default: each run's newest]")
 @click.option("--in-split", default="test", show_default=True, help="In-distribution held-out split.")
 @click.option("--train-split", default="train", show_default=True,
               help="Training split whose dump (if any) enables the typicality scores.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the typicality batches.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Output folder (default: <parent of the first run>/matrix).")
+              help="Output folder. [default: <parent of the first run>/matrix]")
+@exit_on_user_error
 def matrix(runs, ood_specs, score, step, in_split, train_split, seed, out_dir):
-    """The OOD benchmark matrix: rows = in-distribution models, columns = OOD sets, cells = AUROC."""
+    """The OOD benchmark matrix: rows = in-distribution models, columns = OOD sets, cells = AUROC.
+
+    \b
+    Example:
+      python eval/figures.py matrix --run runs/cifar10_32 --run runs/celeba32 --ood svhn/test --out runs/matrix
+    """
     import logging
+    from pathlib import Path
 
     from glow.matrix import format_cell, write_matrix
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = out_dir or str(Path(runs[0].partition("=")[0]).parent / "matrix")
-    try:
-        table, files = write_matrix(runs, ood_specs, out, score=score, step=step, in_split=in_split,
-                                    train_split=train_split, seed=seed)
-    except (FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from err
+    table, files = write_matrix(runs, ood_specs, out, score=score, step=step, in_split=in_split,
+                                train_split=train_split, seed=seed)
     for p in files:
         click.echo(f"wrote {p}")
     click.echo(f"AUROC of {score}:")

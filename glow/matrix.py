@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 
 from glow.dumps import Dump, dump_path, eval_step_dir, load_dumps
+from glow.errors import BadArgument
 from glow.files import atomic_write_text
 from glow.names import parse_spec
 from glow.ood import ood_table
@@ -49,10 +50,10 @@ def in_spec_of(run_dir: Path, in_split: str) -> str:
     """``<data.dataset of the run's config.yaml>/<in_split>``: the set the run was trained on."""
     cfg = run_dir / "config.yaml"
     if not cfg.is_file():
-        raise FileNotFoundError(f"{cfg} not found: name the in-distribution set as --run {run_dir}=DATASET/SPLIT")
+        raise BadArgument(f"{cfg} not found: name the in-distribution set as --run {run_dir}=DATASET/SPLIT")
     dataset = ((yaml.safe_load(cfg.read_text()) or {}).get("data") or {}).get("dataset")
     if not dataset:
-        raise ValueError(f"{cfg} names no data.dataset: name the in-distribution set as --run {run_dir}=DATASET/SPLIT")
+        raise BadArgument(f"{cfg} names no data.dataset: name the in-distribution set as --run {run_dir}=DATASET/SPLIT")
     return f"{dataset}/{in_split}"
 
 
@@ -85,7 +86,7 @@ def matrix_table(rows: Sequence[MatrixRow], ood_specs: Sequence[str], score: str
                  seed: int = 0) -> dict:
     """rows x OOD sets; each cell holds every score's metrics (None: missing, or the row's own set)."""
     if not rows or not ood_specs:
-        raise ValueError("the matrix needs at least one run (--run) and one OOD set (--ood)")
+        raise BadArgument("the matrix needs at least one run (--run) and one OOD set (--ood)")
     table = {"score": score, "ood_sets": list(ood_specs), "rows": [], "notes": [
         "Rows: the in-distribution model (one run each); columns: OOD sets. Scores are oriented higher = more "
         "in-distribution, in-distribution is the positive class: AUROC < 0.5 means the OOD set looks MORE "
@@ -108,7 +109,7 @@ def matrix_table(rows: Sequence[MatrixRow], ood_specs: Sequence[str], score: str
                 + " ".join(f"--data {s}" for s in row.missing) + "` (add --convert-channels across gray/RGB)")
     seen = list(dict.fromkeys(name for r in table["rows"] for c in r["cells"].values() if c for name in c))
     if seen and score not in seen:
-        raise ValueError(f"score {score!r} is in no cell; the dumps give {seen}")
+        raise BadArgument(f"score {score!r} is in no cell; the dumps give {seen}")
     table["scores"] = seen
     return table
 
@@ -165,7 +166,7 @@ def write_matrix(run_args: Sequence[str], ood_specs: Sequence[str], out_dir: str
             for path, spec in (parse_run(a, in_split) for a in run_args)]
     labels = [r.label for r in rows]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"two runs have the same folder name ({labels}); the rows need distinct names")
+        raise BadArgument(f"two runs have the same folder name ({labels}); the rows need distinct names")
     table = matrix_table(rows, ood_specs, score, seed=seed)
     out = Path(out_dir)
     atomic_write_text(out / "matrix.json", json.dumps(table, indent=2) + "\n")

@@ -126,14 +126,15 @@ def svhn(root, resolution, splits, **kw):
 
 def _cifar_command(name: str, layout: str, title: str):
     @cli.command(name=name, help=f"{title} python pickle batches ({layout}/), labels in each sample's JSON.\n\n"
-                                 f"Example: python shards/build.py {name} --root ~/data/torchvision --out data/shards")
+                                 "\b\nExample:\n"
+                                 f"  python shards/build.py {name} --root ~/data/torchvision --out data/shards")
     @click.option("--root", required=True, type=click.Path(), help=f"Holds {layout}/ (torchvision's root=).")
     @click.option("--resolution", type=click.IntRange(min=1), default=32, show_default=True,
                   help="Output size; != 32 resizes bilinearly.")
     @click.option("--valid", type=click.IntRange(min=0), default=0, show_default=True,
                   help="Hold out the last N train images as a 'valid' split (train keeps the rest).")
     @click.option("--split", "splits", multiple=True, type=click.Choice(["train", "valid", "test"]),
-                  help="Only these splits (default all).")
+                  help="Only these splits, repeatable. [default: all three]")
     @_common
     def command(root, resolution, valid, splits, **kw):
         from glow.standard_sets import cifar_sources
@@ -144,13 +145,13 @@ def _cifar_command(name: str, layout: str, title: str):
 
 def _idx_command(name: str, layout: str, title: str):
     @cli.command(name=name, help=f"{title} IDX files ({layout}/, .gz or not): 1 channel, padded to 32x32, labels "
-                                 f"in each sample's JSON.\n\nExample: python shards/build.py {name} --root "
+                                 f"in each sample's JSON.\n\n\b\nExample:\n  python shards/build.py {name} --root "
                                  f"~/data/torchvision --out data/shards")
     @click.option("--root", required=True, type=click.Path(), help=f"Holds {layout}/ (torchvision's root=).")
     @click.option("--resolution", type=click.IntRange(min=28), default=32, show_default=True,
                   help="Output size: the 28x28 images are padded (centred, black), never resized.")
     @click.option("--split", "splits", multiple=True, type=click.Choice(["train", "test"]),
-                  help="Only these splits (default both).")
+                  help="Only these splits, repeatable. [default: both]")
     @_common
     def command(root, resolution, splits, **kw):
         from glow.standard_sets import idx_sources
