@@ -119,9 +119,10 @@ def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, 
         click.echo(f"to do: {', '.join(todo)}" if todo else f"done: every result is in {ctx.out_dir}")
         raise SystemExit(EXIT_PENDING if todo else 0)
     _evaluate(step_path, tasks, parsed, data_root, use_wandb, convert_channels, batch_size=batch_size,
-              workers=workers, seed=seed, force=force, temperatures=list(temperatures), per_temperature=samples_per_temperature,
-              fid_samples=fid_samples, fid_temperatures=list(fid_temperatures), inception_weights=inception_weights,
-              fid_cache=fid_cache, latents_images=latents_images)
+              workers=workers, seed=seed, force=force, temperatures=list(temperatures),
+              per_temperature=samples_per_temperature, fid_samples=fid_samples,
+              fid_temperatures=list(fid_temperatures), inception_weights=inception_weights, fid_cache=fid_cache,
+              latents_images=latents_images)
 
 
 def _evaluate(step_path, tasks, parsed, data_root, use_wandb, convert_channels, *, batch_size, workers, seed, force,
@@ -137,7 +138,8 @@ def _evaluate(step_path, tasks, parsed, data_root, use_wandb, convert_channels, 
     accelerator = make_accelerator()
     model, meta = load_model(step_path, accelerator.device)
     out_dir = eval_dir(step_path, meta["step"])
-    setup_logging(out_dir if accelerator.is_main_process else None, accelerator.is_main_process, accelerator.process_index)
+    main_process = accelerator.is_main_process
+    setup_logging(out_dir if main_process else None, main_process, accelerator.process_index)
     log = logging.getLogger("evaluate")
     log.info("checkpoint %s (step %d), %d process(es), tasks %s", step_path, meta["step"],
              accelerator.num_processes, ", ".join(tasks))

@@ -130,7 +130,8 @@ def figures(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_ro
 @click.option("--run", "run_dirs", type=click.Path(file_okay=False, exists=True), multiple=True, required=True,
               metavar="DIR", help="Run directory runs/<name>, repeatable: one variant each (label = folder name).")
 @click.option("--background", type=click.Path(file_okay=False, exists=True), default=None, metavar="DIR",
-              help="Background run (trained with data.perturb_prob > 0): adds a likelihood_ratio row per run. [default: none]")
+              help="Background run (trained with data.perturb_prob > 0): adds a likelihood_ratio row per run. "
+                   "[default: none]")
 @click.option("--in", "in_dataset", required=True, metavar="DATASET[/SPLIT]",
               help="In-distribution dataset and held-out split, e.g. celeba/test (DATASET alone: --in-split).")
 @click.option("--in-split", default=None, metavar="SPLIT",

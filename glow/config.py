@@ -147,7 +147,8 @@ def _validate(cfg: Config) -> None:
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if cfg.train.progress_every_s <= 0:
-        raise ConfigError(f"train.progress_every_s must be > 0 (seconds between progress lines), got {cfg.train.progress_every_s}")
+        raise ConfigError("train.progress_every_s must be > 0 (seconds between progress lines), "
+                          f"got {cfg.train.progress_every_s}")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}")
     if not 0.0 <= cfg.data.perturb_prob < 1.0:

@@ -63,7 +63,8 @@ def test_help_shows_an_example_and_documents_every_option(script, path, cmd):
         if p.default not in (None, (), "") and not p.show_default and not said:
             pytest.fail(f"{script} {' '.join(path)}: {p.opts[0]} has a default but does not show it")
         if p.default in (None, (), "") and not p.show_default and not said:
-            pytest.fail(f"{script} {' '.join(path)}: {p.opts[0]} has no default value and does not say what happens without it")
+            pytest.fail(f"{script} {' '.join(path)}: {p.opts[0]} has no default value and does not say what "
+                        "happens without it")
 
 
 def test_evaluate_help_says_what_each_task_writes():

@@ -121,7 +121,8 @@ def test_evaluation_and_figures_results_read_back_from_the_offline_run(tmp_path,
     # The table itself, as wandb stored it beside the run.
     table_file = next((run / "wandb").glob("offline-run-*/files/media/table/ood_table_*.table.json"))
     stored = json.loads(table_file.read_text())
-    assert stored["columns"][:3] == ["ood_set", "score", "auroc"] and len(stored["data"]) == fig["history"]["ood_table/nrows"]
+    assert stored["columns"][:3] == ["ood_set", "score", "auroc"]
+    assert len(stored["data"]) == fig["history"]["ood_table/nrows"]
     # No key anywhere in the run's files.
     assert not any("api_key" in p.read_text(errors="ignore").lower()
                    for p in (run / "wandb").rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".txt"))
