@@ -182,6 +182,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: its value is not valid YAML ({str(err).splitlines()[0]})") from None
         except OmegaConfBaseException as err:
             raise ConfigError(f"override {item!r}: {_describe(err)}") from None
     if OmegaConf.is_missing(merged.run, "name"):

@@ -80,7 +80,8 @@ def test_submit_passes_convert_channels_to_every_scoring_job():
                           "--in", "mnist/test", "--ood", "cifar10/test", "--ood", "svhn/test", "--convert-channels",
                           "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    jobs = [line for line in out.stdout.splitlines() if line.startswith("#   --checkpoint")]
-    scoring = [j for j in jobs if "--task dump" in j or "--task bpd" in j]
-    assert len(scoring) == 6 and all(j.endswith("--convert-channels") for j in scoring)
-    assert {j.split("--data ")[1].split()[0] for j in scoring} == {"mnist/test", "cifar10/test", "svhn/test"}
+    jobs = [line for line in out.stdout.splitlines() if line.startswith("#   task ")]
+    scoring = [j for j in jobs if "--task dump" in j or "--task bpd" in j]  # dump writes bpd.json too
+    assert len(scoring) == 4 and all(j.endswith("--convert-channels") for j in scoring)
+    assert {j.split("--data ")[1].split()[0] for j in scoring} == {"mnist/test", "cifar10/test", "svhn/test",
+                                                                   "mnist/train"}

@@ -228,7 +228,7 @@ def test_concurrent_build_refused(fake_celeba, tmp_path):
             S.build(celeba_sources(fake_celeba, splits=["train"])[0], out, samples_per_shard=4, progress=False)
         res = run_cli("celeba", "--root", str(fake_celeba), "--split", "train", "--out", str(out),
                       "--samples-per-shard", "4", ok=False)
-        assert res.exit_code == 1 and str(d) in res.output and "another shard build" in res.output
+        assert res.exit_code == EXIT_DATA and str(d) in res.output and "another shard build" in res.output
         assert proc.wait(timeout=120) == 0
     finally:
         proc.kill()

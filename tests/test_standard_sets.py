@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
+from glow.errors import EXIT_DATA
 from glow.data import make_eval_loader, read_manifest
 from glow.sources import SourceError
 from glow.standard_sets import cifar_sources, idx_sources, read_idx
@@ -71,7 +72,7 @@ def test_idx_bad_inputs_named(tmp_path):
     good = imgs.read_bytes()
     imgs.write_bytes(good[:-10])
     res = run_cli("mnist", "--root", str(src), "--out", out, ok=False)
-    assert res.exit_code == 1 and str(imgs) in res.output and "truncated" in res.output
+    assert res.exit_code == EXIT_DATA and str(imgs) in res.output and "truncated" in res.output
     imgs.write_bytes((2049).to_bytes(4, "big") + good[4:])
     res = run_cli("mnist", "--root", str(src), "--out", out, ok=False)
     assert str(imgs) in res.output and "magic number 2049, expected 2051" in res.output
@@ -95,7 +96,7 @@ def test_cifar_bad_inputs_named(tmp_path):
     out = str(tmp_path / "out")
     (d / "data_batch_4").unlink()
     res = run_cli("cifar10", "--root", str(src), "--out", out, ok=False)
-    assert res.exit_code == 1 and "batch file missing" in res.output and str(d / "data_batch_4") in res.output
+    assert res.exit_code == EXIT_DATA and "batch file missing" in res.output and str(d / "data_batch_4") in res.output
     with open(d / "data_batch_4", "wb") as f:
         pickle.dump({b"data": np.zeros((3, 1024), np.uint8), b"labels": [0, 1, 2]}, f, protocol=2)
     res = run_cli("cifar10", "--root", str(src), "--out", out, ok=False)
