@@ -86,12 +86,21 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    # Bound on any collective: a hung or dead rank ends the whole job after this many seconds
+    # instead of holding every node for gloo's 30-minute (NCCL: 10-minute) default. Longer
+    # than the slowest step plus what rank 0 does alone (checkpoint, sample grid).
+    timeout_s: int = 600
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: GlowConfig = field(default_factory=GlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -142,6 +151,7 @@ def _validate(cfg: Config) -> None:
         "train.max_bad_steps": cfg.train.max_bad_steps,
         "optim.grad_accum": cfg.optim.grad_accum,
         "data.batches_per_epoch": cfg.data.batches_per_epoch,
+        "dist.timeout_s": cfg.dist.timeout_s,
     }
     for key, value in positive.items():
         if value < 1:

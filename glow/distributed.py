@@ -1,6 +1,7 @@
 """Process-group helpers shared by training and evaluation.
 
-`make_accelerator` picks GPUs or CPU/gloo (and keeps DeepSpeed on CPU working);
+`make_accelerator` picks GPUs or CPU/gloo (and keeps DeepSpeed on CPU working) with a
+bounded collective timeout; `die_with_launcher` ties a worker's life to its launcher's;
 `all_reduce_mean` is the ActNorm statistics reducer; `gather_objects` and `barrier` serve
 the evaluation jobs, whose ranks see unequal numbers of samples; `StopFlag` records a
 stop request (SIGUSR1 / SIGTERM) for the training loop to act on at a step boundary.
@@ -8,29 +9,62 @@ stop request (SIGUSR1 / SIGTERM) for the training loop to act on at a step bound
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import signal
+import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-__all__ = ["StopFlag", "all_reduce_mean", "barrier", "gather_objects", "make_accelerator"]
+__all__ = ["StopFlag", "all_reduce_mean", "barrier", "die_with_launcher", "gather_objects", "make_accelerator"]
+
+log = logging.getLogger(__name__)
+DEFAULT_TIMEOUT_S = 600
+_PR_SET_PDEATHSIG = 1
 
 
-def make_accelerator() -> Accelerator:
+def make_accelerator(timeout_s: float = DEFAULT_TIMEOUT_S) -> Accelerator:
     """An Accelerator that trains on GPUs, or on CPUs with gloo where there are none.
 
+    Every collective gives up after `timeout_s` seconds (gloo and NCCL both honour the
+    process group's timeout; NCCL through TORCH_NCCL_ASYNC_ERROR_HANDLING, set in
+    slurm/env.sh), so a hung peer ends the job instead of holding it for the default 30 min.
     On a CPU-only machine plain DDP needs `cpu=True`; DeepSpeed needs `cpu=False` with a
     gloo process group instead (with `cpu=True` accelerate silently drops DeepSpeed).
     """
     from accelerate.utils import InitProcessGroupKwargs
 
+    timeout = timedelta(seconds=timeout_s)
     if torch.cuda.is_available():
-        return Accelerator(mixed_precision="no")
+        return Accelerator(mixed_precision="no", kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return Accelerator(mixed_precision="no", kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
-    return Accelerator(cpu=True, mixed_precision="no")
+        kwargs = InitProcessGroupKwargs(backend="gloo", timeout=timeout)
+        return Accelerator(mixed_precision="no", kwargs_handlers=[kwargs])
+    return Accelerator(cpu=True, mixed_precision="no", kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+
+
+def die_with_launcher() -> None:
+    """Have the kernel SIGKILL this worker when its launcher dies (Linux; no-op elsewhere).
+
+    torchrun starts each worker in its own session, so killing the launcher (even with its
+    process group) leaves the workers training and pruning checkpoints while a new launch
+    on the same run races them. Applies only under a launcher (`LOCAL_RANK` set): a plain
+    `python train/train.py` keeps the usual behaviour.
+    """
+    if not sys.platform.startswith("linux") or "LOCAL_RANK" not in os.environ:
+        return
+    launcher = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): workers may outlive their launcher",
+                    ctypes.get_errno())
+        return
+    if launcher == 1 or os.getppid() != launcher:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def all_reduce_mean(accelerator: Accelerator):

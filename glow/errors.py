@@ -9,13 +9,13 @@ other exception is a bug and keeps its traceback.
 
 Exit codes of every entry point (README "Exit codes"):
 
-    0   done
+    0   done (training: finished, or stopped on request and resumable: `<run>/STOPPED`)
     1   internal error: a bug, reported with its traceback
-    2   usage or configuration error (an option, a config key or value, an override)
+    2   usage or configuration error (an option, a config key or value, an override), or
+        a run directory held by another live trainer (`<run>/LOCK`)
     3   ``eval/evaluate.py --check-done``: results are missing (work to do)
     4   data error: shards missing, incomplete, corrupt, or not fitting the model
     5   checkpoint error: missing, incomplete, or not matching the config; FID weights missing
-    75  training stopped on request (resumable), when not run through ``accelerate launch``
 """
 
 from __future__ import annotations

@@ -1,11 +1,21 @@
-"""The training loop: distributed-correct, exactly resumable, preemptible.
+"""The training loop: distributed-correct, exactly resumable, preemptible, fail-fast.
 
 `Trainer(cfg, accelerator).fit()` returns a process exit code:
-    0                 finished (`train.max_steps` reached)
-    EXIT_STOPPED (75) stopped on request (SIGUSR1, SIGTERM or `<run>/STOP`), a complete
-                      checkpoint saved and `<run>/STOPPED` written: resumable, requeue it
-    EXIT_FAILED (1)   too many consecutive non-finite steps; the last complete checkpoint
-                      is untouched
+    0            finished (`train.max_steps` reached), or stopped on request (SIGUSR1,
+                 SIGTERM or `<run>/STOP`) with a complete checkpoint saved and
+                 `<run>/STOPPED` written ("<step> <reason>"): resumable. A stop is not a
+                 failure, so a launcher never mistakes it for one (torchrun would turn a
+                 non-zero code into a traceback and SIGTERM the other local ranks); the
+                 Slurm template reads STOPPED and the reason to decide on a requeue.
+    EXIT_FAILED  too many consecutive non-finite steps; the last complete checkpoint is
+                 untouched
+A second trainer on a live run raises `RunInUse` at start: rank 0 holds `<run>/LOCK` for
+the run's life. A hung or dead peer makes a collective fail after `dist.timeout_s`.
+
+Host syncs: none per micro-batch. Once per optimizer step, after backward, one small
+all-reduce carries the loss and the stop flag, and one host read takes it together with
+the all-reduced gradient norm (the same on every rank): a non-finite norm skips the update
+on every rank while the data stream advances as usual.
 
 Exactness: the data stream is a function of (seed, epoch, rank) and the number of batches
 consumed; the dequantization noise comes from the torch RNG, which accelerate saves per
@@ -14,6 +24,7 @@ rank. Resuming from step N therefore continues bit for bit where a straight run 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -34,9 +45,9 @@ from glow import checkpoint as ckpt
 from glow.config import Config, ConfigError, config_hash, to_dict, to_yaml
 from glow.data import check_channels, fan_out_warning, make_train_loader, read_manifest
 from glow.errors import CheckpointMismatch, UserError
-from glow.distributed import StopFlag, all_reduce_mean
+from glow.distributed import StopFlag, all_reduce_mean, gather_objects
 from glow.flows import set_actnorm_reducer
-from glow.files import atomic_write_text
+from glow.files import LockHeld, atomic_write_text, hold_lock
 from glow.likelihood import bits_per_dim, perturb_pixels, preprocess
 from glow.model import Glow
 from glow.names import step_dir_name
@@ -44,11 +55,16 @@ from glow.performance import apply_train_config
 from glow.sampling import save_sample_grid
 from glow.tracking import MetricsLog, Progress, Tracker, git_sha, setup_logging
 
-__all__ = ["EXIT_FAILED", "EXIT_STOPPED", "Trainer", "lr_factor"]
+__all__ = ["EXIT_FAILED", "RunInUse", "Trainer", "lr_factor"]
 
 log = logging.getLogger(__name__)
-EXIT_STOPPED = 75
 EXIT_FAILED = 1
+LOCK, STOP, STOPPED = "LOCK", "STOP", "STOPPED"
+_PROCESS_START = time.time()
+
+
+class RunInUse(UserError):
+    """Another live trainer holds the run directory's lock (exit 2: choose another run.name)."""
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
@@ -112,14 +128,42 @@ class Trainer:
                               "gradient_accumulation_steps in the DeepSpeed config instead")
 
     # -- set-up ------------------------------------------------------------------------
+    def _lock_run_dir(self, stack: contextlib.ExitStack) -> None:
+        """Rank 0 takes `<run>/LOCK` for the run's life; every rank refuses if it is held.
+
+        The lock is an flock: the kernel releases it when its holder dies, so a run whose
+        trainer was killed is taken over by the next launch.
+        """
+        error = ""
+        if self.acc.is_main_process:
+            try:
+                stack.enter_context(hold_lock(self.run_dir / LOCK, {"run": str(self.run_dir)}))
+            except LockHeld as err:
+                error = (f"{err}: another trainer is writing this run. Wait for it to end, stop it "
+                         f"(touch {self.run_dir / STOP}), or choose another run.name")
+        error = gather_objects(error, self.acc.num_processes)[0]
+        if error:
+            raise RunInUse(error)
+
+    def _clear_stale_markers(self) -> None:
+        """Drop the previous attempt's STOPPED, and a STOP older than this attempt.
+
+        A STOP written after the attempt began (a preemption signal that reached the batch
+        shell while the trainer was starting) is kept and honoured at the first step.
+        """
+        (self.run_dir / STOPPED).unlink(missing_ok=True)
+        began = float(os.environ.get("GLOW_ATTEMPT_START", _PROCESS_START))
+        with contextlib.suppress(FileNotFoundError):
+            if (self.run_dir / STOP).stat().st_mtime < began:
+                (self.run_dir / STOP).unlink()
+
     def _prepare_run_dir(self) -> Path | None:
         """Create the run dir, clear stale stop markers, pick the checkpoint to resume."""
         acc, run_dir = self.acc, self.run_dir
         resume_from = ckpt.latest_checkpoint(run_dir) if self.resume else None
         if acc.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
-            for marker in ("STOP", "STOPPED"):
-                (run_dir / marker).unlink(missing_ok=True)
+            self._clear_stale_markers()
             if not self.resume and ckpt.complete_checkpoints(run_dir):
                 raise RunExists(
                     f"{run_dir / 'checkpoints'} already holds checkpoints and --no-resume was given: "
@@ -195,8 +239,8 @@ class Trainer:
             optimizer,
             lambda step: lr_factor(step, c.optim.warmup_steps, c.train.max_steps, c.optim.schedule, c.optim.min_lr_ratio),
         )
-        if self.deepspeed:  # no DataLoader goes through prepare(): tell DeepSpeed the batch
-            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = c.train.batch_size
+        if self.deepspeed:
+            self._configure_deepspeed()
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.model_unwrapped = acc.unwrap_model(self.model)
         if resume_from is not None:
@@ -213,6 +257,20 @@ class Trainer:
         else:
             # Different dequantization noise per rank; restored from the checkpoint on resume.
             torch.manual_seed(c.train.seed * 1000 + 1 + acc.process_index)
+
+    def _configure_deepspeed(self) -> None:
+        """The batch (no DataLoader goes through prepare()) and clipping come from our config.
+
+        `optim.grad_clip` is the one source of gradient clipping: a value in the DeepSpeed
+        config would otherwise win silently.
+        """
+        ds = self.acc.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = self.cfg.train.batch_size
+        theirs = ds.get("gradient_clipping", "auto")
+        if theirs not in ("auto", None) and float(theirs) != self.cfg.optim.grad_clip:
+            log.warning("DeepSpeed config sets gradient_clipping=%s; optim.grad_clip=%s is used instead",
+                        theirs, self.cfg.optim.grad_clip)
+        ds["gradient_clipping"] = float(self.cfg.optim.grad_clip)
 
     def _init_actnorm(self, model: Glow) -> None:
         """One data-dependent init pass whose statistics are averaged over all ranks."""
@@ -263,41 +321,54 @@ class Trainer:
             log_p_y = self.model(y)
         return bits_per_dim(log_p_y.float(), c.model.n_dims, c.model.n_bits).mean()
 
-    def _global(self, loss: torch.Tensor) -> tuple[float, bool]:
-        """Mean loss over ranks and whether any rank wants to stop: one all-reduce."""
-        stop = self.stop.requested or (self.acc.is_main_process and (self.run_dir / "STOP").exists())
-        packed = torch.stack([loss.detach().float(), torch.tensor(float(stop), device=loss.device)])
-        packed = self.acc.reduce(packed, reduction="sum")
-        return packed[0].item() / self.acc.num_processes, packed[1].item() > 0
+    def _stop_requested(self) -> bool:
+        return self.stop.requested or (self.acc.is_main_process and (self.run_dir / STOP).exists())
+
+    def _grad_norm(self) -> torch.Tensor | None:
+        """Clip (DDP) and return the global gradient norm: all-reduced, so equal on every rank.
+
+        Under DeepSpeed the engine clipped and stepped inside backward (skipping the update
+        itself when the norm is not finite); its norm is read back.
+        """
+        if self.deepspeed:
+            norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            return None if norm is None else torch.as_tensor(float(norm))
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        return self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def _agree(self, losses: list[torch.Tensor], norm: torch.Tensor | None) -> tuple[float, bool, float | None]:
+        """One small all-reduce (mean loss, stop votes) and one host read per optimizer step."""
+        device = losses[0].device
+        vote = torch.tensor(float(self._stop_requested()), device=device)
+        packed = self.acc.reduce(torch.stack([torch.stack(losses).float().mean(), vote]), reduction="sum")
+        known = norm is not None
+        norm = norm.detach().float().reshape(1).to(device) if known else torch.zeros(1, device=device)
+        loss, votes, norm_value = torch.cat([packed.float(), norm]).tolist()
+        return loss / self.acc.num_processes, votes > 0, (norm_value if known else None)
 
     def train_step(self, batches: Iterator[torch.Tensor]) -> tuple[float, float | None, bool]:
-        """One optimizer step over `grad_accum` micro-batches -> (loss, grad norm, stop)."""
+        """One optimizer step over `grad_accum` micro-batches -> (loss, grad norm, stop).
+
+        No host sync per micro-batch: every micro-batch goes through backward, and a
+        non-finite one (on any rank) makes the all-reduced gradient norm non-finite on every
+        rank, which skips the update everywhere; the micro-batches are consumed either way,
+        so the data stream position stays exact.
+        """
         c, acc = self.cfg, self.acc
         accum = c.optim.grad_accum
-        total, finite, stop = 0.0, True, False
+        losses = []
         for i in range(accum):
             loss = self._loss(next(batches))
-            value, want_stop = self._global(loss)
-            stop = stop or want_stop
-            if not math.isfinite(value):
-                finite = False
-            if not finite:
-                continue  # keep consuming the micro-batches: the stream position stays exact
-            total += value / accum
+            losses.append(loss.detach())
             if i < accum - 1:
                 with acc.no_sync(self.model):
                     acc.backward(loss / accum)
             else:
                 acc.backward(loss / accum)
-        grad_norm = None
+        loss, stop, grad_norm = self._agree(losses, self._grad_norm())
+        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
         if finite:
-            max_norm = c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf")
-            norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-            grad_norm = None if norm is None else float(norm)
-            if grad_norm is not None and not math.isfinite(grad_norm):
-                finite = False
-        if finite:
-            self.optimizer.step()
+            self.optimizer.step()  # a no-op under DeepSpeed (the engine stepped in backward)
             if self.ema is not None:
                 self.ema.update_parameters(self.model_unwrapped)
             self.state.bad_in_a_row = 0
@@ -310,7 +381,7 @@ class Trainer:
         self.scheduler.step()
         self.state.step += 1
         self.state.images_seen += self.global_batch
-        return (total if finite else float("nan")), grad_norm, stop
+        return (loss if finite else float("nan")), grad_norm, stop
 
     # -- outputs -----------------------------------------------------------------------
     def _export_model(self) -> Glow:
@@ -380,8 +451,22 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.log_image("samples", path, self.state.step)
 
+    def _mark_stopped(self) -> None:
+        """Write `<run>/STOPPED` ("<step> <reason>") and consume the STOP file."""
+        reason = self.stop.signal_name or "STOP-file"
+        log.info("stop requested (%s): stopped at step %d with a complete checkpoint; exit 0, "
+                 "%s written (resumable)", reason, self.state.step, self.run_dir / STOPPED)
+        if self.acc.is_main_process:
+            atomic_write_text(self.run_dir / STOPPED, f"{self.state.step} {reason}\n")
+            (self.run_dir / STOP).unlink(missing_ok=True)
+
     # -- the loop ----------------------------------------------------------------------
     def fit(self) -> int:
+        with contextlib.ExitStack() as stack:
+            self._lock_run_dir(stack)
+            return self._fit()
+
+    def _fit(self) -> int:
         c, acc = self.cfg, self.acc
         self._check_data()
         resume_from = self._prepare_run_dir()
@@ -441,12 +526,10 @@ class Trainer:
                 self.save_checkpoint()
             if stop and state.step < c.train.max_steps:
                 bar.close()
-                reason = self.stop.signal_name or "STOP file"
-                log.info("stop requested (%s): stopped at step %d with a complete checkpoint; exit %d (resumable)",
-                         reason, state.step, EXIT_STOPPED)
-                if acc.is_main_process:
-                    atomic_write_text(self.run_dir / "STOPPED", f"{state.step}\n")
-                return EXIT_STOPPED
+                self._mark_stopped()
+                return 0
         bar.close()
+        if acc.is_main_process:
+            (self.run_dir / STOP).unlink(missing_ok=True)  # came too late to matter
         log.info("finished: %d steps, %d images", state.step, state.images_seen)
         return 0

@@ -22,8 +22,10 @@ shards (<data.root>/<data.dataset>/<data.split>) are checked against the model
 Exit codes: 0 finished; 2 configuration or override error; 4 data error (shards missing,
 corrupt or not fitting the model); 5 checkpoint error (resuming or run.init_from with
 another model); 1 internal error or too many non-finite steps (with a traceback for a bug).
-A stop on request (SIGUSR1, SIGTERM, <run>/STOP) saves a checkpoint and writes
-<run>/STOPPED, the signal to requeue (see docs/cluster.md for its exit code).
+A stop on request (SIGUSR1, SIGTERM, <run>/STOP) saves a complete checkpoint, writes
+<run>/STOPPED ("<step> <reason>"), the signal to requeue, and exits 0 (a stop is not a
+failure). 2 also when another live trainer holds <run>/LOCK; 1 also when a peer died or
+hung (dist.timeout_s).
 """
 
 import sys
@@ -47,10 +49,11 @@ def main(config_path: str, dry_run: bool, no_resume: bool, overrides: tuple[str,
     if dry_run:
         click.echo(to_yaml(cfg), nl=False)
         return
-    from glow.distributed import make_accelerator
+    from glow.distributed import die_with_launcher, make_accelerator
     from glow.trainer import Trainer
 
-    accelerator = make_accelerator()
+    die_with_launcher()
+    accelerator = make_accelerator(cfg.dist.timeout_s)
     code = Trainer(cfg, accelerator, resume=not no_resume).fit()
     accelerator.end_training()
     sys.exit(code)
