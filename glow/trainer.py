@@ -107,6 +107,13 @@ def _fault_injection_pause() -> None:
         time.sleep(seconds)
 
 
+def _fault_injection_step_delay() -> None:
+    """Tests only: sleep after every step, so that a long-lived test run costs no CPU."""
+    seconds = float(os.environ.get("GLOW_TEST_STEP_SECONDS", "0"))
+    if seconds > 0:
+        time.sleep(seconds)
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -495,6 +502,7 @@ class Trainer:
         tick = time.perf_counter()
         while state.step < c.train.max_steps:
             loss, grad_norm, stop = self.train_step(batches)
+            _fault_injection_step_delay()
             state.window.append(loss)
             timed_steps += 1
             bar.update(1, **({"bits/dim": f"{loss:.3f}"} if math.isfinite(loss) else {}))

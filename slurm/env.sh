@@ -56,6 +56,7 @@ export WANDB_MODE="${WANDB_MODE:-offline}"   # no network needed; `wandb sync` l
 # export NCCL_IB_DISABLE=1               # no InfiniBand: fall back to sockets
 # export NCCL_NET_GDR_LEVEL=PHB          # GPUDirect RDMA policy
 # export NCCL_DEBUG=INFO                 # print topology/transport choice (debugging hangs)
-# export NCCL_ASYNC_ERROR_HANDLING=1     # a dead rank fails the job instead of hanging it
-# export TORCH_NCCL_BLOCKING_WAIT=0
 # export GLOO_SOCKET_IFNAME=ib0          # gloo (CPU mode / object collectives) interface
+# A dead or hung rank fails the job after dist.timeout_s instead of hanging it (the current
+# name; NCCL_ASYNC_ERROR_HANDLING is deprecated). Not a site choice: always on.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"

@@ -31,6 +31,8 @@
 #   --run-tasks "T ..."  evaluate.py tasks once per run (default: "samples")
 #   --convert-channels   let a grayscale model score RGB sets and the reverse (default: a
 #                        channel mismatch is an error)
+#   --accelerate-config FILE  training launch config (default: DDP), e.g.
+#                        train/accelerate/deepspeed_zero2.yaml (default: $GLOW_ACCELERATE_CONFIG)
 #   --no-eval            submit training only
 #   --dry-run            print the exact sbatch commands and evaluation commands; submit nothing
 #   -h, --help           show this help
@@ -55,7 +57,7 @@ for arg in "$@"; do [[ "$arg" == -h || "$arg" == --help ]] && usage 0; done
 # shellcheck source=slurm/env.sh
 source "$REPO/slurm/env.sh"
 
-NAME="" CONFIG="" NODES=1 IN="" DATA_ROOT="" DRY=0 EVAL=1 TRAIN_SPLIT=train
+NAME="" CONFIG="" NODES=1 IN="" DATA_ROOT="" DRY=0 EVAL=1 TRAIN_SPLIT=train ACC_CONFIG="${GLOW_ACCELERATE_CONFIG:-}"
 TASKS="dump" RUN_TASKS="samples"
 OOD=() OVERRIDES=() CONVERT=()
 while (($#)); do
@@ -70,6 +72,7 @@ while (($#)); do
         --tasks) TASKS=${2?--tasks needs a value}; shift 2 ;;
         --run-tasks) RUN_TASKS=${2?--run-tasks needs a value}; shift 2 ;;
         --convert-channels) CONVERT=(--convert-channels); shift ;;
+        --accelerate-config) ACC_CONFIG=${2:?--accelerate-config needs a value}; shift 2 ;;
         --no-eval) EVAL=0; shift ;;
         --dry-run) DRY=1; shift ;;
         -*) die "unknown option '$1' (options: --name --config --in --ood --train-split --nodes --data-root --tasks --run-tasks --convert-channels --no-eval --dry-run; then KEY=VALUE overrides); see --help" ;;
@@ -86,6 +89,8 @@ valid_path "$GLOW_RUN_ROOT" || die "GLOW_RUN_ROOT '$GLOW_RUN_ROOT' (slurm/env.sh
 [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "--nodes '$NODES' must be a positive integer"
 [[ -z "$DATA_ROOT" ]] || valid_path "$DATA_ROOT" ||
     die "--data-root '$DATA_ROOT' must be a path without spaces, quotes or glob characters, not starting with '-'"
+[[ -z "$ACC_CONFIG" || -f "$ACC_CONFIG" ]] ||
+    die "--accelerate-config '$ACC_CONFIG' not found (e.g. train/accelerate/deepspeed_zero2.yaml; paths are relative to $REPO)"
 read -r -a TASK_LIST <<<"$TASKS"
 read -r -a RUN_TASK_LIST <<<"$RUN_TASKS"
 if ((EVAL)); then
@@ -117,6 +122,8 @@ fi
 
 TRAIN=(sbatch "${COMMON[@]}" --nodes="$NODES" --job-name="glow-train-$NAME"
        --output="$RUN_DIR/logs/train-%j.out")
+# The launch config reaches the training job only (a later --export replaces the earlier one).
+[[ -n "$ACC_CONFIG" ]] && TRAIN+=(--export=ALL,GLOW_REPO="$REPO",GLOW_ACCELERATE_CONFIG="$ACC_CONFIG")
 EVAL_OPTS=() FIG_OPTS=()
 [[ -n "$GLOW_TIME" ]] && TRAIN+=(--time="$GLOW_TIME")
 [[ -n "$GLOW_EVAL_TIME" ]] && EVAL_OPTS+=(--time="$GLOW_EVAL_TIME") && FIG_OPTS+=(--time="$GLOW_EVAL_TIME")

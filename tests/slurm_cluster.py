@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "munged")
 NODES = ("n1", "n2")
-CPUS_PER_NODE = 2
+# Advertised, not real (SlurmdParameters=config_overrides): tests run several 1-CPU jobs per
+# node at once on a 2-core machine.
+CPUS_PER_NODE = 8
 PARTITION = "debug"
 TERMINAL_STATES = frozenset({
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",

@@ -1,6 +1,6 @@
 """slurm/ templates on a real cluster with stand-in scripts (fast; no Glow).
 
-tests/slurm_standin/ holds scripts that speak the contract CLIs: train.py (exit 75 on
+tests/slurm_standin/ holds scripts that speak the contract CLIs: train.py (exit 0 + STOPPED on
 STOP/USR1, resume), evaluate.py and figures.py (write the contract's output files). The real
 trainer is exercised by test_slurm.py (issue 6 (a)-(d)); these cover the failure path and
 the submit.sh chain, which need no real model.

@@ -3,10 +3,12 @@
     accelerate launch ... tests/slurm_standin/train.py --config X.yaml [key=value ...] [--no-resume]
 
 Keys: run.name, run.root (run dir = root/name), train.steps (20), train.step_seconds (0.2),
-train.ckpt_every (5). A tiny DDP linear model trained on data drawn from (seed, step, rank),
+train.ckpt_every (5), train.save_on_stop (1; 0 stops without a checkpoint: an attempt that
+makes no progress). A tiny DDP linear model trained on data drawn from (seed, step, rank),
 so a resumed run ends with the same weights as an uninterrupted one. Checkpoints:
-<run>/checkpoints/step-%08d/{state.pt, COMPLETE}. Stops with exit 75 after a checkpoint on
-SIGUSR1/SIGTERM or when <run>/STOP exists. Rank r writes <run>/rank-r.json at the end.
+<run>/checkpoints/step-%08d/{state.pt, COMPLETE}. On SIGUSR1/SIGTERM or <run>/STOP it saves a
+checkpoint, writes <run>/STOPPED ("<step> <reason>"), removes STOP and exits 0, as the real
+trainer does. Rank r writes <run>/rank-r.json at the end.
 """
 
 import json
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-STOP = {"flag": False}
+STOP = {"flag": False, "reason": "STOP-file"}
 
 
 def main(argv):
@@ -30,7 +32,7 @@ def main(argv):
     steps, dt, every = int(cfg.get("train.steps", 20)), float(cfg.get("train.step_seconds", 0.2)), \
         int(cfg.get("train.ckpt_every", 5))
     for s in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(s, lambda *_: STOP.update(flag=True))
+        signal.signal(s, lambda n, _: STOP.update(flag=True, reason=signal.Signals(n).name))
     acc = Accelerator()
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
@@ -53,6 +55,10 @@ def main(argv):
             (d / "COMPLETE").touch()
         acc.wait_for_everyone()
 
+    if acc.is_main_process:
+        (run_dir / "STOPPED").unlink(missing_ok=True)
+        (run_dir / "RUNNING").touch()
+    save_on_stop = cfg.get("train.save_on_stop", "1") == "1"
     step = start
     while step < steps:
         g = torch.Generator().manual_seed(1000 * step + acc.process_index)
@@ -65,10 +71,13 @@ def main(argv):
         time.sleep(dt)
         stop = torch.tensor([float(STOP["flag"] or (run_dir / "STOP").exists())])
         stop = acc.reduce(stop, reduction="sum").item() > 0
-        if step % every == 0 or stop or step == steps:
+        if step % every == 0 or (stop and save_on_stop) or step == steps:
             save(step)
         if stop and step < steps:
-            sys.exit(75)
+            if acc.is_main_process:
+                (run_dir / "STOPPED").write_text(f"{step} {STOP['reason']}\n")
+                (run_dir / "STOP").unlink(missing_ok=True)
+            sys.exit(0)
     w = torch.cat([p.detach().flatten() for p in acc.unwrap_model(model).parameters()])
     (run_dir / f"rank-{acc.process_index}.json").write_text(json.dumps({
         "world_size": acc.num_processes, "start": start, "weights": w.tolist(),
