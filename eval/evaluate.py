@@ -82,7 +82,8 @@ def _parse_spec(spec: str) -> tuple[str, str]:
               help="pt_inception-2015-12-05-6726825d.pth, loaded as plain tensors. "
                    "[default: $TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth]")
 @click.option("--fid-cache", default=None, metavar="DIR",
-              help="Cache of the reference statistics of each split. [default: <data-root>/fid-stats]")
+              help="Cache of the reference statistics of each split. "
+                   "[default: $GLOW_FID_CACHE, else $XDG_CACHE_HOME/glow-ood/fid-stats]")
 @click.option("--latents-images", type=click.IntRange(min=1), default=4, show_default=True,
               help="Images per --data split in latents.png.")
 @click.option("--check-done", is_flag=True,
@@ -131,6 +132,7 @@ def _evaluate(step_path, tasks, parsed, data_root, use_wandb, convert_channels, 
     """Run the tasks in order on every process, then report the results to the tracker."""
     from glow.checkpoint import load_model
     from glow.distributed import make_accelerator
+    from glow.fid import default_statistics_cache
     from glow.dumps import eval_dir
     from glow.evaluation import EvalContext, run_bpd, run_fid, run_latents, run_samples, track_results
     from glow.tracking import run_tracker, setup_logging
@@ -155,7 +157,7 @@ def _evaluate(step_path, tasks, parsed, data_root, use_wandb, convert_channels, 
         elif task == "samples":
             run_samples(ctx, temperatures, per_temperature)
         elif task == "fid":
-            cache = Path(fid_cache) if fid_cache else Path(ctx.data_root) / "fid-stats"
+            cache = Path(fid_cache) if fid_cache else default_statistics_cache()
             for dataset, split in parsed:
                 run_fid(ctx, dataset, split, fid_temperatures, fid_samples, inception_weights, cache)
         elif task == "latents":

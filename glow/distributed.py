@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-__all__ = ["StopFlag", "all_reduce_mean", "barrier", "die_with_launcher", "gather_objects", "make_accelerator"]
+__all__ = ["StopFlag", "all_reduce_mean", "all_reduce_sum", "barrier", "die_with_launcher", "gather_objects", "make_accelerator"]
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 600
@@ -79,6 +79,22 @@ def all_reduce_mean(accelerator: Accelerator):
         return stats[0], stats[1]
 
     return reduce
+
+
+def all_reduce_sum(array, world_size: int, device: torch.device | str = "cpu"):
+    """Elementwise sum of a float64 numpy array over all processes (every rank gets it).
+
+    `device` is where the collective runs: the accelerator's device (NCCL needs CUDA
+    tensors; gloo takes CPU ones). Float64 throughout, so sums of many features stay exact
+    enough for FID (a covariance from sums of outer products).
+    """
+    import numpy as np
+
+    if world_size == 1:
+        return np.asarray(array, dtype=np.float64)
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)).to(device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.cpu().numpy()
 
 
 def gather_objects(obj, world_size: int) -> list:

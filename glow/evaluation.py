@@ -299,9 +299,16 @@ def run_latents(ctx: EvalContext, specs: list[tuple[str, str]], n_images: int) -
 # -- FID -----------------------------------------------------------------------------------
 def run_fid(ctx: EvalContext, dataset: str, split: str, temperatures: list[float], n_samples: int,
             weights_path: str | None, cache_dir: Path) -> dict | None:
-    """FID of generated samples (one seed per sample, dealt across ranks) against a split."""
-    from glow.fid import (cached_statistics, feature_statistics, frechet_distance, inception_features,
-                          load_inception, statistics_key)
+    """FID of generated samples (one seed per sample, dealt across ranks) against a split.
+
+    Each rank accumulates the moments (n, sum x, sum x x^T) of its own features; one float64
+    all-reduce per feature set merges them, so no rank ever holds all the features. The
+    real images are reduced to the model's bit depth, as its samples are.
+    """
+    from glow.distributed import all_reduce_sum
+    from glow.likelihood import postprocess
+    from glow.fid import FID_DIM, FeatureMoments, cached_statistics, frechet_distance, inception_features, \
+        load_inception, statistics_key
 
     path = ctx.out_dir / "fid.json"
     spec = f"{dataset}/{split}"
@@ -312,32 +319,39 @@ def run_fid(ctx: EvalContext, dataset: str, split: str, temperatures: list[float
         log.info("FID for %s at %s exists in %s, skipped", spec, temperatures, path)
         return None
     inception = load_inception(ctx.device, weights_path)  # fails early, clearly, without weights
-    key = statistics_key(manifest_hash(manifest), int(ctx.model.config.image_size))
+    n_bits, size = int(ctx.model.config.n_bits), int(ctx.model.config.image_size)
+    key = statistics_key(dataset, split, size, n_bits, int(manifest["count"]), manifest_hash(manifest))
 
-    def real_features() -> np.ndarray:
+    def reduced(moments: FeatureMoments) -> FeatureMoments:
+        dim = moments.total.shape[0]
+        return FeatureMoments.from_packed(all_reduce_sum(moments.packed(), ctx.world_size, ctx.device), dim)
+
+    def real_moments() -> FeatureMoments:
         loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=ctx.batch_size, rank=ctx.rank,
                                   world_size=ctx.world_size, num_workers=ctx.num_workers)
-        local = [inception_features(b["image"], ctx.device, model=inception) for b in loader]
-        feats = np.concatenate(local) if local else np.zeros((0, 2048))
-        return np.concatenate(gather_objects(feats, ctx.world_size))
+        moments = FeatureMoments(FID_DIM)
+        for batch in loader:
+            x = batch["image"]
+            levels = postprocess(preprocess(x, n_bits, torch.full(x.shape, 0.5)), n_bits)  # = x at 8 bits
+            moments.add(inception_features(levels, ctx.device, model=inception))
+        return reduced(moments)
 
-    # Every rank takes part in computing the features; only rank 0 writes the cache.
-    mu_ref, sigma_ref = cached_statistics(cache_dir, key, real_features, write=ctx.is_main)
+    # Every rank takes part in the reduction; only rank 0 writes the cache.
+    mu_ref, sigma_ref = cached_statistics(cache_dir, key, real_moments, write=ctx.is_main)
     results = {}
     mine = range(ctx.rank, n_samples, ctx.world_size)
     for t in wanted:
-        feats = []
+        moments = FeatureMoments(FID_DIM)
         for start in range(0, len(mine), ctx.batch_size):
             images = sample_seeded(ctx.model, mine[start : start + ctx.batch_size], t, ctx.seed)
-            feats.append(inception_features(images, ctx.device, model=inception))
-        local = np.concatenate(feats) if feats else np.zeros((0, 2048))
-        allf = np.concatenate(gather_objects(local, ctx.world_size))
-        mu, sigma = feature_statistics(allf)
+            moments.add(inception_features(images, ctx.device, model=inception))
+        moments = reduced(moments)
+        mu, sigma = moments.statistics()
         results[f"{spec}@T={t}"] = {
             "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "temperature": t, **settings,
             "reference": spec, "reference_count": int(manifest["count"]),
         }
-        log.info("FID %s T=%s: %.3f (%d samples)", spec, t, results[f"{spec}@T={t}"]["fid"], len(allf))
+        log.info("FID %s T=%s: %.3f (%d samples)", spec, t, results[f"{spec}@T={t}"]["fid"], moments.n)
     if ctx.is_main:
         add_entries(path, results)
     barrier(ctx.world_size)

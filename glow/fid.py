@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_DETECTOR = "pytorch-fid-inception-v3-pool3-2048"
+FID_DIM = 2048
 FID_RESIZE = "bilinear-299"  # pytorch-fid resize_input: F.interpolate(299, bilinear)
 
 
@@ -34,6 +35,49 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"feature_statistics needs an (N >= 2, D) array, got shape {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+class FeatureMoments:
+    """Sufficient statistics of a feature set: count, sum and sum of outer products (float64).
+
+    Adding moments merges sets, so a distributed FID reduces three arrays over the ranks
+    (D + D*D numbers, ~34 MB at D = 2048) instead of gathering every feature vector onto
+    every rank (50,000 x 2,048 float64 is ~820 MB per rank).
+    """
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.total = np.zeros(dim, np.float64)
+        self.outer = np.zeros((dim, dim), np.float64)
+
+    def add(self, features) -> "FeatureMoments":
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2 or f.shape[1] != self.total.shape[0]:
+            raise ValueError(f"FeatureMoments({self.total.shape[0]}) got features of shape {f.shape}")
+        self.n += f.shape[0]
+        self.total += f.sum(axis=0)
+        self.outer += f.T @ f
+        return self
+
+    def packed(self) -> np.ndarray:
+        """One flat float64 array [n, sum, outer] (what a single all-reduce sums)."""
+        return np.concatenate([[float(self.n)], self.total, self.outer.ravel()])
+
+    @classmethod
+    def from_packed(cls, flat: np.ndarray, dim: int) -> "FeatureMoments":
+        m = cls(dim)
+        m.n = int(round(float(flat[0])))
+        m.total = np.array(flat[1 : dim + 1], np.float64)
+        m.outer = np.array(flat[dim + 1 :], np.float64).reshape(dim, dim)
+        return m
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased covariance, as `feature_statistics` gives for the same features."""
+        if self.n < 2:
+            raise ValueError(f"FID statistics need at least 2 feature vectors, got {self.n}")
+        mu = self.total / self.n
+        sigma = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+        return mu, (sigma + sigma.T) / 2
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
@@ -211,15 +255,31 @@ def inception_features(
 # --------------------------------------------------------------------------- reference statistics
 
 
-def statistics_key(manifest_hash: str, resolution: int, detector: str = FID_DETECTOR, resize: str = FID_RESIZE) -> dict:
-    """The fields that identify a reference-statistics file."""
-    return {"manifest_hash": str(manifest_hash), "resolution": int(resolution), "detector": detector, "resize": resize}
+def statistics_key(dataset: str, split: str, resolution: int, n_bits: int, count: int, manifest_hash: str,
+                   detector: str = FID_DETECTOR, resize: str = FID_RESIZE) -> dict:
+    """The fields that identify a reference-statistics file (the real images are reduced to
+    the model's `n_bits` levels, as its samples are, so the bit depth is part of the key)."""
+    return {"dataset": str(dataset), "split": str(split), "resolution": int(resolution), "n_bits": int(n_bits),
+            "count": int(count), "manifest_hash": str(manifest_hash), "detector": detector, "resize": resize}
 
 
 def statistics_path(cache_dir, key: Mapping) -> Path:
     """File name encoding every field of ``key`` (so distinct settings never share a file)."""
-    name = "fid-ref-{manifest_hash}-{resolution}px-{detector}-{resize}.npz".format(**key)
-    return Path(cache_dir) / name
+    name = "fid-ref-{dataset}-{split}-{resolution}px-{n_bits}bit-{count}-{manifest_hash}-{detector}-{resize}.npz"
+    return Path(cache_dir) / name.format(**key)
+
+
+def default_statistics_cache() -> Path:
+    """Where reference statistics are cached unless told otherwise: `$GLOW_FID_CACHE`, else
+    `$XDG_CACHE_HOME/glow-ood/fid-stats` (default `~/.cache/glow-ood/fid-stats`).
+
+    Never inside the data root, which is often read-only on clusters; the key in the file
+    name keeps datasets, splits, resolutions and bit depths apart in one shared directory.
+    """
+    if os.environ.get("GLOW_FID_CACHE"):
+        return Path(os.environ["GLOW_FID_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "glow-ood" / "fid-stats"
 
 
 def save_statistics(path, mu, sigma, key: Mapping) -> None:
@@ -246,18 +306,20 @@ def load_statistics(path, key: Mapping | None = None) -> tuple[np.ndarray, np.nd
         return z["mu"], z["sigma"]
 
 
-def cached_statistics(cache_dir, key: Mapping, compute: Callable[[], np.ndarray],
+def cached_statistics(cache_dir, key: Mapping, compute: Callable[[], np.ndarray | FeatureMoments],
                       write: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Reference (mu, sigma) from the cache, or from ``compute()`` (features (N, D)) then cached.
+    """Reference (mu, sigma) from the cache, or from ``compute()`` then cached; ``compute``
+    returns features (N, D) or their (already reduced) `FeatureMoments`.
 
     ``write=False`` computes without writing: in a distributed job every rank computes (the
-    features are gathered) and only rank 0 writes.
+    moments are reduced) and only rank 0 writes.
     """
     path = statistics_path(cache_dir, key)
     if path.is_file():
         log.info("FID reference statistics from cache %s", path)
         return load_statistics(path, key)
-    mu, sigma = feature_statistics(compute())
+    computed = compute()
+    mu, sigma = computed.statistics() if isinstance(computed, FeatureMoments) else feature_statistics(computed)
     if write:
         save_statistics(path, mu, sigma, key)
         log.info("FID reference statistics written to %s", path)

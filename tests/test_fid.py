@@ -35,7 +35,7 @@ def test_frechet_distance_equals_pytorch_fid_and_closed_form():
 
 
 def test_statistics_cache_atomic_and_keyed(tmp_path):
-    key = fid.statistics_key("abcd1234", 32)
+    key = fid.statistics_key("celeba", "train", 32, 8, 10, "abcd1234")
     calls = []
 
     def compute():
@@ -48,10 +48,79 @@ def test_statistics_cache_atomic_and_keyed(tmp_path):
     np.testing.assert_array_equal(mu, mu2)
     np.testing.assert_array_equal(sigma, sigma2)
     assert [p.name for p in tmp_path.iterdir()] == [fid.statistics_path(tmp_path, key).name]
-    other = fid.statistics_key("abcd1234", 64)
-    assert fid.statistics_path(tmp_path, other) != fid.statistics_path(tmp_path, key)
+    other = fid.statistics_key("celeba", "train", 64, 8, 10, "abcd1234")
+    for changed in (other, fid.statistics_key("celeba", "train", 32, 5, 10, "abcd1234"),
+                    fid.statistics_key("celeba", "test", 32, 8, 10, "abcd1234"),
+                    fid.statistics_key("svhn", "train", 32, 8, 10, "abcd1234"),
+                    fid.statistics_key("celeba", "train", 32, 8, 11, "abcd1234"),
+                    fid.statistics_key("celeba", "train", 32, 8, 10, "ffff0000")):
+        assert fid.statistics_path(tmp_path, changed) != fid.statistics_path(tmp_path, key), changed
     with pytest.raises(ValueError, match="holds statistics for"):
         fid.load_statistics(fid.statistics_path(tmp_path, key), other)
+
+
+def test_default_statistics_cache_is_writable_and_outside_the_data(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLOW_FID_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert fid.default_statistics_cache() == tmp_path / "xdg" / "glow-ood" / "fid-stats"
+    monkeypatch.setenv("GLOW_FID_CACHE", str(tmp_path / "mine"))
+    assert fid.default_statistics_cache() == tmp_path / "mine"
+
+
+def test_feature_moments_merge_to_the_statistics_of_the_union():
+    rng = np.random.default_rng(3)
+    parts = [rng.normal(2.0, 3.0, size=(n, 6)) for n in (7, 0, 12)]  # uneven, one rank empty
+    merged = fid.FeatureMoments(6)
+    for part in parts:
+        one = fid.FeatureMoments(6).add(part)
+        merged = fid.FeatureMoments.from_packed(merged.packed() + one.packed(), 6)
+    mu, sigma = merged.statistics()
+    mu_ref, sigma_ref = fid.feature_statistics(np.concatenate(parts))
+    assert merged.n == 19
+    np.testing.assert_allclose(mu, mu_ref, rtol=1e-12)
+    np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        fid.FeatureMoments(6).add(parts[0][:1]).statistics()
+
+
+def _fid_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: FID of its share of the features by moment reduction and by gathering."""
+    import torch.distributed as dist
+
+    from glow.distributed import all_reduce_sum, gather_objects
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    rng = np.random.default_rng(11)
+    fake = rng.gamma(2.0, 1.0, size=(301, 64)) @ rng.normal(size=(64, 64))  # correlated, non-zero mean
+    real = rng.gamma(2.2, 1.0, size=(257, 64)) @ rng.normal(size=(64, 64))
+    results = {}
+    for name, how in (("reduce", "reduce"), ("gather", "gather")):
+        stats = []
+        for feats in (real, fake):
+            mine = feats[rank::world]  # unequal shares
+            if how == "reduce":
+                flat = all_reduce_sum(fid.FeatureMoments(64).add(mine).packed(), world)
+                stats.append(fid.FeatureMoments.from_packed(flat, 64).statistics())
+            else:
+                stats.append(fid.feature_statistics(np.concatenate(gather_objects(mine, world))))
+        results[name] = fid.frechet_distance(*stats[1], *stats[0])
+    np.save(f"{out}/rank{rank}.npy", np.array([results["reduce"], results["gather"]]))
+    dist.destroy_process_group()
+
+
+def test_fid_by_reduced_moments_equals_the_gather_path_on_two_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fid_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    a, b = (np.load(tmp_path / f"rank{r}.npy") for r in range(2))
+    assert a[0] == b[0] and a[1] == b[1]  # every rank holds the same FID
+    assert a[0] > 1.0  # two different distributions
+    assert a[0] == pytest.approx(a[1], rel=1e-6)
 
 
 # --------------------------------------------------------------------------- FID end to end
