@@ -250,6 +250,7 @@ class Trainer:
             self._configure_deepspeed()
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.model_unwrapped = acc.unwrap_model(self.model)
+        self._settle_ddp_buckets()
         if resume_from is not None:
             if self.deepspeed:
                 ckpt.check_own_files(resume_from / "state")
@@ -264,6 +265,23 @@ class Trainer:
         else:
             # Different dequantization noise per rank; restored from the checkpoint on resume.
             torch.manual_seed(c.train.seed * 1000 + 1 + acc.process_index)
+
+    def _settle_ddp_buckets(self) -> None:
+        """One zero-weight forward/backward so that every real step uses DDP's final buckets.
+
+        DDP regroups its gradient buckets (in gradient-ready order) after the first backward
+        following its construction, and a ring all-reduce over 3 or more ranks sums each
+        element in an order that depends on its place in the bucket. Without this pass a
+        resumed run's first step would sum in the initial order, an uninterrupted run's in
+        the regrouped one: an ulp apart, so resume would not be bitwise exact at world size
+        4. The gradients are zero (and dropped); no data, RNG or optimizer state is touched.
+        """
+        if self.deepspeed or self.acc.num_processes == 1:
+            return
+        m = self.cfg.model  # the training batch shape, so a compiled model compiles once
+        y = torch.zeros(self.cfg.train.batch_size, m.in_channels, m.image_size, m.image_size, device=self.acc.device)
+        self._log_p_y(y).sum().mul(0.0).backward()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _configure_deepspeed(self) -> None:
         """The batch (no DataLoader goes through prepare()) and clipping come from our config.
@@ -324,9 +342,11 @@ class Trainer:
         if c.data.perturb_prob > 0:
             x = perturb_pixels(x, c.data.perturb_prob)
         y = preprocess(x, c.model.n_bits, torch.rand(x.shape, device=x.device))
-        with torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=c.train.precision == "bf16"):
-            log_p_y = self.model(y)
-        return bits_per_dim(log_p_y.float(), c.model.n_dims, c.model.n_bits).mean()
+        return bits_per_dim(self._log_p_y(y), c.model.n_dims, c.model.n_bits).mean()
+
+    def _log_p_y(self, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
+            return self.model(y).float()
 
     def _stop_requested(self) -> bool:
         return self.stop.requested or (self.acc.is_main_process and (self.run_dir / STOP).exists())

@@ -260,3 +260,128 @@ def test_deepspeed_zero2_trains_saves_and_resumes(shards, tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed at step 6" in (tmp_path / "tiny" / "log.txt").read_text()
     assert complete_checkpoints(tmp_path / "tiny")[-1][0] == 10
+
+
+# -- issue 12: one sync per step, one writer per run, workers die with their launcher ------
+def _nan_worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
+    """Two trainers on 2 ranks with grad_accum=2: one clean, one with a NaN micro-batch on
+    rank 1 only (step 3, first micro-batch). Records each micro-batch's digest and each
+    step's parameter digest."""
+    import hashlib
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    from accelerate import Accelerator
+
+    from glow.config import load_config
+    from glow.trainer import Trainer
+
+    class Recording(Trainer):
+        def _loss(self, x):
+            self.seen.append(hashlib.sha256(x.numpy().tobytes()).hexdigest()[:12])
+            value = super()._loss(x)
+            poisoned = self.poison and self.acc.process_index == 1 and self.state.step == 3 and len(self.seen) % 2 == 1
+            return value * float("nan") if poisoned else value
+
+        def train_step(self, batches):
+            result = super().train_step(batches)
+            self.params.append(self.check_replicas(f"after step {self.state.step}")[0])
+            return result
+
+    record = {}
+    for poison in (False, True):
+        cfg = load_config(REPO / "train" / "configs" / "tiny.yaml", [
+            f"run.root={out}/{poison}", f"data.root={shards}", "data.dataset=toy", "train.max_steps=6",
+            "optim.grad_accum=2", "train.log_every=1", "train.checkpoint_every=100"])
+        trainer = Recording(cfg, Accelerator(cpu=True))
+        trainer.seen, trainer.params, trainer.poison = [], [], poison
+        assert trainer.fit() == 0
+        record[str(poison)] = {"seen": trainer.seen, "params": trainer.params,
+                               "skipped": trainer.state.skipped_total}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def test_nan_micro_batch_on_one_rank_skips_the_update_everywhere_and_keeps_the_stream(shards, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_nan_worker, args=(2, port, str(shards), str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rec in ranks:
+        clean, poisoned = rec["False"], rec["True"]
+        assert poisoned["seen"] == clean["seen"] and len(clean["seen"]) == 12  # same micro-batches, in order
+        assert clean["skipped"] == 0 and poisoned["skipped"] == 1
+        # params[i] is the digest after step i + 1: step 4 (index 3) left the weights alone.
+        assert poisoned["params"][3] == poisoned["params"][2] and clean["params"][3] != clean["params"][2]
+        assert poisoned["params"][:3] == clean["params"][:3]
+    assert ranks[0]["True"]["params"] == ranks[1]["True"]["params"]  # every rank skipped it
+
+
+def test_second_trainer_on_a_live_run_refuses_naming_the_holder(shards, tmp_path):
+    from accelerate import Accelerator
+
+    from glow.config import load_config
+    from glow.files import hold_lock
+    from glow.trainer import RunInUse, Trainer
+
+    cfg = load_config(REPO / "train" / "configs" / "tiny.yaml", [f"run.root={tmp_path}", f"data.root={shards}",
+                                                                "data.dataset=toy", "train.max_steps=2"])
+    with hold_lock(tmp_path / "tiny" / "LOCK", {"note": "the live run"}):
+        with pytest.raises(RunInUse, match=rf"held by another process .*pid={os.getpid()}"):
+            Trainer(cfg, Accelerator(cpu=True)).fit()
+    assert not (tmp_path / "tiny" / "checkpoints").exists()
+    assert Trainer(cfg, Accelerator(cpu=True)).fit() == 0  # a released lock is taken
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    """Any thread of `pid` not yet dead (a killed process's leader turns zombie before its
+    other threads have exited and released its files)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            states.append((task / "stat").read_text().split(")")[-1].split()[0])
+        except OSError:
+            pass
+    return any(state not in ("Z", "X") for state in states)
+
+
+def test_sigkill_of_the_launcher_leaves_no_worker(shards, tmp_path):
+    """(h) torchrun starts workers in their own sessions; they must still die with it."""
+    cmd = train_command(tmp_path, shards, "train.max_steps=100000", "train.checkpoint_every=1000", nproc=2)
+    proc = subprocess.Popen(cmd, env=cpu_env(GLOW_TEST_STEP_SECONDS="0.05"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
+    run_dir = tmp_path / "tiny"
+    workers: list[int] = []
+    try:
+        wait_until(lambda: (run_dir / "metrics.jsonl").exists(), 180, proc)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        proc.kill()
+        proc.wait()
+        t0 = time.monotonic()
+        while any(map(_alive, workers)) and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        elapsed = time.monotonic() - t0
+        assert not any(map(_alive, workers)), f"workers {workers} outlived their launcher"
+        assert elapsed < 5, elapsed
+    finally:
+        for pid in [p for p in workers if _alive(p)] + ([] if proc.poll() is not None else [proc.pid]):
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    from glow.files import LockHeld, hold_lock
+
+    try:
+        with hold_lock(run_dir / "LOCK"):  # the dead rank 0's lock is free again
+            pass
+    except LockHeld as err:
+        holders = subprocess.run(["ps", "-eo", "pid,ppid,stat,cmd"], capture_output=True, text=True).stdout
+        raise AssertionError(f"{err}; workers were {workers}\n{holders}") from None
