@@ -10,6 +10,7 @@ stop request (SIGUSR1 / SIGTERM) for the training loop to act on at a step bound
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 import signal
@@ -20,7 +21,8 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-__all__ = ["StopFlag", "all_reduce_mean", "all_reduce_sum", "barrier", "die_with_launcher", "gather_objects", "make_accelerator"]
+__all__ = ["StopFlag", "all_reduce_mean", "all_reduce_sum", "barrier", "die_with_launcher", "gather_objects",
+           "make_accelerator", "replica_digests", "settle_ddp_buckets"]
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 600
@@ -95,6 +97,33 @@ def all_reduce_sum(array, world_size: int, device: torch.device | str = "cpu"):
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)).to(device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.cpu().numpy()
+
+
+def replica_digests(state_dict: dict, accelerator: Accelerator) -> list[str]:
+    """A 16-hex-digit digest of `state_dict` (names and exact bytes) from every rank."""
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    local = digest.hexdigest()[:16]
+    codes = torch.tensor([int(local[i : i + 4], 16) for i in range(0, 16, 4)], device=accelerator.device)
+    gathered = accelerator.gather(codes).view(-1, 4).tolist()
+    return ["".join(f"{v:04x}" for v in row) for row in gathered]
+
+
+def settle_ddp_buckets(zero_weight_loss, optimizer) -> None:
+    """One forward/backward whose gradients are dropped, right after DDP is built.
+
+    DDP regroups its gradient buckets (in gradient-ready order) after the first backward
+    following its construction, and a ring all-reduce over 3 or more ranks sums each element
+    in an order that depends on its place in the bucket. Without this pass a resumed run's
+    first step would sum in the initial order and an uninterrupted run's in the regrouped
+    one: an ulp apart, so resume would not be bitwise exact at world size 4 (it is at 2,
+    where a sum of two is order-free). `zero_weight_loss()` runs the model on any input; no
+    data, RNG or optimizer state is touched.
+    """
+    zero_weight_loss().mul(0.0).backward()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def gather_objects(obj, world_size: int) -> list:

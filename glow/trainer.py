@@ -25,7 +25,6 @@ rank. Resuming from step N therefore continues bit for bit where a straight run 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -45,13 +44,14 @@ from glow import checkpoint as ckpt
 from glow.config import Config, ConfigError, config_hash, to_dict, to_yaml
 from glow.data import check_channels, fan_out_warning, make_train_loader, read_manifest
 from glow.errors import CheckpointMismatch, UserError
-from glow.distributed import StopFlag, all_reduce_mean, gather_objects
+from glow.distributed import StopFlag, all_reduce_mean, replica_digests, settle_ddp_buckets
 from glow.flows import set_actnorm_reducer
-from glow.files import LockHeld, atomic_write_text, hold_lock
+from glow.files import atomic_write_text
 from glow.likelihood import bits_per_dim, perturb_pixels, preprocess
 from glow.model import Glow
 from glow.names import step_dir_name
 from glow.performance import apply_train_config
+from glow.rundir import STOP, STOPPED, RunInUse, clear_stale_markers, lock_run_dir, mark_stopped, stop_requested_by_file
 from glow.sampling import save_sample_grid
 from glow.tracking import MetricsLog, Progress, Tracker, git_sha, setup_logging
 
@@ -59,12 +59,6 @@ __all__ = ["EXIT_FAILED", "RunInUse", "Trainer", "lr_factor"]
 
 log = logging.getLogger(__name__)
 EXIT_FAILED = 1
-LOCK, STOP, STOPPED = "LOCK", "STOP", "STOPPED"
-_PROCESS_START = time.time()
-
-
-class RunInUse(UserError):
-    """Another live trainer holds the run directory's lock (exit 2: choose another run.name)."""
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
@@ -135,42 +129,13 @@ class Trainer:
                               "gradient_accumulation_steps in the DeepSpeed config instead")
 
     # -- set-up ------------------------------------------------------------------------
-    def _lock_run_dir(self, stack: contextlib.ExitStack) -> None:
-        """Rank 0 takes `<run>/LOCK` for the run's life; every rank refuses if it is held.
-
-        The lock is an flock: the kernel releases it when its holder dies, so a run whose
-        trainer was killed is taken over by the next launch.
-        """
-        error = ""
-        if self.acc.is_main_process:
-            try:
-                stack.enter_context(hold_lock(self.run_dir / LOCK, {"run": str(self.run_dir)}))
-            except LockHeld as err:
-                error = (f"{err}: another trainer is writing this run. Wait for it to end, stop it "
-                         f"(touch {self.run_dir / STOP}), or choose another run.name")
-        error = gather_objects(error, self.acc.num_processes)[0]
-        if error:
-            raise RunInUse(error)
-
-    def _clear_stale_markers(self) -> None:
-        """Drop the previous attempt's STOPPED, and a STOP older than this attempt.
-
-        A STOP written after the attempt began (a preemption signal that reached the batch
-        shell while the trainer was starting) is kept and honoured at the first step.
-        """
-        (self.run_dir / STOPPED).unlink(missing_ok=True)
-        began = float(os.environ.get("GLOW_ATTEMPT_START", _PROCESS_START))
-        with contextlib.suppress(FileNotFoundError):
-            if (self.run_dir / STOP).stat().st_mtime < began:
-                (self.run_dir / STOP).unlink()
-
     def _prepare_run_dir(self) -> Path | None:
         """Create the run dir, clear stale stop markers, pick the checkpoint to resume."""
         acc, run_dir = self.acc, self.run_dir
         resume_from = ckpt.latest_checkpoint(run_dir) if self.resume else None
         if acc.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._clear_stale_markers()
+            clear_stale_markers(run_dir)
             if not self.resume and ckpt.complete_checkpoints(run_dir):
                 raise RunExists(
                     f"{run_dir / 'checkpoints'} already holds checkpoints and --no-resume was given: "
@@ -267,21 +232,12 @@ class Trainer:
             torch.manual_seed(c.train.seed * 1000 + 1 + acc.process_index)
 
     def _settle_ddp_buckets(self) -> None:
-        """One zero-weight forward/backward so that every real step uses DDP's final buckets.
-
-        DDP regroups its gradient buckets (in gradient-ready order) after the first backward
-        following its construction, and a ring all-reduce over 3 or more ranks sums each
-        element in an order that depends on its place in the bucket. Without this pass a
-        resumed run's first step would sum in the initial order, an uninterrupted run's in
-        the regrouped one: an ulp apart, so resume would not be bitwise exact at world size
-        4. The gradients are zero (and dropped); no data, RNG or optimizer state is touched.
-        """
+        """Bitwise-exact resume at any world size (see `glow.distributed.settle_ddp_buckets`)."""
         if self.deepspeed or self.acc.num_processes == 1:
             return
         m = self.cfg.model  # the training batch shape, so a compiled model compiles once
         y = torch.zeros(self.cfg.train.batch_size, m.in_channels, m.image_size, m.image_size, device=self.acc.device)
-        self._log_p_y(y).sum().mul(0.0).backward()
-        self.optimizer.zero_grad(set_to_none=True)
+        settle_ddp_buckets(lambda: self._log_p_y(y).sum(), self.optimizer)
 
     def _configure_deepspeed(self) -> None:
         """The batch (no DataLoader goes through prepare()) and clipping come from our config.
@@ -349,7 +305,7 @@ class Trainer:
             return self.model(y).float()
 
     def _stop_requested(self) -> bool:
-        return self.stop.requested or (self.acc.is_main_process and (self.run_dir / STOP).exists())
+        return self.stop.requested or (self.acc.is_main_process and stop_requested_by_file(self.run_dir))
 
     def _grad_norm(self) -> torch.Tensor | None:
         """Clip (DDP) and return the global gradient norm: all-reduced, so equal on every rank.
@@ -419,17 +375,10 @@ class Trainer:
 
         Catches silent divergence (a rank-dependent init, a missed all-reduce) at once.
         """
-        digest = hashlib.sha256()
-        for name, tensor in self.model_unwrapped.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        local = digest.hexdigest()[:16]
-        codes = torch.tensor([int(local[i : i + 4], 16) for i in range(0, 16, 4)], device=self.acc.device)
-        gathered = self.acc.gather(codes).view(-1, 4).tolist()
-        digests = ["".join(f"{v:04x}" for v in row) for row in gathered]
+        digests = replica_digests(self.model_unwrapped.state_dict(), self.acc)
         if len(set(digests)) != 1:
             raise RuntimeError(f"model replicas differ across ranks {when}: {digests}")
-        log.info("parameters identical on %d ranks %s (digest %s)", len(digests), when, local)
+        log.info("parameters identical on %d ranks %s (digest %s)", len(digests), when, digests[0])
         return digests
 
     def save_checkpoint(self) -> Path:
@@ -479,18 +428,16 @@ class Trainer:
             self.tracker.log_image("samples", path, self.state.step)
 
     def _mark_stopped(self) -> None:
-        """Write `<run>/STOPPED` ("<step> <reason>") and consume the STOP file."""
         reason = self.stop.signal_name or "STOP-file"
         log.info("stop requested (%s): stopped at step %d with a complete checkpoint; exit 0, "
                  "%s written (resumable)", reason, self.state.step, self.run_dir / STOPPED)
         if self.acc.is_main_process:
-            atomic_write_text(self.run_dir / STOPPED, f"{self.state.step} {reason}\n")
-            (self.run_dir / STOP).unlink(missing_ok=True)
+            mark_stopped(self.run_dir, self.state.step, reason)
 
     # -- the loop ----------------------------------------------------------------------
     def fit(self) -> int:
         with contextlib.ExitStack() as stack:
-            self._lock_run_dir(stack)
+            lock_run_dir(stack, self.run_dir, self.acc.is_main_process, self.acc.num_processes)
             return self._fit()
 
     def _fit(self) -> int:
