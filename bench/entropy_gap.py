@@ -57,7 +57,7 @@ def main(minutes, out, data_root, processes, overrides):
     start = time.monotonic()
     while proc.poll() is None and time.monotonic() - start < minutes * 60:
         time.sleep(1)
-    run_dir.joinpath("STOP").touch()  # the trainer checkpoints and exits with 75
+    run_dir.joinpath("STOP").touch()  # the trainer checkpoints, writes STOPPED and exits 0
     proc.wait()
     trained = time.monotonic() - start
     subprocess.run([py, str(REPO / "eval/evaluate.py"), "--checkpoint", str(run_dir / "checkpoints/latest"),
