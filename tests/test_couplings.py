@@ -228,6 +228,7 @@ def test_trainer_perturbs_inputs_only_when_asked(monkeypatch):
     class Stub:
         acc = type("A", (), {"device": torch.device("cpu")})()
         model = staticmethod(lambda y: torch.zeros(y.shape[0]))
+        _log_p_y = trainer_module.Trainer._log_p_y
 
     batch = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
     for prob, expected in ((0.0, []), (0.2, [0.2])):
