@@ -436,13 +436,13 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------
     def fit(self) -> int:
+        self._check_data()  # before the lock: a refused start leaves no run directory behind
         with contextlib.ExitStack() as stack:
             lock_run_dir(stack, self.run_dir, self.acc.is_main_process, self.acc.num_processes)
             return self._fit()
 
     def _fit(self) -> int:
         c, acc = self.cfg, self.acc
-        self._check_data()
         resume_from = self._prepare_run_dir()
         self._build(resume_from)
         self._log_startup(resume_from)
