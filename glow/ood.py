@@ -54,7 +54,8 @@ def ood_metrics(scores_in, scores_out) -> dict:
             raise ResultsInvalid(f"{name} has {int((~np.isfinite(s)).sum())} non-finite values; fix the dump first")
     y = np.concatenate([np.ones(s_in.size), np.zeros(s_out.size)])
     s = np.concatenate([s_in, s_out])
-    fpr, tpr, _ = roc_curve(y, s)
+    # Every threshold: with tied scores the thinned curve (drop_intermediate) can skip the 95% crossing.
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
     idx = int(np.searchsorted(tpr, 0.95, side="left"))
     return {
         "auroc": float(roc_auc_score(y, s)),
