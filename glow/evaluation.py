@@ -25,7 +25,7 @@ from glow.distributed import barrier, gather_objects
 from glow.errors import DataError
 from glow.dumps import dump_path, load_dump, write_dump
 from glow.files import atomic_write_json
-from glow.likelihood import bits_per_dim, eval_noise, log_p_x, preprocess
+from glow.likelihood import bits_per_dim, eval_noise, log_p_x, preprocess, quantize, requantize
 from glow.model import Glow, GlowConfig
 from glow.ood import png_complexity_bpd_batch
 from glow.performance import fast_eval
@@ -140,7 +140,8 @@ def _score_batch(ctx: EvalContext, batch: dict, parts: dict[str, list]) -> None:
     parts["label"].append(batch["label"].numpy())
     parts["log_p"].append(log_p_x(log_p_y, n_dims, n_bits).numpy())
     parts["bpd"].append(bits_per_dim(log_p_y, n_dims, n_bits).numpy())
-    parts["complexity_bpd"].append(png_complexity_bpd_batch(images))
+    # L(x) of the image the model scored: the n_bits bins (Serra et al. compare code lengths of one image)
+    parts["complexity_bpd"].append(png_complexity_bpd_batch(quantize(images, n_bits)))
 
 
 def _log_prob_full_batch(model: Glow, y: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -312,12 +313,14 @@ def run_fid(ctx: EvalContext, dataset: str, split: str, temperatures: list[float
         log.info("FID for %s at %s exists in %s, skipped", spec, temperatures, path)
         return None
     inception = load_inception(ctx.device, weights_path)  # fails early, clearly, without weights
-    key = statistics_key(manifest_hash(manifest), int(ctx.model.config.image_size))
+    n_bits = int(ctx.model.config.n_bits)
+    key = statistics_key(manifest_hash(manifest), int(ctx.model.config.image_size), n_bits=n_bits)
 
     def real_features() -> np.ndarray:
         loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=ctx.batch_size, rank=ctx.rank,
                                   world_size=ctx.world_size, num_workers=ctx.num_workers)
-        local = [inception_features(b["image"], ctx.device, model=inception) for b in loader]
+        # quantized as the samples are, so that FID does not count the bit depth as a difference
+        local = [inception_features(requantize(b["image"], n_bits), ctx.device, model=inception) for b in loader]
         feats = np.concatenate(local) if local else np.zeros((0, 2048))
         return np.concatenate(gather_objects(feats, ctx.world_size))
 

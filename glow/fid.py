@@ -211,14 +211,20 @@ def inception_features(
 # --------------------------------------------------------------------------- reference statistics
 
 
-def statistics_key(manifest_hash: str, resolution: int, detector: str = FID_DETECTOR, resize: str = FID_RESIZE) -> dict:
-    """The fields that identify a reference-statistics file."""
-    return {"manifest_hash": str(manifest_hash), "resolution": int(resolution), "detector": detector, "resize": resize}
+def statistics_key(manifest_hash: str, resolution: int, detector: str = FID_DETECTOR, resize: str = FID_RESIZE,
+                   n_bits: int = 8) -> dict:
+    """The fields that identify a reference-statistics file.
+
+    ``n_bits``: the references are the split's images quantized to the model's bit depth
+    (`glow.likelihood.requantize`), so 5-bit and 8-bit references never share a file.
+    """
+    return {"manifest_hash": str(manifest_hash), "resolution": int(resolution), "detector": detector,
+            "resize": resize, "n_bits": int(n_bits)}
 
 
 def statistics_path(cache_dir, key: Mapping) -> Path:
     """File name encoding every field of ``key`` (so distinct settings never share a file)."""
-    name = "fid-ref-{manifest_hash}-{resolution}px-{detector}-{resize}.npz".format(**key)
+    name = "fid-ref-{manifest_hash}-{resolution}px-{n_bits}bit-{detector}-{resize}.npz".format(**key)
     return Path(cache_dir) / name
 
 
