@@ -8,9 +8,9 @@ Conventions
   (the failure Kirichenko et al. 2020 and Nalisnick et al. 2019 report for flows).
 * Input complexity L(x) (Serra et al. 2020) is the size of the PNG encoding at maximum
   compression in bits per dimension, of the image the model scores: at n_bits < 8 the
-  quantized bins x >> (8 - n_bits), so that bpd(x) and L(x) describe the same image. Their score S(x) = bpd(x) - L(x) is large for OOD data,
-  so the in-distribution score is -S(x). -L(x) alone is the model-free baseline (a "likelihood"
-  under the PNG code).
+  quantized bins x >> (8 - n_bits), so that bpd(x) and L(x) describe the same image.
+  Their score S(x) = bpd(x) - L(x) is large for OOD data, so the in-distribution score is
+  -S(x). -L(x) alone is the model-free baseline (a "likelihood" under the PNG code).
 * The typicality test (Nalisnick et al. 2019) scores a batch of M inputs by
   |mean NLL of the batch - mean NLL of the training set|; lower is more typical, so the
   in-distribution score is minus that statistic. Besides this threshold-free AUROC over
@@ -284,7 +284,8 @@ def ood_markdown(table: dict) -> str:
     lines += _typicality_markdown(table.get("typicality_test"))
     lines += [""] + [f"- {n}" for n in table["notes"]] + [
         "- complexity_corrected is -S(x) = L(x) - bpd(x) (Serra et al. 2020), L = PNG size at maximum "
-        f"compression in bits/dim of the {table['n_bits']}-bit image the model scored; typicality_mM is -|mean NLL of a batch of M - training mean NLL| "
+        f"compression in bits/dim of the {table['n_bits']}-bit image the model scored; "
+        "typicality_mM is -|mean NLL of a batch of M - training mean NLL| "
         "(Nalisnick et al. 2019) over disjoint seeded batches, so its n counts batches.", ""]
     return "\n".join(lines)
 

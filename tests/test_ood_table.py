@@ -125,7 +125,8 @@ def test_exp_panels_show_the_most_and_least_likely_images(run, monkeypatch):
     monkeypatch.setattr(figures, "plot_extremes", capture)
     k = 7
     figures.make_figures(run, "celeba", ["svhn/test", "noise/test"], image_loader=loader, k=k)
-    ranked = {spec: np.argsort(load(run, spec).bpd, kind="stable") for spec in ("celeba/test", "svhn/test", "noise/test")}
+    specs = ("celeba/test", "svhn/test", "noise/test")
+    ranked = {spec: np.argsort(load(run, spec).bpd, kind="stable") for spec in specs}
     key_of = {spec: [int(x) for x in load(run, spec).key] for spec in ranked}
 
     def most(spec):
