@@ -64,7 +64,8 @@ def _train_command(py: str, processes: int, args: list[str]) -> tuple[list[str],
 
 @click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="Train exactly this many optimizer steps, cosine schedule to 0 over them; overrides --minutes.")
+              help="Train exactly this many optimizer steps, cosine schedule to 0 over them. "
+                   "[default: none; --minutes of wall time at a constant rate]")
 @click.option("--minutes", type=float, default=10.0, show_default=True, help="Training wall time (without --steps).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results/entropy_gap", show_default=True,
               help="Folder of the run, its evaluation and entropy_gap.json.")
