@@ -113,10 +113,11 @@ def test_exp_panels_show_the_most_and_least_likely_images(run, monkeypatch):
     """exp1: the OOD images with the LOWEST bits/dim beside the in-distribution test images with the
     HIGHEST; exp2 the other way round. Each fake image encodes its key, so the panels are read back."""
     shown: dict[str, list] = {}
+    plot = figures.plot_extremes
 
     def capture(panels, path, suptitle):
         shown[Path(path).name] = [[int(im[0, 0, 0]) + 256 * int(im[0, 0, 1]) for im in images] for _, images in panels]
-        return Path(path)
+        return plot(panels, path, suptitle)
 
     def loader(root, dataset, split, keys):
         return {k: np.dstack([np.full((32, 32), int(k) % 256), np.full((32, 32), int(k) // 256),
