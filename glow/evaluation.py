@@ -18,19 +18,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from glow.tracking import Progress
 
 from glow.data import check_channels, make_eval_loader, manifest_hash, read_manifest
 from glow.distributed import barrier, gather_objects
 from glow.errors import DataError
 from glow.dumps import dump_path, load_dump, write_dump
 from glow.files import atomic_write_json
-from glow.likelihood import bits_per_dim, eval_noise, log_p_x, preprocess
+from glow.likelihood import bits_per_dim, eval_noise, log_p_x, preprocess, quantize, requantize
 from glow.model import Glow, GlowConfig
 from glow.ood import png_complexity_bpd_batch
 from glow.performance import fast_eval
 from glow.results import add_entries, is_done, mismatched_settings
 from glow.sampling import sample_seeded, save_sample_grid
+from glow.tracking import Progress
 
 __all__ = [
     "CountMismatch",
@@ -140,7 +140,8 @@ def _score_batch(ctx: EvalContext, batch: dict, parts: dict[str, list]) -> None:
     parts["label"].append(batch["label"].numpy())
     parts["log_p"].append(log_p_x(log_p_y, n_dims, n_bits).numpy())
     parts["bpd"].append(bits_per_dim(log_p_y, n_dims, n_bits).numpy())
-    parts["complexity_bpd"].append(png_complexity_bpd_batch(images))
+    # L(x) of the image the model scored: the n_bits bins (Serra et al. compare code lengths of one image)
+    parts["complexity_bpd"].append(png_complexity_bpd_batch(quantize(images, n_bits)))
 
 
 def _log_prob_full_batch(model: Glow, y: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -306,7 +307,6 @@ def run_fid(ctx: EvalContext, dataset: str, split: str, temperatures: list[float
     real images are reduced to the model's bit depth, as its samples are.
     """
     from glow.distributed import all_reduce_sum
-    from glow.likelihood import postprocess
     from glow.fid import FID_DIM, FeatureMoments, cached_statistics, frechet_distance, inception_features, \
         load_inception, statistics_key
 
@@ -330,10 +330,8 @@ def run_fid(ctx: EvalContext, dataset: str, split: str, temperatures: list[float
         loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=ctx.batch_size, rank=ctx.rank,
                                   world_size=ctx.world_size, num_workers=ctx.num_workers)
         moments = FeatureMoments(FID_DIM)
-        for batch in loader:
-            x = batch["image"]
-            levels = postprocess(preprocess(x, n_bits, torch.full(x.shape, 0.5)), n_bits)  # = x at 8 bits
-            moments.add(inception_features(levels, ctx.device, model=inception))
+        for batch in loader:  # quantized as the samples are: FID does not count the bit depth
+            moments.add(inception_features(requantize(batch["image"], n_bits), ctx.device, model=inception))
         return reduced(moments)
 
     # Every rank takes part in the reduction; only rank 0 writes the cache.

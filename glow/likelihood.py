@@ -27,6 +27,8 @@ __all__ = [
     "postprocess",
     "preprocess",
     "quantize",
+    "render_bins",
+    "requantize",
     "to_nhwc_uint8",
 ]
 
@@ -62,13 +64,29 @@ def preprocess(
     return (bins + u) / (2**n_bits) - 0.5
 
 
+def render_bins(bins: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """Integer bins in [0, 2**n_bits) -> uint8 spread over 0..255 (full contrast at 5 bits).
+
+    How samples are rendered; the identity at 8 bits.
+    """
+    _check_n_bits(n_bits)
+    return (bins.float() * (255.0 / (2**n_bits - 1))).round().to(torch.uint8)
+
+
 def postprocess(y: torch.Tensor, n_bits: int) -> torch.Tensor:
     """Model space -> uint8 images (the inverse of `preprocess` up to the noise)."""
     _check_n_bits(n_bits)
     n_bins = 2**n_bits
-    bins = torch.floor((y.float() + 0.5) * n_bins).clamp(0, n_bins - 1)
-    # Spread the bins over 0..255 so that 5-bit images are displayed at full contrast.
-    return (bins * (255.0 / (n_bins - 1))).round().to(torch.uint8)
+    return render_bins(torch.floor((y.float() + 0.5) * n_bins).clamp(0, n_bins - 1), n_bits)
+
+
+def requantize(x: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """uint8 images reduced to `n_bits` and rendered as samples are (`render_bins`).
+
+    What a data image looks like through an `n_bits` model: FID compares samples with
+    references made this way, so the bit depth alone does not count as a difference.
+    """
+    return render_bins(quantize(x, n_bits), n_bits)
 
 
 def _key_seed(seed: int, key: str) -> int:

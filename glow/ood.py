@@ -7,12 +7,16 @@ Conventions
   therefore means the OOD set looks *more* in-distribution than held-out in-distribution data
   (the failure Kirichenko et al. 2020 and Nalisnick et al. 2019 report for flows).
 * Input complexity L(x) (Serra et al. 2020) is the size of the PNG encoding at maximum
-  compression in bits per dimension. Their score S(x) = bpd(x) - L(x) is large for OOD data,
-  so the in-distribution score is -S(x). -L(x) alone is the model-free baseline (a "likelihood"
-  under the PNG code).
+  compression in bits per dimension, of the image the model scores: at n_bits < 8 the
+  quantized bins x >> (8 - n_bits), so that bpd(x) and L(x) describe the same image.
+  Their score S(x) = bpd(x) - L(x) is large for OOD data, so the in-distribution score is
+  -S(x). -L(x) alone is the model-free baseline (a "likelihood" under the PNG code).
 * The typicality test (Nalisnick et al. 2019) scores a batch of M inputs by
   |mean NLL of the batch - mean NLL of the training set|; lower is more typical, so the
-  in-distribution score is minus that statistic.
+  in-distribution score is minus that statistic. Besides this threshold-free AUROC over
+  batches, `typicality_test` applies the published decision rule: a batch is declared OOD
+  when its statistic exceeds epsilon, the alpha quantile (default 0.99) of the statistic
+  over bootstrap batches of held-out in-distribution data (`typicality_epsilon`).
 * The likelihood ratio (Ren et al. 2019) is log p(x) - log p_bg(x) under a background model.
 
 `ood_table` / `ood_markdown` make the OOD table of one run (figures/ood.json and ood.md).
@@ -35,6 +39,8 @@ from glow.likelihood import to_nhwc_uint8
 log = logging.getLogger(__name__)
 
 TYPICALITY_BATCH_SIZES = (1, 2, 10, 25)
+TYPICALITY_ALPHA = 0.99
+TYPICALITY_BOOTSTRAP = 2000
 
 
 def ood_metrics(scores_in, scores_out) -> dict:
@@ -54,7 +60,8 @@ def ood_metrics(scores_in, scores_out) -> dict:
             raise ResultsInvalid(f"{name} has {int((~np.isfinite(s)).sum())} non-finite values; fix the dump first")
     y = np.concatenate([np.ones(s_in.size), np.zeros(s_out.size)])
     s = np.concatenate([s_in, s_out])
-    fpr, tpr, _ = roc_curve(y, s)
+    # Every threshold: with tied scores the thinned curve (drop_intermediate) can skip the 95% crossing.
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
     idx = int(np.searchsorted(tpr, 0.95, side="left"))
     return {
         "auroc": float(roc_auc_score(y, s)),
@@ -127,6 +134,39 @@ def typicality_scores(nll, train_mean_nll: float, batch_size: int, seed: int = 0
     return -typicality_statistic(nll, train_mean_nll, batch_size, seed)
 
 
+def typicality_epsilon(heldout_nll, train_mean_nll: float, batch_size: int, alpha: float = TYPICALITY_ALPHA,
+                       n_bootstrap: int = TYPICALITY_BOOTSTRAP, seed: int = 0) -> float:
+    """The alpha quantile of the typicality statistic over bootstrap batches (drawn with
+    replacement) of held-out in-distribution NLLs: batches above it are declared OOD, so about
+    1 - alpha of in-distribution batches are rejected (Nalisnick et al. 2019, Alg. 1)."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"typicality alpha must be in (0, 1), got {alpha}")
+    nll = np.asarray(heldout_nll, dtype=np.float64)
+    if nll.size == 0:
+        raise ValueError("typicality_epsilon needs held-out samples, got none")
+    idx = np.random.default_rng(seed).integers(0, nll.size, (n_bootstrap, batch_size))
+    return float(np.quantile(np.abs(nll[idx].mean(axis=1) - float(train_mean_nll)), alpha))
+
+
+def heldout_split(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, evaluation) indices: a seeded half/half split of the in-distribution test
+    set, so that epsilon is calibrated on data neither the model nor the evaluation saw."""
+    perm = np.random.default_rng([seed, 1]).permutation(n)
+    return np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
+
+
+def typicality_test(in_nll, ood_nll, heldout_nll, train_mean_nll: float, batch_size: int, *,
+                    alpha: float = TYPICALITY_ALPHA, n_bootstrap: int = TYPICALITY_BOOTSTRAP, seed: int = 0) -> dict:
+    """The decision rule at one batch size M: epsilon from `heldout_nll`, then the fraction of
+    disjoint batches of M declared OOD: ``tpr`` on OOD batches (detections), ``fpr`` on
+    in-distribution test batches (false alarms; ~1 - alpha when held-out and test agree)."""
+    eps = typicality_epsilon(heldout_nll, train_mean_nll, batch_size, alpha, n_bootstrap, seed)
+    stat_in = typicality_statistic(in_nll, train_mean_nll, batch_size, seed)
+    stat_out = typicality_statistic(ood_nll, train_mean_nll, batch_size, seed)
+    return {"epsilon": eps, "tpr": float(np.mean(stat_out > eps)), "fpr": float(np.mean(stat_in > eps)),
+            "n_in": int(stat_in.size), "n_out": int(stat_out.size)}
+
+
 def likelihood_ratio(fg: Dump, bg: Dump) -> np.ndarray:
     """log p_fg(x) - log p_bg(x) per sample, in `fg`'s order, matched key by key.
 
@@ -158,12 +198,16 @@ def likelihood_ratio(fg: Dump, bg: Dump) -> np.ndarray:
 
 def ood_table(in_test: Dump, oods: Sequence[Dump], train: Dump | None = None, *,
               complexity: dict[str, np.ndarray] | None = None,
-              typicality_sizes: Sequence[int] = TYPICALITY_BATCH_SIZES, seed: int = 0) -> dict:
+              typicality_sizes: Sequence[int] = TYPICALITY_BATCH_SIZES, seed: int = 0,
+              alpha: float = TYPICALITY_ALPHA) -> dict:
     """OOD metrics per OOD set and score (higher score = more in-distribution, in-dist positive).
 
     Scores: log-likelihood; -S(x) = L(x) - bpd(x) (Serra et al. 2020); -L(x) alone (PNG
     complexity, model-free); typicality with batch size M (needs the training dump), whose
     set sizes count batches, not images. ``complexity`` maps dump spec -> L(x) per sample.
+    With the training dump, ``typicality_test`` holds the decision rule per OOD set and M:
+    epsilon calibrated on one seeded half of the in-distribution test split (held out from
+    training and from the rates), rates measured on the other half and on the OOD set.
     """
     complexity = complexity or {}
     table = {
@@ -197,7 +241,27 @@ def ood_table(in_test: Dump, oods: Sequence[Dump], train: Dump | None = None, *,
                 scores[f"typicality_m{m}"] = (typicality_scores(-in_test.log_p, train_nll, m, seed),
                                               typicality_scores(-ood.log_p, train_nll, m, seed))
         table["ood"][ood.spec] = {name: ood_metrics(*pair) for name, pair in scores.items()}
+    if train_nll is not None:
+        table["typicality_test"] = _typicality_decisions(in_test, oods, train_nll, typicality_sizes, seed, alpha)
     return table
+
+
+def _typicality_decisions(in_test: Dump, oods: Sequence[Dump], train_nll: float, sizes: Sequence[int],
+                          seed: int, alpha: float) -> dict:
+    calib, rest = heldout_split(in_test.log_p.size, seed)
+    nll = -in_test.log_p
+    out = {"alpha": alpha, "n_bootstrap": TYPICALITY_BOOTSTRAP, "train_mean_nll_nats": train_nll,
+           "heldout": f"{calib.size} of the {nll.size} {in_test.spec} samples (seeded half, seed {seed}): epsilon "
+                      f"is calibrated on them; in-distribution rates use the other {rest.size}",
+           "ood": {}}
+    for ood in oods:
+        rows = {}
+        for m in sizes:
+            if min(rest.size, ood.log_p.size, calib.size) < m:
+                continue
+            rows[f"m{m}"] = typicality_test(nll[rest], -ood.log_p, nll[calib], train_nll, m, alpha=alpha, seed=seed)
+        out["ood"][ood.spec] = rows
+    return out
 
 
 def ood_markdown(table: dict) -> str:
@@ -217,8 +281,27 @@ def ood_markdown(table: dict) -> str:
         for name, r in rows.items():
             lines.append(f"| {spec} | {name} | {r['auroc']:.4f} | {r['aupr_in']:.4f} | {r['aupr_out']:.4f} | "
                          f"{r['fpr_at_95_tpr']:.4f} | {r['n_in']} | {r['n_out']} |")
+    lines += _typicality_markdown(table.get("typicality_test"))
     lines += [""] + [f"- {n}" for n in table["notes"]] + [
         "- complexity_corrected is -S(x) = L(x) - bpd(x) (Serra et al. 2020), L = PNG size at maximum "
-        "compression in bits/dim; typicality_mM is -|mean NLL of a batch of M - training mean NLL| "
+        f"compression in bits/dim of the {table['n_bits']}-bit image the model scored; "
+        "typicality_mM is -|mean NLL of a batch of M - training mean NLL| "
         "(Nalisnick et al. 2019) over disjoint seeded batches, so its n counts batches.", ""]
     return "\n".join(lines)
+
+
+def _typicality_markdown(test: dict | None) -> list[str]:
+    if not test:
+        return []
+    lines = ["", f"Typicality test as a decision rule (Nalisnick et al. 2019): a batch of M images is declared OOD "
+             f"when |its mean NLL - the training mean NLL| > epsilon, epsilon being the {test['alpha']:g} quantile "
+             f"of that statistic over {test['n_bootstrap']} bootstrap batches of held-out in-distribution data: "
+             f"{test['heldout']}. TPR: OOD batches declared OOD; FPR: in-distribution test batches declared OOD "
+             f"(about {1 - test['alpha']:.2g} by construction).", "",
+             "| OOD set | M | epsilon (nats) | TPR (OOD flagged) | FPR (in-dist flagged) | n in | n OOD |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for spec, rows in test["ood"].items():
+        for m, r in rows.items():
+            lines.append(f"| {spec} | {m[1:]} | {r['epsilon']:.4g} | {r['tpr']:.4f} | {r['fpr']:.4f} | "
+                         f"{r['n_in']} | {r['n_out']} |")
+    return lines

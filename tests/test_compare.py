@@ -97,6 +97,13 @@ def test_compare_writes_every_row(tmp_path):
     assert lr["background"] == "demo_background"
     assert lr["ood"]["digits/test"] == ood.ood_metrics(
         ood.likelihood_ratio(d_in, dump(bg, "demo")), ood.likelihood_ratio(d_out, dump(bg, "digits")))
+    for spec in oods:  # recomputed from the dumps: -S(x) = L(x) - bpd(x) and -L(x) (the first run's)
+        d_out = dump(cycle, spec.split("/")[0])
+        assert rows[("demo_cycle", "complexity_corrected")]["ood"][spec] == ood.ood_metrics(
+            d_in.complexity_bpd - d_in.bpd, d_out.complexity_bpd - d_out.bpd)
+        b_in, b_out = dump(base, "demo"), dump(base, spec.split("/")[0])
+        assert rows[("(PNG size)", "png_complexity")]["ood"][spec] == ood.ood_metrics(
+            -b_in.complexity_bpd, -b_out.complexity_bpd)
     assert rows[("demo", "log_likelihood")]["test_bpd"] == pytest.approx(dump(base, "demo").bpd.mean())
     assert written["runs"]["demo_cycle"]["model"]["mask"] == "cycle"
     assert written["background"]["model"]["perturb_prob"] == 0.2

@@ -40,8 +40,17 @@ def test_make_demo_reduced(tmp_path):
     assert set(table["ood"]["digits/test"]) >= {"log_likelihood", "complexity_corrected", "png_complexity"}
     assert table["bpd"]["demo/test"]["count"] == 200 and table["bpd"]["digits/test"]["count"] == 1797
 
-    # A second run skips or resumes everything that is done.
+    # A second run skips or resumes everything that is done: no new checkpoint, no dump rewritten.
+    def state():
+        files = [*run.glob("checkpoints/step-*/COMPLETE"), *run.glob("eval/step-*/dumps/*.npz")]
+        return {str(p): p.stat().st_mtime_ns for p in files}
+
+    before = state()
+    assert len([p for p in before if p.endswith(".npz")]) == 3
     again = subprocess.run(["make", "-C", str(REPO), "demo", *args], env=env, capture_output=True,
                            text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    assert "skipped" in again.stdout
+    assert state() == before
+    output = again.stdout + again.stderr
+    for spec in ("demo/train", "demo/test", "digits/test"):
+        assert f"{spec}: result exists" in output, output[-4000:]

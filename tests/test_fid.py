@@ -13,7 +13,22 @@ from glow import fid
 # --------------------------------------------------------------------------- Frechet distance
 
 
-def test_frechet_distance_equals_pytorch_fid_and_closed_form():
+def test_frechet_distance_closed_form():
+    rng = np.random.default_rng(0)
+    # diagonal Gaussians: |mu1-mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    v1, v2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    assert fid.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-12)
+    # full covariances that commute (same eigenvectors): the trace term is sum (sqrt(l1) - sqrt(l2))^2
+    q = np.linalg.qr(rng.normal(size=(5, 5)))[0]
+    c1, c2 = q @ np.diag(v1) @ q.T, q @ np.diag(v2) @ q.T
+    assert fid.frechet_distance(mu1, c1, mu2, c2) == pytest.approx(expected, rel=1e-9)
+    s1 = fid.feature_statistics(rng.normal(size=(200, 12)))
+    assert fid.frechet_distance(*s1, *s1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_equals_pytorch_fid():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(200, 12)), rng.normal(size=(150, 12)) @ rng.normal(size=(12, 12)) + 0.5
     s1, s2 = fid.feature_statistics(a), fid.feature_statistics(b)
@@ -26,12 +41,6 @@ def test_frechet_distance_equals_pytorch_fid_and_closed_form():
         except TypeError:
             pytest.skip("this scipy no longer takes sqrtm(disp=...)")
     assert ours == pytest.approx(theirs, rel=1e-10)
-    # diagonal Gaussians: |mu1-mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2
-    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
-    v1, v2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
-    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
-    assert fid.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-12)
-    assert fid.frechet_distance(*s1, *s1) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_statistics_cache_atomic_and_keyed(tmp_path):
@@ -55,6 +64,9 @@ def test_statistics_cache_atomic_and_keyed(tmp_path):
                     fid.statistics_key("celeba", "train", 32, 8, 11, "abcd1234"),
                     fid.statistics_key("celeba", "train", 32, 8, 10, "ffff0000")):
         assert fid.statistics_path(tmp_path, changed) != fid.statistics_path(tmp_path, key), changed
+    five_bit = fid.statistics_key("celeba", "train", 32, 5, 10, "abcd1234")
+    with pytest.raises(ValueError, match="holds statistics for"):
+        fid.load_statistics(fid.statistics_path(tmp_path, key), five_bit)
     with pytest.raises(ValueError, match="holds statistics for"):
         fid.load_statistics(fid.statistics_path(tmp_path, key), other)
 

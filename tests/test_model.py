@@ -140,3 +140,119 @@ def test_config_hash_changes_with_architecture():
     assert TINY.hash() != GlowConfig(**{**TINY.to_dict(), "hidden_channels": 9}).hash()
     with pytest.raises(ValueError, match="unknown"):
         GlowConfig.from_dict({**TINY.to_dict(), "bogus": 1})
+
+
+# --------------------------------------------------------------------------- densities pinned
+def test_gaussian_log_density_equals_torch_normal():
+    from glow.flows import gaussian_log_density
+
+    g = torch.Generator().manual_seed(0)
+    x, mean, log_std = (torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    expected = torch.distributions.Normal(mean, log_std.exp()).log_prob(x).flatten(1).sum(1)
+    assert torch.allclose(gaussian_log_density(x, mean, log_std), expected, rtol=0, atol=1e-12)
+
+
+def identity_flow_model(config=TINY) -> Glow:
+    """Every flow step exactly the identity (additive couplings, ActNorm at loc 0 / scale 1, 1x1 convs
+    at I): the latents are plain squeezes and splits of y, so the density is the prior's alone."""
+    model = Glow(GlowConfig(**{**config.to_dict(), "coupling": "additive", "lu": False})).double()
+    for module in model.modules():
+        if hasattr(module, "initialized"):
+            module.initialized.fill_(1)
+        if hasattr(module, "weight") and isinstance(module.weight, torch.nn.Parameter) and module.weight.dim() == 2:
+            module.weight.data = torch.eye(module.weight.shape[0], dtype=torch.float64)
+    return model
+
+
+def randomize_priors(model: Glow, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A random top prior and split priors that are affine in the kept half at each pixel:
+    h = A kept + b (the 3x3 kernels' centre tap only); returns each split's (A, b)."""
+    g = torch.Generator().manual_seed(seed)
+    affine = []
+    with torch.no_grad():
+        model.top_prior.copy_(0.3 * torch.randn(model.top_prior.shape, generator=g, dtype=torch.float64))
+        for prior in model.priors:
+            conv = prior.conv
+            out_c, in_c = conv.conv.weight.shape[:2]
+            a = 0.3 * torch.randn(out_c, in_c, generator=g, dtype=torch.float64)
+            b = 0.3 * torch.randn(out_c, generator=g, dtype=torch.float64)
+            conv.conv.weight.zero_()
+            conv.conv.weight[:, :, 1, 1] = a
+            conv.conv.bias.copy_(b)
+            conv.log_scale.zero_()
+            affine.append((a, b))
+    return affine
+
+
+def closed_form_prior(model: Glow, affine, y: torch.Tensor):
+    """Per level: (kept, factored, mean, std) computed by hand; the last entry is the top latent."""
+    from glow.flows import squeeze
+
+    out, x = [], y
+    for level, (a, b) in enumerate(affine):
+        x = squeeze(x)
+        n_keep = x.shape[1] // 2
+        kept, factored = x[:, :n_keep], x[:, n_keep:]
+        h = torch.einsum("oi,bihw->bohw", a, kept) + b.view(1, -1, 1, 1)
+        out.append((kept, factored, h[:, 0::2], h[:, 1::2].exp()))  # channels interleave mean, log-std
+        x = kept
+    x = squeeze(x)
+    top = model.top_prior
+    out.append((None, x, top[:, 0::2], top[:, 1::2].exp()))
+    return out
+
+
+def test_identity_flow_with_random_learned_prior_is_the_closed_form_gaussian():
+    """log p_y is the chain of conditional Gaussians: each split's factored half under a mean and
+    std that depend on the KEPT half, and the top under the learned top prior."""
+    model = identity_flow_model()
+    affine = randomize_priors(model)
+    y = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected = sum(torch.distributions.Normal(m, s).log_prob(z).flatten(1).sum(1)
+                   for _, z, m, s in closed_form_prior(model, affine, y))
+    assert torch.allclose(model.log_prob(y), expected, rtol=0, atol=1e-10)
+    # Changing only the factored half moves its density but not the prior's mean / std ...
+    _, logdet, priors = model.forward_flow(y)
+    assert torch.equal(logdet, torch.zeros(3, dtype=torch.float64))
+    kept = closed_form_prior(model, affine, y)[0][0]
+    mean, log_std = model.priors[0].mean_log_std(kept)
+    other = kept + 0.5
+    mean2, log_std2 = model.priors[0].mean_log_std(other)
+    # ... while changing the kept half changes both (the prior is conditional).
+    assert (mean - mean2).abs().min() > 0 and (log_std - log_std2).abs().min() > 0
+
+
+def test_split_prior_conditions_on_the_kept_half_in_a_trained_like_model():
+    """A random (not identity) model: the level-0 factored half's log-density equals the Gaussian
+    under the prior evaluated at the kept half the flow produced."""
+    model = initialized_model()
+    seen = {}
+    hook = model.priors[0].conv.register_forward_hook(lambda mod, inp, out: seen.update(kept=inp[0]))
+    y = torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5
+    latents, _, priors = model.forward_flow(y)
+    hook.remove()
+    mean, log_std = model.priors[0].mean_log_std(seen["kept"])
+    expected = torch.distributions.Normal(mean, log_std.exp()).log_prob(latents[0]).flatten(1).sum(1)
+    assert torch.allclose(priors[0], expected, rtol=0, atol=1e-10)
+    assert seen["kept"].shape == latents[0].shape  # the kept half, not the factored one
+    assert not torch.equal(seen["kept"], latents[0])
+    # The kept half decodes back: it is what the next level transforms.
+    assert (model.decode(latents) - y).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sampling_draws_mean_plus_temperature_std_noise_at_every_level(temperature):
+    """z = mu + T sigma eps at every level, with mu, sigma the (conditional) prior: exactly on the
+    given noise, and empirically (std of the standardized latent = T)."""
+    model = identity_flow_model()
+    affine = randomize_priors(model, seed=2)
+    g = torch.Generator().manual_seed(3)
+    noise = [torch.randn((2000, *s), generator=g, dtype=torch.float64) for s in model.latent_shapes]
+    y = model.sample_from_noise(noise, temperature)
+    levels = closed_form_prior(model, affine, y)
+    for eps, (_, z, mean, std) in zip(noise, levels):
+        assert torch.allclose(z, mean + temperature * std * eps, rtol=0, atol=1e-10)
+        standardized = (z - mean) / std
+        assert standardized.std().item() == pytest.approx(temperature, rel=0.03)
+        assert abs(standardized.mean().item()) < 0.05 * temperature
+        assert std.std() > 0.05  # the std is not trivially 1: the check above can fail

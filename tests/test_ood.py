@@ -38,6 +38,27 @@ def test_ood_metrics_perfect_and_inverted_separator():
     assert inv["auroc"] == 0.0 and inv["fpr_at_95_tpr"] == 1.0
 
 
+def brute_force_fpr_at_95(s_in, s_out) -> float:
+    """Fraction of OOD accepted by the highest threshold that accepts >= 95% of in-distribution."""
+    for t in np.unique(np.r_[s_in, s_out])[::-1]:
+        if np.mean(s_in >= t) >= 0.95:
+            return float(np.mean(s_out >= t))
+    raise AssertionError("unreachable")
+
+
+def test_fpr_at_95_is_exact_with_tied_scores():
+    # ROC points at thresholds 2, 1, 0 are collinear, so a thinned curve drops threshold 1,
+    # exactly where TPR reaches 0.95 (FPR 0.6); the thinned answer would be 1.0.
+    s_in = np.array([3.0] * 10 + [2.0] * 8 + [1.0] + [0.0])
+    s_out = np.array([3.0] + [2.0] * 3 + [1.0] * 8 + [0.0] * 8)
+    assert brute_force_fpr_at_95(s_in, s_out) == pytest.approx(0.6)
+    assert ood.ood_metrics(s_in, s_out)["fpr_at_95_tpr"] == pytest.approx(0.6)
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        a, b = rng.integers(0, 5, 40).astype(float), rng.integers(0, 5, 30).astype(float)
+        assert ood.ood_metrics(a, b)["fpr_at_95_tpr"] == pytest.approx(brute_force_fpr_at_95(a, b))
+
+
 def test_ood_metrics_rejects_nan():
     with pytest.raises(ValueError, match="non-finite"):
         ood.ood_metrics([1.0, np.nan], [0.0])
