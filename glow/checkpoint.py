@@ -167,6 +167,20 @@ def check_own_files(directory: str | Path) -> None:
             )
 
 
+def warm_start(model: Glow, path: str | Path) -> Path:
+    """Load the exported weights of the checkpoint at ``path`` (`run.init_from`) into ``model``,
+    whose config must have the same hash; returns the step dir used."""
+    source = resolve_checkpoint(path)
+    meta = read_meta(source)
+    if meta["model_hash"] != model.config.hash():
+        raise CheckpointMismatch(
+            f"run.init_from {source}: its model config (hash {meta['model_hash']}, {meta['model_config']}) "
+            f"differs from model.* of this config (hash {model.config.hash()}): give the same model settings "
+            "or another run.init_from")
+    model.load_state_dict(load_file(str(source / "model.safetensors")))
+    return source
+
+
 def read_meta(step_path: str | Path) -> dict:
     path = Path(step_path) / "meta.json"
     try:

@@ -37,8 +37,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from safetensors.torch import load_file
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from glow import checkpoint as ckpt
 from glow.config import Config, ConfigError, config_hash, to_dict, to_yaml
@@ -49,26 +47,17 @@ from glow.flows import set_actnorm_reducer
 from glow.files import atomic_write_text
 from glow.likelihood import bits_per_dim, perturb_pixels, preprocess
 from glow.model import Glow
+from glow.optim import make_ema, make_optimizer, make_scheduler
 from glow.names import step_dir_name
 from glow.performance import apply_train_config
 from glow.rundir import STOP, STOPPED, RunInUse, clear_stale_markers, lock_run_dir, mark_stopped, stop_requested_by_file
 from glow.sampling import save_sample_grid
 from glow.tracking import MetricsLog, Progress, Tracker, git_sha, setup_logging
 
-__all__ = ["EXIT_FAILED", "RunInUse", "Trainer", "lr_factor"]
+__all__ = ["EXIT_FAILED", "RunInUse", "Trainer"]
 
 log = logging.getLogger(__name__)
 EXIT_FAILED = 1
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
-    """Multiplier of the base learning rate at `step`: linear warm-up, then constant or cosine."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class RunExists(UserError, FileExistsError):
@@ -187,30 +176,14 @@ class Trainer:
         torch.manual_seed(c.train.seed)  # identical initial weights on every rank
         model = Glow(c.model).to(acc.device)
         if c.run.init_from and resume_from is None:
-            source = ckpt.resolve_checkpoint(c.run.init_from)
-            meta = ckpt.read_meta(source)
-            if meta["model_hash"] != c.model.hash():
-                raise CheckpointMismatch(
-                    f"run.init_from {source}: its model config (hash {meta['model_hash']}, {meta['model_config']}) "
-                    f"differs from model.* of this config (hash {c.model.hash()}): give the same model settings "
-                    "or another run.init_from")
-            model.load_state_dict(load_file(str(source / "model.safetensors")))
-            log.info("warm start from %s", source)
+            log.info("warm start from %s", ckpt.warm_start(model, c.run.init_from))
         self.model_unwrapped = model
         if resume_from is None:
             self._init_actnorm(model)
-        self.ema = None
-        if c.optim.ema_decay > 0:
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(c.optim.ema_decay), use_buffers=True)
+        self.ema = make_ema(model, c.optim.ema_decay)
         apply_train_config(model, c.train)  # compile / channels_last / checkpointing (after EMA's copy)
-        optim_cls = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[c.optim.optimizer]
-        optimizer = optim_cls(model.parameters(), lr=c.optim.lr, betas=tuple(c.optim.betas),
-                              weight_decay=c.optim.weight_decay)
-        # Not passed through accelerate.prepare: its scheduler wrapper steps once per process.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_factor(step, c.optim.warmup_steps, c.train.max_steps, c.optim.schedule, c.optim.min_lr_ratio),
-        )
+        optimizer = make_optimizer(model, c.optim)
+        self.scheduler = make_scheduler(optimizer, c.optim, c.train.max_steps)
         if self.deepspeed:
             self._configure_deepspeed()
         self.model, self.optimizer = acc.prepare(model, optimizer)

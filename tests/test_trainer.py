@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from glow.checkpoint import complete_checkpoints, load_model, step_dir
 from glow.errors import EXIT_CHECKPOINT, EXIT_USAGE
-from glow.trainer import EXIT_FAILED, lr_factor
+from glow.optim import lr_factor
+from glow.trainer import EXIT_FAILED
 from tests.toydata import REPO, build_toy_shards, cpu_env, run, train_command
 
 pytestmark = pytest.mark.slow
