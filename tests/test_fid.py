@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from glow import fid
+from tests.toydata import spawn_gloo
 
 # --------------------------------------------------------------------------- Frechet distance
 
@@ -121,14 +122,7 @@ def _fid_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_fid_by_reduced_moments_equals_the_gather_path_on_two_ranks(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fid_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    spawn_gloo(_fid_worker, 2, tmp_path)
     a, b = (np.load(tmp_path / f"rank{r}.npy") for r in range(2))
     assert a[0] == b[0] and a[1] == b[1]  # every rank holds the same FID
     assert a[0] > 1.0  # two different distributions

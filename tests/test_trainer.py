@@ -17,7 +17,7 @@ from glow.checkpoint import complete_checkpoints, load_model, step_dir
 from glow.errors import EXIT_CHECKPOINT, EXIT_USAGE
 from glow.optim import lr_factor
 from glow.trainer import EXIT_FAILED
-from tests.toydata import REPO, build_toy_shards, cpu_env, run, train_command
+from tests.toydata import REPO, build_toy_shards, cpu_env, run, spawn_gloo, train_command
 
 pytestmark = pytest.mark.slow
 TIMING_KEYS = {"images_per_s", "peak_memory_mb"}
@@ -102,14 +102,7 @@ def _actnorm_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_actnorm_init_uses_statistics_of_all_ranks(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_actnorm_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    spawn_gloo(_actnorm_worker, 2, tmp_path)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert torch.equal(a["loc"], b["loc"]) and torch.equal(a["log_scale"], b["log_scale"])
     # Equal to a local init on the union of both ranks' batches.

@@ -57,3 +57,16 @@ def train_command(run_root: Path, data_root: Path, *overrides: str, nproc: int =
 
 def run(cmd: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def spawn_gloo(worker, nprocs: int, out: Path) -> None:
+    """Run ``worker(rank, nprocs, port, out)`` in ``nprocs`` spawned processes (gloo on a free port)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(nprocs, port, str(out)), nprocs=nprocs)
+
