@@ -131,7 +131,7 @@ def _evaluate(step_path, tasks, parsed, data_root, use_wandb, convert_channels, 
               latents_images):
     """Run the tasks in order on every process, then report the results to the tracker."""
     from glow.checkpoint import load_model
-    from glow.distributed import make_accelerator
+    from glow.distributed import finish, make_accelerator
     from glow.fid import default_statistics_cache
     from glow.dumps import eval_dir
     from glow.evaluation import EvalContext, run_bpd, run_fid, run_latents, run_samples, track_results
@@ -174,7 +174,7 @@ def _evaluate(step_path, tasks, parsed, data_root, use_wandb, convert_channels, 
             tracker.close()
         if logged and enabled:
             log.info("logged to wandb: %s", ", ".join(logged))
-    accelerator.end_training()
+    finish(accelerator)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-__all__ = ["StopFlag", "all_reduce_mean", "all_reduce_sum", "barrier", "die_with_launcher", "gather_objects",
+__all__ = ["StopFlag", "all_reduce_mean", "all_reduce_sum", "barrier", "die_with_launcher", "finish", "gather_objects",
            "make_accelerator", "replica_digests", "settle_ddp_buckets"]
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,17 @@ def gather_objects(obj, world_size: int) -> list:
 def barrier(world_size: int) -> None:
     if world_size > 1:
         dist.barrier()
+
+
+def finish(accelerator: Accelerator) -> None:
+    """End a distributed script: every rank leaves together, then the process group goes.
+
+    A rank that tears its gloo process group down and exits while a peer is still busy
+    (rank 0 closing the tracker, say) can die in C++ at interpreter exit ("terminate called
+    without an active exception", SIGABRT), which the launcher reports as a failed run.
+    """
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 class StopFlag:

@@ -49,13 +49,13 @@ def main(config_path: str, dry_run: bool, no_resume: bool, overrides: tuple[str,
     if dry_run:
         click.echo(to_yaml(cfg), nl=False)
         return
-    from glow.distributed import die_with_launcher, make_accelerator
+    from glow.distributed import die_with_launcher, finish, make_accelerator
     from glow.trainer import Trainer
 
     die_with_launcher()
     accelerator = make_accelerator(cfg.dist.timeout_s)
     code = Trainer(cfg, accelerator, resume=not no_resume).fit()
-    accelerator.end_training()
+    finish(accelerator)
     sys.exit(code)
 
 
