@@ -1,6 +1,6 @@
 """One page of results: `runs/<name>/figures/index.html`, self-contained.
 
-The page holds the headline bits/dim, the OOD table, every figure and the samples (PNG
+The page holds the headline bits/dim, the OOD table, the typicality test's decisions, every figure and the samples (PNG
 embedded as data URIs), FID values when there are any, the checkpoint and the run's
 config. It needs no server and no network, so a figures folder copied off a cluster opens
 with a double click (the page alone is enough: nothing is linked).
@@ -54,6 +54,21 @@ def _image(path: Path) -> list[str]:
             f"<figcaption>{_esc(path.name)}</figcaption></figure>"]
 
 
+def _typicality_section(test: dict | None) -> list[str]:
+    """The typicality test as a decision rule (glow.ood.ood_table's ``typicality_test``)."""
+    if not test or not any(test["ood"].values()):
+        return []
+    rows = [[spec, int(m[1:]), r["epsilon"], r["tpr"], r["fpr"], r["n_in"], r["n_out"]]
+            for spec, by_m in test["ood"].items() for m, r in by_m.items()]
+    note = (f"A batch of M images is declared OOD when |its mean NLL - the training mean NLL| > epsilon, "
+            f"epsilon being the {test['alpha']:g} quantile of that statistic over {test['n_bootstrap']} "
+            f"bootstrap batches of held-out in-distribution data ({test['heldout']}). TPR: OOD batches "
+            f"flagged; FPR: in-distribution test batches flagged.")
+    return ["<h2>Typicality test (Nalisnick et al. 2019)</h2>", f'<p class="note">{_esc(note)}</p>',
+            *_table(["OOD set", "M", "epsilon (nats)", "TPR (OOD flagged)", "FPR (in-dist flagged)", "n in",
+                     "n OOD"], rows)]
+
+
 def write_index(out: Path, table: dict, images: list[Path], *, run_name: str, config_text: str | None = None,
                 fid: dict | None = None) -> Path:
     """Write ``out/index.html`` from the OOD ``table`` (glow.ood.ood_table), the PNG ``images``
@@ -75,6 +90,7 @@ def write_index(out: Path, table: dict, images: list[Path], *, run_name: str, co
             for spec, scores in table["ood"].items() for name, r in scores.items()]
     body += _table(["OOD set: score", *(h for _, h in OOD_COLUMNS)], rows)
     body += [f'<p class="note">{_esc(n)}</p>' for n in table.get("notes", [])]
+    body += _typicality_section(table.get("typicality_test"))
     body.append("<h2>Figures</h2>")
     for path in images:
         body += _image(path)

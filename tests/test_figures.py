@@ -179,11 +179,15 @@ def test_index_html_is_one_self_contained_page(tmp_path):
     assert sorted(img["alt"] for img in parsed.images) == pngs  # every figure, the samples included
     assert all(img["src"].startswith("data:image/png;base64,") for img in parsed.images)
     assert parsed.links == []  # nothing to fetch: opens from a copied folder, offline
-    assert parsed.tables == 2  # bits/dim and OOD
+    assert parsed.tables == 3  # bits/dim, OOD and the typicality decision rule
     for spec, v in res.table["bpd"].items():
         assert spec in parsed.cells and f"{v['mean']:.4f}" in parsed.cells
     for name, r in res.table["ood"]["svhn/test"].items():
         assert f"svhn/test: {name}" in parsed.cells and f"{r['auroc']:.4f}" in parsed.cells
+    decisions = res.table["typicality_test"]["ood"]["svhn/test"]
+    assert decisions  # the page shows each M's decision-rule rates
+    for m, r in decisions.items():
+        assert m[1:] in parsed.cells and f"{r['epsilon']:.4f}" in parsed.cells and f"{r['tpr']:.4f}" in parsed.cells
     text = page.read_text()
     assert "image_size: 32" in text and res.table["checkpoint"] in text
 
