@@ -4,7 +4,8 @@
 bounded collective timeout; `die_with_launcher` ties a worker's life to its launcher's;
 `all_reduce_mean` is the ActNorm statistics reducer; `gather_objects` and `barrier` serve
 the evaluation jobs, whose ranks see unequal numbers of samples; `StopFlag` records a
-stop request (SIGUSR1 / SIGTERM) for the training loop to act on at a step boundary.
+stop request (SIGUSR1 / SIGTERM) for the training loop to act on at a step boundary;
+`finish` ends a script with every rank leaving together.
 """
 
 from __future__ import annotations
