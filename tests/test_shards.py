@@ -188,6 +188,14 @@ def _listed_shards(d: Path) -> list:
         return []
 
 
+def _wait_for_shards(proc: subprocess.Popen, d: Path, n: int, too_soon: str) -> None:
+    """Poll until the running build `proc` has listed `n` shards in `d`'s manifest."""
+    deadline = time.monotonic() + 60
+    while len(_listed_shards(d)) < n:
+        assert proc.poll() is None and time.monotonic() < deadline, too_soon
+        time.sleep(0.005)
+
+
 def test_killed_build_resumes_to_identical_manifest(fake_celeba, tmp_path):
     ref = celeba_sources(fake_celeba, splits=["train"])[0]
     S.build(ref, tmp_path / "ref", samples_per_shard=4, progress=False)
@@ -195,10 +203,7 @@ def test_killed_build_resumes_to_identical_manifest(fake_celeba, tmp_path):
     d = out / "celeba" / "train"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_BUILD, str(fake_celeba), str(out)], cwd=REPO)
     try:
-        deadline = time.monotonic() + 60
-        while len(_listed_shards(d)) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, "build ended before it could be killed"
-            time.sleep(0.005)
+        _wait_for_shards(proc, d, 2, "build ended before it could be killed")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -220,10 +225,7 @@ def test_concurrent_build_refused(fake_celeba, tmp_path):
     d = out / "celeba" / "train"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_BUILD, str(fake_celeba), str(out)], cwd=REPO)
     try:
-        deadline = time.monotonic() + 60
-        while len(_listed_shards(d)) < 1:
-            assert proc.poll() is None and time.monotonic() < deadline, "first build ended before the second started"
-            time.sleep(0.005)
+        _wait_for_shards(proc, d, 1, "first build ended before the second started")
         with pytest.raises(S.BuildBusy, match=f"another shard build .*pid={proc.pid}"):
             S.build(celeba_sources(fake_celeba, splits=["train"])[0], out, samples_per_shard=4, progress=False)
         res = run_cli("celeba", "--root", str(fake_celeba), "--split", "train", "--out", str(out),
