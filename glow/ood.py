@@ -290,14 +290,18 @@ def ood_markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def typicality_rule_text(test: dict) -> str:
+    """One sentence saying how the decisions in ``ood_table(...)["typicality_test"]`` were made."""
+    return (f"A batch of M images is declared OOD when |its mean NLL - the training mean NLL| > epsilon, "
+            f"epsilon being the {test['alpha']:g} quantile of that statistic over {test['n_bootstrap']} bootstrap "
+            f"batches of held-out in-distribution data: {test['heldout']}. TPR: OOD batches declared OOD; "
+            f"FPR: in-distribution test batches declared OOD (about {1 - test['alpha']:.2g} by construction).")
+
+
 def _typicality_markdown(test: dict | None) -> list[str]:
     if not test:
         return []
-    lines = ["", f"Typicality test as a decision rule (Nalisnick et al. 2019): a batch of M images is declared OOD "
-             f"when |its mean NLL - the training mean NLL| > epsilon, epsilon being the {test['alpha']:g} quantile "
-             f"of that statistic over {test['n_bootstrap']} bootstrap batches of held-out in-distribution data: "
-             f"{test['heldout']}. TPR: OOD batches declared OOD; FPR: in-distribution test batches declared OOD "
-             f"(about {1 - test['alpha']:.2g} by construction).", "",
+    lines = ["", f"Typicality test as a decision rule (Nalisnick et al. 2019). {typicality_rule_text(test)}", "",
              "| OOD set | M | epsilon (nats) | TPR (OOD flagged) | FPR (in-dist flagged) | n in | n OOD |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for spec, rows in test["ood"].items():

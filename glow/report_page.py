@@ -1,9 +1,10 @@
 """One page of results: `runs/<name>/figures/index.html`, self-contained.
 
-The page holds the headline bits/dim, the OOD table, the typicality test's decisions, every figure and the samples (PNG
-embedded as data URIs), FID values when there are any, the checkpoint and the run's
-config. It needs no server and no network, so a figures folder copied off a cluster opens
-with a double click (the page alone is enough: nothing is linked).
+The page holds the headline bits/dim, the OOD table, the typicality test's decisions,
+every figure and the samples (PNG embedded as data URIs), FID values when there are any,
+the checkpoint and the run's config. It needs no server and no network, so a figures
+folder copied off a cluster opens with a double click (the page alone is enough: nothing
+is linked).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import html
 from pathlib import Path
 
 from glow.files import atomic_write_text
+from glow.ood import typicality_rule_text
 
 __all__ = ["write_index"]
 
@@ -60,11 +62,8 @@ def _typicality_section(test: dict | None) -> list[str]:
         return []
     rows = [[spec, int(m[1:]), r["epsilon"], r["tpr"], r["fpr"], r["n_in"], r["n_out"]]
             for spec, by_m in test["ood"].items() for m, r in by_m.items()]
-    note = (f"A batch of M images is declared OOD when |its mean NLL - the training mean NLL| > epsilon, "
-            f"epsilon being the {test['alpha']:g} quantile of that statistic over {test['n_bootstrap']} "
-            f"bootstrap batches of held-out in-distribution data ({test['heldout']}). TPR: OOD batches "
-            f"flagged; FPR: in-distribution test batches flagged.")
-    return ["<h2>Typicality test (Nalisnick et al. 2019)</h2>", f'<p class="note">{_esc(note)}</p>',
+    return ["<h2>Typicality test (Nalisnick et al. 2019)</h2>",
+            f'<p class="note">{_esc(typicality_rule_text(test))}</p>',
             *_table(["OOD set", "M", "epsilon (nats)", "TPR (OOD flagged)", "FPR (in-dist flagged)", "n in",
                      "n OOD"], rows)]
 
