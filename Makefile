@@ -45,7 +45,7 @@ demo: install
 	@if [ "$(DEMO_FID)" = 1 ]; then \
 		$(PY) $(DEMO_EVAL) --task fid --data demo/test --fid-samples $(DEMO_FID_SAMPLES); \
 	else \
-		$(PY) -c "from glow.fid import inception_weights_path as p; p()" 2>/dev/null \
+		$(PY) -c "from glow.evaluation.fid import inception_weights_path as p; p()" 2>/dev/null \
 		&& echo "FID skipped (slow on a CPU): run 'make demo DEMO_FID=1' to compute it." \
 		|| echo "FID skipped: no Inception weights. Put pt_inception-2015-12-05-6726825d.pth in \$$TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/), then run 'make demo DEMO_FID=1'."; \
 	fi

@@ -1,7 +1,7 @@
 """Images/s read + decoded per data worker, at 32x32 and 64x64.
 
 Builds shards of natural-image crops (scikit-image photos) in a temp dir, then times
-``glow.data`` streams: the eval stream and the train stream (shuffle buffer, batching) in
+``glow.data.streams`` streams: the eval stream and the train stream (shuffle buffer, batching) in
 one process (= one worker), and the train stream with ``--workers`` DataLoader workers.
 Prints the results as JSON.
 
@@ -20,7 +20,7 @@ import numpy as np
 
 
 def _crops(n: int, size: int, seed: int = 0) -> np.ndarray:
-    from glow.demo_data import DEMO_PHOTOS, load_photo
+    from glow.data.sources.demo import DEMO_PHOTOS, load_photo
 
     rng = np.random.default_rng(seed)
     photos = [load_photo(p) for p in DEMO_PHOTOS]
@@ -47,9 +47,10 @@ def _time(it, warmup: int = 2) -> tuple[int, float]:
 @click.option("--batch-size", default=64, show_default=True, help="Images per batch of the train stream.")
 @click.option("--workers", default=2, show_default=True, help="DataLoader workers for the multi-worker run.")
 def main(n, batch_size, workers):
-    from glow.data import make_eval_loader, make_train_loader
-    from glow.shards import build
-    from glow.sources import array_source
+    from glow.data.sources.images import array_source
+
+    from glow.data.shards import build
+    from glow.data.streams import make_eval_loader, make_train_loader
 
     results = {}
     with tempfile.TemporaryDirectory() as root:

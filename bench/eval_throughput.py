@@ -7,7 +7,7 @@ Examples:
 
 Variants (first = reference): train_forward (train mode, autograd recording, forward only),
 train_step (forward + backward + Adam), eval_no_grad (eval mode, torch.no_grad),
-eval_fast (glow.performance.fast_eval: inference mode + cached 1x1-conv weights),
+eval_fast (glow.model.performance.fast_eval: inference mode + cached 1x1-conv weights),
 eval_fast+compile (the same, torch.compile'd).
 """
 from __future__ import annotations

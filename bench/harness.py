@@ -108,7 +108,7 @@ def _mem_status() -> dict[str, int]:
 
 class _Runner:
     def __init__(self, spec: BenchSpec):
-        from glow.performance import apply_fast_paths, fast_eval
+        from glow.model.performance import apply_fast_paths, fast_eval
 
         tokens = set(spec.variant.split("+"))
         unknown = tokens - TOKENS
@@ -143,12 +143,12 @@ class _Runner:
             model.eval()
 
     def _y(self) -> torch.Tensor:
-        from glow.likelihood import preprocess
+        from glow.model.likelihood import preprocess
 
         return preprocess(self.x, self.config.n_bits, torch.rand(self.x.shape, device=self.device))
 
     def step(self) -> None:
-        from glow.likelihood import bits_per_dim
+        from glow.model.likelihood import bits_per_dim
 
         y = self._y()
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled="bf16" in self.tokens)

@@ -38,7 +38,14 @@ CUDA_VARIANTS = "eager,tf32,bf16,bf16+channels_last,bf16+compile,bf16+checkpoint
               help="Where the JSON and Markdown results go.")
 @click.option("--tag", default="", help="Suffix of the output file names. [default: none]")
 def main(configs, variants, device, repeats, steps, warmup, batch_size, threads, interleave, peak_tflops, out_dir, tag):
-    from harness import BenchSpec, conv_flops_per_image, preset, run_variants, write_report
+    from harness import (
+        BenchSpec,
+        conv_flops_per_image,
+        preset,
+        run_variants,
+        write_report,
+    )
+
     from glow.model import GlowConfig
 
     if device == "auto":

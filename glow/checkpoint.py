@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save
 
 from glow.errors import CheckpointError, CheckpointMismatch, CheckpointMissing
 from glow.files import atomic_write_bytes, atomic_write_text
-from glow.names import STEP_RE, step_dir_name
 from glow.model import Glow, GlowConfig
+from glow.names import STEP_RE, step_dir_name
 
 __all__ = [
     "complete_checkpoints",

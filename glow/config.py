@@ -77,7 +77,7 @@ class TrainConfig:
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
     progress: bool = True  # a bar on a terminal; elsewhere (Slurm logs) one line every progress_every_s
     progress_every_s: float = 60.0
-    # Fast paths that do not change results (glow.performance, docs/PERFORMANCE.md); runtime
+    # Fast paths that do not change results (glow.model.performance, docs/PERFORMANCE.md); runtime
     # options, so they live here and not in GlowConfig (whose hash names the architecture).
     compile: bool = False  # torch.compile of the training forward (cold compile: see docs/PERFORMANCE.md)
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs

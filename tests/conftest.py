@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from glow.fid import FID_WEIGHTS_FILE
+from glow.evaluation.fid import FID_WEIGHTS_FILE
 
 # A real two-node Slurm cluster (session scope); see tests/slurm_cluster.py.
 from tests.slurm_cluster import slurm_cluster  # noqa: F401

@@ -83,8 +83,8 @@ def build_small_shards(out: str | Path, n: int = 60, samples_per_shard: int = 20
                        split: str = "test", seed: int = 0) -> dict:
     """Build ``n`` gaussian-field samples as ``ceil(n / samples_per_shard)`` shards under
     ``out/<dataset>/<split>`` (dataset renamed if asked) and return the manifest."""
-    from glow.shards import build
-    from glow.gaussian_field import gaussian_sources
+    from glow.data.shards import build
+    from glow.data.sources.gaussian_field import gaussian_sources
 
     src = [s for s in gaussian_sources("gaussian", n_train=n, n_test=n, seed=seed) if s.split == "test"][0]
     src.dataset, src.split = dataset, split

@@ -1,4 +1,4 @@
-"""glow.compare and `eval/figures.py compare`: the likelihood ratio key by key, refusal of dumps
+"""glow.report.compare and `eval/report.py compare`: the likelihood ratio key by key, refusal of dumps
 whose keys differ, one row per (variant, score) in compare.json / compare.md."""
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from glow import compare, dumps, figures, ood
 from glow.errors import EXIT_DATA
+from glow.evaluation import dumps
+from glow.report import compare, figures
+from glow.report import scores as ood
+from glow.cli.report import main as report_cli
 from tests.test_figures import STEP, _cli, write_dump
 
 
@@ -128,14 +131,14 @@ def test_cli_compare_and_single_run_usage(tmp_path):
     a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b", model_hash="m1")
     bg = make_run(tmp_path, "bg")
     out = tmp_path / "out"
-    result = CliRunner().invoke(_cli(), ["compare", "--run", str(a), "--run", str(b), "--background", str(bg),
+    result = CliRunner().invoke(report_cli, ["compare", "--run", str(a), "--run", str(b), "--background", str(bg),
                                          "--in", "demo", "--ood", "digits/test", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "likelihood_ratio" in result.output and (out / "compare.json").is_file()
     # differing keys: a clear error naming the files
     write_dump(bg / "eval" / f"step-{STEP:08d}", "digits", "test", np.full(7, 3.0),
                checkpoint=str(bg / "checkpoints" / f"step-{STEP:08d}"))
-    bad = CliRunner().invoke(_cli(), ["compare", "--run", str(a), "--background", str(bg), "--in", "demo",
+    bad = CliRunner().invoke(report_cli, ["compare", "--run", str(a), "--background", str(bg), "--in", "demo",
                                       "--ood", "digits/test", "--out", str(out)])
     assert bad.exit_code == EXIT_DATA and "keys differ" in bad.output and "digits-test.npz" in bad.output
     # the original single-run usage still routes to the figures command

@@ -1,13 +1,20 @@
-"""Coupling variants (glow.couplings): exact inverse and exact log-determinant for every mask and
+"""Coupling variants (glow.model.couplings): exact inverse and exact log-determinant for every mask and
 the bottleneck, layer by layer and in the whole model; masks; the background-model perturbation."""
 
 import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from glow.couplings import MASKS, SPATIAL_MASKS, BottleneckCouplingNet, MaskedCoupling, make_coupling, spatial_masks
-from glow.likelihood import perturb_pixels
 from glow.model import Glow, GlowConfig
+from glow.model.couplings import (
+    MASKS,
+    SPATIAL_MASKS,
+    BottleneckCouplingNet,
+    MaskedCoupling,
+    make_coupling,
+    spatial_masks,
+)
+from glow.model.likelihood import perturb_pixels
 from tests.test_flows import randomize
 from tests.test_model import TINY, initialized_model
 
@@ -153,7 +160,7 @@ def test_model_uses_the_variant_and_alternates_masks(mask):
 
 def test_default_model_is_unchanged():
     """Default config: same parameter names and same initial weights as the plain Glow steps."""
-    from glow.flows import AffineCoupling, CouplingNet
+    from glow.model.flows import AffineCoupling, CouplingNet
 
     model = Glow(TINY)
     assert all(type(s.coupling) is AffineCoupling and type(s.coupling.net) is CouplingNet
@@ -219,8 +226,8 @@ def test_perturbation_off_and_out_of_range():
 
 def test_trainer_perturbs_inputs_only_when_asked(monkeypatch):
     """`data.perturb_prob` reaches perturb_pixels in the training loss with that probability."""
-    from glow import trainer as trainer_module
     from glow.config import load_config
+    from glow.training import trainer as trainer_module
 
     calls = []
     monkeypatch.setattr(trainer_module, "perturb_pixels", lambda x, p: calls.append(p) or x)

@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from glow.data import (ShardReadError, load_images, make_eval_loader, make_train_loader, manifest_hash,
-                       read_manifest)
-from glow.shards import ShardError
+from glow.data.shards import ShardError
+from glow.data.streams import (
+    ShardReadError,
+    load_images,
+    make_eval_loader,
+    make_train_loader,
+    manifest_hash,
+    read_manifest,
+)
 from tests.fakedata import build_small_shards, make_fake_svhn, svhn_expected_labels
 
 
@@ -52,10 +58,10 @@ def test_eval_fewer_shards_than_splits(tmp_path):
 
 
 def test_eval_labels_and_images(tmp_path):
+    from glow.data.sources.svhn import svhn_sources
     from scipy.io import loadmat
 
-    from glow.shards import build
-    from glow.sources import svhn_sources
+    from glow.data.shards import build
 
     src = make_fake_svhn(tmp_path / "src", n_train=3, n_test=23)
     build(svhn_sources(src, splits=["test"])[0], tmp_path / "out", samples_per_shard=10, progress=False)

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from glow import evaluation
-from glow.data import load_images
-from glow.dumps import dump_path, load_dump
-from glow.evaluation import EvalContext, run_bpd
-from glow.likelihood import eval_noise
+from glow.data.streams import load_images
+from glow.evaluation import tasks as evaluation
+from glow.evaluation.dumps import dump_path, load_dump
+from glow.evaluation.tasks import EvalContext, run_bpd
 from glow.model import Glow, GlowConfig
+from glow.model.likelihood import eval_noise
 from tests.fakedata import build_small_shards
 from tests.test_flows import randomize
 
@@ -86,7 +86,7 @@ def test_dump_noise_depends_on_the_seed(shards, tmp_path):
 def test_five_bit_fid_references_are_quantized_like_the_samples(shards, tmp_path, monkeypatch):
     """FID at n_bits < 8: the reference images go through the same quantization and rendering as
     the samples (only 2**n_bits distinct values), and n_bits keys the cached statistics."""
-    from glow import fid
+    from glow.evaluation import fid
 
     fed: list[np.ndarray] = []
 

@@ -1,4 +1,4 @@
-"""glow.fid: the Frechet distance, reference statistics, Inception features and weights."""
+"""glow.evaluation.fid: the Frechet distance, reference statistics, Inception features and weights."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from glow import fid
+from glow.evaluation import fid
 from tests.toydata import spawn_gloo
 
 # --------------------------------------------------------------------------- Frechet distance

@@ -1,4 +1,4 @@
-"""glow.figures / eval/figures.py on synthetic dumps: every file valid, mismatched dumps refused."""
+"""glow.report.figures / eval/figures.py on synthetic dumps: every file valid, mismatched dumps refused."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from glow import dumps, figures, ood
+from glow.evaluation import dumps
+from glow.report import figures
+from glow.report import scores as ood
 
 REPO = Path(__file__).resolve().parents[1]
 STEP = 100
@@ -200,7 +202,7 @@ def _cli():
 
 
 def test_cli_with_real_shards(tmp_path):
-    """The CLI end to end: images from real (tiny) shards through glow.data.load_images for the
+    """The CLI end to end: images from real (tiny) shards through glow.data.streams.load_images for the
     image panels, scores from the dumps alone, newest step chosen by default."""
     from tests.fakedata import build_small_shards
 

@@ -8,7 +8,13 @@ import sys
 
 import pytest
 
-from glow.files import LockHeld, atomic_write_bytes, atomic_write_json, hold_lock, new_file_mode
+from glow.files import (
+    LockHeld,
+    atomic_write_bytes,
+    atomic_write_json,
+    hold_lock,
+    new_file_mode,
+)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from glow.flows import (
+from glow.model.flows import (
     ActNorm,
     AffineCoupling,
     FlowStep,
@@ -98,7 +98,7 @@ def test_actnorm_init_normalizes_first_batch_and_is_not_redone():
 
 
 def test_actnorm_uses_installed_reducer():
-    from glow.flows import set_actnorm_reducer
+    from glow.model.flows import set_actnorm_reducer
 
     calls = []
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from glow.data.sources.cifar import cifar_sources
+from glow.data.sources.mnist import idx_sources
 
-from glow.shards import build
-from glow.standard_sets import cifar_sources, idx_sources
+from glow.data.shards import build
 from tests.fakedata import make_fake_cifar, make_fake_idx
 from tests.toydata import REPO, run, train_command
 
@@ -63,7 +64,7 @@ def test_grayscale_model_trains_and_scores_gray_and_converted_rgb(tmp_path):
 def test_fid_features_of_gray_images_are_those_of_the_gray_replicated_to_rgb():
     import torch
 
-    from glow.fid import inception_features
+    from glow.evaluation.fid import inception_features
 
     def stub(x):  # stands in for Inception: per-channel sums, enough to see what it was given
         assert x.shape[1] == 3

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["train/train.py", "eval/evaluate.py", "eval/figures.py", "shards/build.py",
+SCRIPTS = ["train/train.py", "eval/evaluate.py", "eval/figures.py", "eval/report.py", "shards/build.py",
            *sorted(str(p.relative_to(REPO)) for p in (REPO / "bench").glob("*.py")
                    if "__main__" in p.read_text())]  # the runnable ones (not bench/harness.py)
 
@@ -25,7 +25,8 @@ def load_command(script: str) -> click.Command:
     spec.loader.exec_module(module)
     commands = [v for v in vars(module).values() if isinstance(v, click.Command)]
     groups = [c for c in commands if isinstance(c, click.Group)]
-    return groups[0] if groups else next(c for c in commands if c.callback.__module__ == module.__name__)
+    own = [c for c in commands if c.callback.__module__ == module.__name__]  # bench scripts import others
+    return groups[0] if groups else (own or commands)[0]  # entry scripts import glow.cli's
 
 
 def commands_of(cmd: click.Command, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:

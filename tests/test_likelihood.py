@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from glow.likelihood import bits_per_dim, eval_noise, log_p_x, postprocess, preprocess, quantize
+from glow.model.likelihood import (
+    bits_per_dim,
+    eval_noise,
+    log_p_x,
+    postprocess,
+    preprocess,
+    quantize,
+)
 
 
 def test_quantize_keeps_top_bits():

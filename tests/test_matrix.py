@@ -1,4 +1,4 @@
-"""glow.matrix and `eval/figures.py matrix`: the benchmark table of several runs from their dumps."""
+"""glow.report.matrix and `eval/report.py matrix`: the benchmark table of several runs from their dumps."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from glow import dumps, matrix, ood
-from tests.test_figures import STEP, _cli as figures_cli, write_dump
+from glow.evaluation import dumps
+from glow.report import matrix
+from glow.report import scores as ood
+from tests.test_figures import STEP, write_dump
+from glow.cli.report import main as report_cli
 
 
 def make_run(root: Path, name: str, in_dataset: str, sets: dict[str, float], seed: int) -> Path:
@@ -36,7 +39,7 @@ def two_runs(tmp_path):
 
 
 def _cli(args: list[str]):
-    return CliRunner().invoke(figures_cli(), args)
+    return CliRunner().invoke(report_cli, args)
 
 
 def load(run: Path, spec: str) -> dumps.Dump:

@@ -144,7 +144,7 @@ def test_config_hash_changes_with_architecture():
 
 # --------------------------------------------------------------------------- densities pinned
 def test_gaussian_log_density_equals_torch_normal():
-    from glow.flows import gaussian_log_density
+    from glow.model.flows import gaussian_log_density
 
     g = torch.Generator().manual_seed(0)
     x, mean, log_std = (torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64) for _ in range(3))
@@ -186,7 +186,7 @@ def randomize_priors(model: Glow, seed: int = 0) -> list[tuple[torch.Tensor, tor
 
 def closed_form_prior(model: Glow, affine, y: torch.Tensor):
     """Per level: (kept, factored, mean, std) computed by hand; the last entry is the top latent."""
-    from glow.flows import squeeze
+    from glow.model.flows import squeeze
 
     out, x = [], y
     for level, (a, b) in enumerate(affine):

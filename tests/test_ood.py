@@ -1,4 +1,4 @@
-"""glow.ood: OOD metrics vs scikit-learn, PNG complexity, typicality."""
+"""glow.report.scores: OOD metrics vs scikit-learn, PNG complexity, typicality."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from glow import ood
+from glow.evaluation import complexity
+from glow.report import scores as ood
 
 # --------------------------------------------------------------------------- OOD metrics
 
@@ -70,12 +71,12 @@ def test_ood_metrics_rejects_nan():
 def test_png_complexity_constant_vs_noise():
     const = np.full((32, 32, 3), 128, np.uint8)
     noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    assert ood.png_complexity_bpd(const) < 0.3  # PNG headers alone are ~0.2 bits/dim at 32x32
-    assert ood.png_complexity_bpd(noise) >= 8.0
-    batch = ood.png_complexity_bpd_batch(np.stack([const, noise]))
-    chw = ood.png_complexity_bpd_batch(torch.from_numpy(np.stack([const, noise])).permute(0, 3, 1, 2))
+    assert complexity.png_complexity_bpd(const) < 0.3  # PNG headers alone are ~0.2 bits/dim at 32x32
+    assert complexity.png_complexity_bpd(noise) >= 8.0
+    batch = complexity.png_complexity_bpd_batch(np.stack([const, noise]))
+    chw = complexity.png_complexity_bpd_batch(torch.from_numpy(np.stack([const, noise])).permute(0, 3, 1, 2))
     np.testing.assert_array_equal(batch, chw)
-    assert batch[0] == ood.png_complexity_bpd(const)
+    assert batch[0] == complexity.png_complexity_bpd(const)
     np.testing.assert_allclose(ood.complexity_corrected_score([3.0, 4.0], [1.0, 5.0]), [-2.0, 1.0])
 
 

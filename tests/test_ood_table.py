@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from glow import dumps, figures, ood
+from glow.evaluation import dumps
+from glow.report import figures
+from glow.report import scores as ood
 from tests.test_figures import STEP, write_dump
 
 SEED = 4

@@ -1,4 +1,4 @@
-"""Fast paths (glow.performance) give the plain path's per-sample log-likelihoods and gradients.
+"""Fast paths (glow.model.performance) give the plain path's per-sample log-likelihoods and gradients.
 
 Tolerances: float64 paths (checkpointing, cached eval weights) must agree to 1e-10
 relative: they run the same arithmetic. Float32 paths that change kernels (channels_last,
@@ -12,9 +12,14 @@ import pytest
 import torch
 
 from glow.config import ConfigError, load_config
-from glow.flows import InvConv2dLU
 from glow.model import Glow, GlowConfig
-from glow.performance import apply_fast_paths, cached_weights, eval_log_prob, fast_eval
+from glow.model.flows import InvConv2dLU
+from glow.model.performance import (
+    apply_fast_paths,
+    cached_weights,
+    eval_log_prob,
+    fast_eval,
+)
 from tests.test_flows import randomize
 from tests.toydata import REPO
 
@@ -140,7 +145,7 @@ def test_trainer_with_checkpointing_and_channels_last_matches_plain_run(tmp_path
     from safetensors.torch import load_file
 
     from glow.checkpoint import step_dir
-    from glow.trainer import Trainer
+    from glow.training.trainer import Trainer
     from tests.toydata import build_toy_shards
 
     shards = build_toy_shards(tmp_path / "shards")

@@ -1,9 +1,9 @@
-"""glow.results: one file per entry, merged on read; reuse only under the same settings."""
+"""glow.evaluation.result_tables: one file per entry, merged on read; reuse only under the same settings."""
 
 import json
 import multiprocessing
 
-from glow.results import add_entries, is_done, read_table
+from glow.evaluation.result_tables import add_entries, is_done, read_table
 
 
 def _add(args):

@@ -1,4 +1,4 @@
-"""glow.sampling: sample grids people can read (upscaled, one labelled row per temperature)."""
+"""glow.model.sampling: sample grids people can read (upscaled, one labelled row per temperature)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from glow.model import Glow, GlowConfig
-from glow.sampling import grid_image, save_sample_grid
+from glow.model.sampling import grid_image, save_sample_grid
 
 
 def test_grid_upscales_by_nearest_neighbour_and_labels_every_row():

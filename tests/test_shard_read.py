@@ -1,4 +1,4 @@
-"""Bounded shard reads (glow.shard_read) and the evaluation/training fan-out over shards.
+"""Bounded shard reads (glow.data.shard_read) and the evaluation/training fan-out over shards.
 
 Each hostile file here is planted with a manifest that matches it (bytes and sha256), as
 someone with write access to a shared shard root could do: the checks must not rest on the
@@ -19,10 +19,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import glow.data as D
-from glow import shards as S
-from glow.data import ShardReadError, fan_out_warning, load_images, make_eval_loader, make_train_loader, read_manifest
-from glow.shard_read import ImageSpec, member_cap
+import glow.data.streams as D
+from glow.data import shards as S
+from glow.data.shard_read import ImageSpec, member_cap
+from glow.data.streams import (
+    ShardReadError,
+    fan_out_warning,
+    load_images,
+    make_eval_loader,
+    make_train_loader,
+    read_manifest,
+)
 from tests.fakedata import build_small_shards
 
 

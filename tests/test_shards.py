@@ -14,13 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from glow.data.sources.celeba import celeba_sources
+from glow.data.sources.images import SourceError, center_crop, resize_short
+from glow.data.sources.svhn import svhn_sources
 from PIL import Image
 
+from glow.data import shards as S
+from glow.data.streams import manifest_hash, read_manifest
 from glow.errors import EXIT_DATA
-from glow import shards as S
-from glow.data import manifest_hash, read_manifest
-from glow.sources import SourceError, celeba_sources, center_crop, resize_short, svhn_sources
-from tests.fakedata import make_fake_celeba, make_fake_folder, make_fake_svhn, svhn_expected_labels
+from tests.fakedata import (
+    make_fake_celeba,
+    make_fake_folder,
+    make_fake_svhn,
+    svhn_expected_labels,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "shards"))
@@ -170,8 +177,8 @@ def test_folder_split_deterministic(tmp_path):
 # --------------------------------------------------------------------------- resume / refusal
 SLOW_BUILD = """
 import functools, sys, time
-from glow import shards as S
-from glow.sources import celeba_sources
+from glow.data import shards as S
+from glow.data.sources.celeba import celeba_sources
 def slow(process, payload):
     time.sleep(0.05)
     return process(payload)
@@ -342,7 +349,7 @@ def test_gaussian_counts_and_log_density(tmp_path):
         assert man["stats"]["clipped_fraction"] < 1e-4
         assert man["stats"]["mean_log_density_nats"] == pytest.approx(lp.mean())
         # the stored uint8 image reproduces its recorded log-density
-        from glow.gaussian_field import GAUSSIAN_KINDS, GaussianField
+        from glow.data.sources.gaussian_field import GAUSSIAN_KINDS, GaussianField
 
         img, meta = samples["00000007"]
         field = GaussianField(GAUSSIAN_KINDS[ds])
@@ -353,7 +360,7 @@ def test_gaussian_counts_and_log_density(tmp_path):
 
 
 def test_discrete_entropy_approximation_1d():
-    from glow.gaussian_field import discrete_entropy_1d
+    from glow.data.sources.gaussian_field import discrete_entropy_1d
 
     for var in (9.0, 30.0):
         assert discrete_entropy_1d(var) == pytest.approx(0.5 * math.log(2 * math.pi * math.e * (var + 1 / 12)), abs=1e-8)
@@ -374,7 +381,7 @@ def test_demo_counts(tmp_path):
 
 
 def test_demo_default_counts_and_disjoint_cells():
-    from glow.demo_data import DEMO_PHOTOS, demo_crops
+    from glow.data.sources.demo import DEMO_PHOTOS, demo_crops
 
     crops = demo_crops()  # the defaults the CLI uses
     assert crops["train"].shape == (20000, 32, 32, 3) and crops["test"].shape == (2000, 32, 32, 3)

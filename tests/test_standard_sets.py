@@ -7,11 +7,12 @@ import pickle
 
 import numpy as np
 import pytest
+from glow.data.sources.cifar import cifar_sources
+from glow.data.sources.images import SourceError
+from glow.data.sources.mnist import idx_sources, read_idx
 
+from glow.data.streams import make_eval_loader, read_manifest
 from glow.errors import EXIT_DATA
-from glow.data import make_eval_loader, read_manifest
-from glow.sources import SourceError
-from glow.standard_sets import cifar_sources, idx_sources, read_idx
 from tests.fakedata import make_fake_cifar, make_fake_idx, write_idx
 from tests.test_shards import read_shards, run_cli
 

@@ -82,8 +82,8 @@ def offline_runs(run_dir: Path, expected: int, timeout: float = 60.0) -> dict[st
 
 
 def test_evaluation_and_figures_results_read_back_from_the_offline_run(tmp_path, monkeypatch):
-    from glow.evaluation import track_results
-    from glow.results import add_entries
+    from glow.evaluation.result_tables import add_entries
+    from glow.evaluation.tasks import track_results
     from tests.test_figures import _cli as figures_cli
     from tests.test_figures import make_run
 

@@ -15,9 +15,16 @@ from safetensors.torch import load_file
 
 from glow.checkpoint import complete_checkpoints, load_model, step_dir
 from glow.errors import EXIT_CHECKPOINT, EXIT_USAGE
-from glow.optim import lr_factor
-from glow.trainer import EXIT_FAILED
-from tests.toydata import REPO, build_toy_shards, cpu_env, run, spawn_gloo, train_command
+from glow.training.optim import lr_factor
+from glow.training.trainer import EXIT_FAILED
+from tests.toydata import (
+    REPO,
+    build_toy_shards,
+    cpu_env,
+    run,
+    spawn_gloo,
+    train_command,
+)
 
 pytestmark = pytest.mark.slow
 TIMING_KEYS = {"images_per_s", "peak_memory_mb"}
@@ -84,8 +91,8 @@ def test_two_processes_stay_identical_and_learn(shards, tmp_path):
 def _actnorm_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from glow.flows import ActNorm
     from glow.distributed import all_reduce_mean
+    from glow.model.flows import ActNorm
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
@@ -106,7 +113,7 @@ def test_actnorm_init_uses_statistics_of_all_ranks(tmp_path):
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert torch.equal(a["loc"], b["loc"]) and torch.equal(a["log_scale"], b["log_scale"])
     # Equal to a local init on the union of both ranks' batches.
-    from glow.flows import ActNorm
+    from glow.model.flows import ActNorm
 
     g = torch.Generator().manual_seed(0)
     data = torch.randn(2, 16, 3, 4, 4, generator=g) * torch.tensor([1.0, 3.0]).view(2, 1, 1, 1, 1)
@@ -214,7 +221,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(shards, tmp_path, monkey
     from accelerate import Accelerator
 
     from glow.config import load_config
-    from glow.trainer import Trainer
+    from glow.training.trainer import Trainer
 
     cfg = load_config(REPO / "train" / "configs" / "tiny.yaml", [
         f"run.root={tmp_path}", f"data.root={shards}", "data.dataset=toy", "train.max_steps=40",
@@ -296,7 +303,7 @@ def _nan_worker(rank: int, world: int, port: int, shards: str, out: str) -> None
     from accelerate import Accelerator
 
     from glow.config import load_config
-    from glow.trainer import Trainer
+    from glow.training.trainer import Trainer
 
     class Recording(Trainer):
         def _loss(self, x):
@@ -348,7 +355,7 @@ def test_second_trainer_on_a_live_run_refuses_naming_the_holder(shards, tmp_path
 
     from glow.config import load_config
     from glow.files import hold_lock
-    from glow.trainer import RunInUse, Trainer
+    from glow.training.trainer import RunInUse, Trainer
 
     cfg = load_config(REPO / "train" / "configs" / "tiny.yaml", [f"run.root={tmp_path}", f"data.root={shards}",
                                                                 "data.dataset=toy", "train.max_steps=2"])

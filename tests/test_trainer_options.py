@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from glow.checkpoint import complete_checkpoints, step_dir
 from glow.config import load_config
-from glow.trainer import Trainer
+from glow.training.trainer import Trainer
 from tests.toydata import REPO, build_toy_shards
 
 SMALL = ("model.steps_per_level=1", "model.hidden_channels=4", "train.batch_size=4", "train.log_every=1",
@@ -105,7 +105,7 @@ def test_perturb_prob_replaces_training_pixels_with_noise(shards, tmp_path):
     noisy = metrics(train(tmp_path / "noisy", shards, f"run.init_from={init}", "train.max_steps=1",
                           "data.perturb_prob=0.5"))[0]["loss"]
     assert noisy > clean + 0.5
-    from glow.likelihood import perturb_pixels
+    from glow.model.likelihood import perturb_pixels
 
     x = torch.full((20, 3, 32, 32), 7, dtype=torch.uint8)
     changed = (perturb_pixels(x, 0.3, torch.Generator().manual_seed(0)) != x).float().mean().item()
@@ -113,7 +113,7 @@ def test_perturb_prob_replaces_training_pixels_with_noise(shards, tmp_path):
 
 
 def test_hflip_mirrors_about_half_of_the_training_images(shards):
-    from glow.data import make_train_loader
+    from glow.data.streams import make_train_loader
 
     def batches(hflip: bool) -> np.ndarray:
         loader = make_train_loader(shards, "toy", "train", batch_size=8, seed=0, epoch=0, rank=0, world_size=1,

@@ -39,7 +39,7 @@ def _malicious_pickle(marker: Path) -> bytes:
 
 
 def test_hub_cache_inception_file_is_never_unpickled(tmp_path, monkeypatch):
-    from glow.fid import FID_WEIGHTS_FILE, load_inception
+    from glow.evaluation.fid import FID_WEIGHTS_FILE, load_inception
 
     marker = tmp_path / "ran"
     hub = tmp_path / "torch" / "hub" / "checkpoints"
@@ -54,8 +54,8 @@ def test_hub_cache_inception_file_is_never_unpickled(tmp_path, monkeypatch):
 
 
 def test_dump_and_fid_statistics_are_never_unpickled(tmp_path):
-    from glow.dumps import load_dump
-    from glow.fid import load_statistics
+    from glow.evaluation.dumps import load_dump
+    from glow.evaluation.fid import load_statistics
 
     marker = tmp_path / "ran"
     payload = np.array([_Payload(marker)], dtype=object)

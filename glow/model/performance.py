@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from glow.flows import ActNorm, CouplingNet, InvConv2dLU
+from glow.model.flows import ActNorm, CouplingNet, InvConv2dLU
 
 __all__ = ["apply_fast_paths", "apply_train_config", "cached_weights", "eval_log_prob", "fast_eval", "uninitialized_actnorms"]
 

@@ -1,6 +1,6 @@
 """Coupling variants of Kirichenko, Izmailov & Wilson (2020), section 7: masks and a bottleneck.
 
-Glow's coupling splits the channels in two halves (`mask="channel"`, `glow.flows.AffineCoupling`).
+Glow's coupling splits the channels in two halves (`mask="channel"`, `glow.model.flows.AffineCoupling`).
 The paper shows that couplings learn to copy local pixel correlations from the unchanged half
 and asks what changes when the split and the coupling network change. This module adds:
 
@@ -40,7 +40,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from glow.flows import AffineCoupling, CouplingNet, ZeroConv2d, _no_autocast, hidden_layers, split_shift_scale
+from glow.model.flows import (
+    AffineCoupling,
+    CouplingNet,
+    ZeroConv2d,
+    _no_autocast,
+    hidden_layers,
+    split_shift_scale,
+)
 
 __all__ = ["MASKS", "SPATIAL_MASKS", "BottleneckCouplingNet", "MaskedCoupling", "make_coupling", "spatial_masks"]
 

@@ -92,7 +92,7 @@ def tool_version() -> str:
 
 @dataclasses.dataclass
 class Source:
-    """What a builder needs from a data source (see ``glow.sources`` / ``glow.demo_data`` / ``glow.gaussian_field``).
+    """What a builder needs from a data source (see ``glow.data.sources`` / ``glow.data.sources.demo`` / ``glow.data.sources.gaussian_field``).
 
     ``payloads(start, stop)`` runs in the main process and returns picklable payloads for
     items ``start..stop-1``; ``process(payload)`` runs in a worker and returns

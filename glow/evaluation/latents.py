@@ -20,9 +20,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from glow.files import atomic_save_figure  # noqa: E402
-from glow.flows import split_shift_scale  # noqa: E402
-from glow.likelihood import eval_noise, preprocess  # noqa: E402
 from glow.model import Glow  # noqa: E402
+from glow.model.flows import split_shift_scale  # noqa: E402
+from glow.model.likelihood import eval_noise, preprocess  # noqa: E402
 
 __all__ = ["coupling_maps", "default_layers", "plot_latents"]
 

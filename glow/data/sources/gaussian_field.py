@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from glow.shards import Source
+from glow.data.shards import Source
 
 # --------------------------------------------------------------------------- gaussian field
 GAUSSIAN_KINDS = {"gaussian": 1.5, "gaussian-smooth": 5.0}

@@ -6,7 +6,7 @@ Structure for `n_levels` L and `steps_per_level` K:
 
 Each split keeps half of the channels and factors out the other half, whose prior is a
 Gaussian conditioned on the kept half. The top latent has a learned prior. The model works
-in "y space" (dequantized pixels in [-0.5, 0.5), see `glow.likelihood`); everything about
+in "y space" (dequantized pixels in [-0.5, 0.5), see `glow.model.likelihood`); everything about
 data and bits per dimension lives outside this module.
 """
 
@@ -21,8 +21,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from glow.couplings import MASKS, SPATIAL_MASKS, make_coupling
-from glow.flows import FlowStep, ZeroConv2d, gaussian_log_density, squeeze, unsqueeze
+from glow.model.couplings import MASKS, SPATIAL_MASKS, make_coupling
+from glow.model.flows import (
+    FlowStep,
+    ZeroConv2d,
+    gaussian_log_density,
+    squeeze,
+    unsqueeze,
+)
 
 __all__ = ["Glow", "GlowConfig", "SplitPrior"]
 
@@ -46,7 +52,7 @@ class GlowConfig:
     learn_top: bool = True
     n_bits: int = 8
     coupling_actnorm: bool = False
-    mask: str = "channel"  # channel | checkerboard | cycle | cycle_patch (glow.couplings)
+    mask: str = "channel"  # channel | checkerboard | cycle | cycle_patch (glow.model.couplings)
     coupling_bottleneck: int = 0  # l > 0: coupling net through an l-dim global bottleneck
 
     def validate(self) -> None:
@@ -121,7 +127,7 @@ class Glow(nn.Module):
         config.validate()
         self.config = config
         # Runtime option (not architecture): recompute each flow step in the backward pass
-        # instead of storing its activations. Set by glow.performance.apply_fast_paths.
+        # instead of storing its activations. Set by glow.model.performance.apply_fast_paths.
         self.checkpoint_steps = False
         affine = config.coupling == "affine"
         channels = config.in_channels
@@ -190,7 +196,7 @@ class Glow(nn.Module):
         for level, steps in enumerate(self.levels):
             x = squeeze(x)
             for step in steps:
-                if self.checkpoint_steps and torch.is_grad_enabled():  # glow.performance
+                if self.checkpoint_steps and torch.is_grad_enabled():  # glow.model.performance
                     x, ld = checkpoint(step, x, use_reentrant=False, preserve_rng_state=False)
                 else:
                     x, ld = step(x)

@@ -19,7 +19,7 @@ import numpy as np
 from scipy import linalg
 
 from glow.errors import CheckpointMismatch, CheckpointMissing, DataError
-from glow.likelihood import to_nhwc_uint8
+from glow.model.likelihood import to_nhwc_uint8
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def inception_features(
     """2048-d pool3 features (float64, (N, 2048)) of uint8 RGB or grayscale images.
 
     ``images``: one array/tensor or an iterable of batches. numpy batches are (B, H, W, C)
-    (image layout, as ``glow.data.load_images`` gives); torch batches are (B, C, H, W) (as the
+    (image layout, as ``glow.data.streams.load_images`` gives); torch batches are (B, C, H, W) (as the
     eval loader yields). Grayscale (C = 1) is replicated to 3 channels, as Inception takes RGB
     (the usual practice for FID on MNIST-like sets). Pixels are scaled to [0, 1]; pytorch-fid
     resizes to 299x299 bilinearly and maps to [-1, 1]. Pass ``model`` (from `load_inception`)

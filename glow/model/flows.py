@@ -106,7 +106,7 @@ class ActNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Under torch.compile the check is skipped (a data-dependent branch breaks the graph):
-        # initialize before compiling (glow.performance does).
+        # initialize before compiling (glow.model.performance does).
         if not torch.compiler.is_compiling() and not self.initialized:
             self.initialize(x)
         y = (x + self.loc) * torch.exp(self.log_scale)
@@ -180,7 +180,7 @@ class InvConv2dLU(nn.Module):
                 inverse = torch.linalg.inv(self.weight())
             return F.conv2d(y.to(inverse.dtype), inverse[:, :, None, None])
 
-    # -- evaluation cache (glow.performance.cached_weights) ---------------------------------
+    # -- evaluation cache (glow.model.performance.cached_weights) ---------------------------------
     def _versions(self) -> tuple:
         return tuple((p.data_ptr(), p._version) for p in (self.lower, self.upper, self.log_s))
 
@@ -314,7 +314,7 @@ class AffineCoupling(nn.Module):
 class FlowStep(nn.Module):
     """One step of flow: ActNorm -> invertible 1x1 conv -> coupling.
 
-    `coupling` (any layer `x -> (y, logdet)` with `reverse`, e.g. from `glow.couplings`)
+    `coupling` (any layer `x -> (y, logdet)` with `reverse`, e.g. from `glow.model.couplings`)
     replaces the default channel-split `AffineCoupling`.
     """
 

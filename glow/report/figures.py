@@ -4,7 +4,7 @@
 alone; the shards are read only for the images of exp1/exp2) and writes
 `runs/<name>/figures/`: distributions.png, exp1.png, exp2.png, samples.png, ood.json,
 ood.md and index.html (all of it on one page). The OOD table itself is computed by
-:mod:`glow.ood`; a tracker, when given, gets the table, the bits/dim and the figures.
+:mod:`glow.report.scores`; a tracker, when given, gets the table, the bits/dim and the figures.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import gaussian_kde  # noqa: E402
 
-from glow.dumps import Dump, dump_path, eval_step_dir, load_dumps  # noqa: E402
 from glow.errors import BadArgument  # noqa: E402
+from glow.evaluation.dumps import Dump, dump_path, eval_step_dir, load_dumps  # noqa: E402
+from glow.evaluation.result_tables import read_table  # noqa: E402
 from glow.files import atomic_save_figure, atomic_write_bytes, atomic_write_text  # noqa: E402
 from glow.names import step_dir_name  # noqa: E402
-from glow.ood import ood_markdown, ood_table  # noqa: E402
-from glow.report_page import write_index  # noqa: E402
-from glow.results import read_table  # noqa: E402
+from glow.report.page import write_index  # noqa: E402
+from glow.report.scores import ood_markdown, ood_table  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class FiguresResult:
 
 
 def default_image_loader(root, dataset, split, keys) -> dict:
-    from glow.data import load_images
+    from glow.data.streams import load_images
 
     return load_images(root, dataset, split, keys)
 
@@ -145,7 +145,7 @@ def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str],
                  image_loader: ImageLoader | None = None, tracker=None) -> FiguresResult:
     """Write figures/ for one run from the dumps of one evaluated step (newest by default).
 
-    Also writes ``index.html``, the one page of results (:mod:`glow.report_page`).
+    Also writes ``index.html``, the one page of results (:mod:`glow.report.page`).
     ``tracker`` (a :class:`glow.tracking.Tracker`, optional) receives the OOD table, the
     bits/dim per split and the PNG figures.
     """

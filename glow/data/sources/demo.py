@@ -13,12 +13,11 @@ digits
 """
 from __future__ import annotations
 
-
 import numpy as np
 from PIL import Image
 
-from glow.shards import Source
-from glow.sources import array_source
+from glow.data.shards import Source
+from glow.data.sources.images import array_source
 
 DEMO_PHOTOS = ("astronaut", "chelsea", "rocket", "stereo_motorcycle", "immunohistochemistry",
                "coffee", "hubble_deep_field", "retina", "colorwheel")

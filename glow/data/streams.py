@@ -1,4 +1,4 @@
-"""Streams over the WebDataset shards written by :mod:`glow.shards`.
+"""Streams over the WebDataset shards written by :mod:`glow.data.shards`.
 
 Training (:func:`make_train_loader`)
     Each (rank, worker) draws shards with replacement from its own shard list, shuffles
@@ -27,7 +27,7 @@ Evaluation (:func:`make_eval_loader`)
     unequal counts, and the caller gathers unequal lengths and compares the total with the
     manifest. A truncated, corrupt or oversized shard, or one whose sample count differs
     from the manifest, raises :class:`ShardReadError` naming the file (reads are bounded:
-    :mod:`glow.shard_read`).
+    :mod:`glow.data.shard_read`).
 
 Channels: a stream yields the manifest's channels (3 = RGB, 1 = grayscale) unless the
 caller asks for a count (the model's ``in_channels``): a mismatch is an error unless the
@@ -49,8 +49,22 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from glow.shard_read import ImageSpec, ShardReadError, convert_channels, decode_png, iter_shard
-from glow.shards import KEY_FORMAT, MANIFEST, ShardError, ShardsMissing, canonical_json, check_shard_name, split_dir
+from glow.data.shard_read import (
+    ImageSpec,
+    ShardReadError,
+    convert_channels,
+    decode_png,
+    iter_shard,
+)
+from glow.data.shards import (
+    KEY_FORMAT,
+    MANIFEST,
+    ShardError,
+    ShardsMissing,
+    canonical_json,
+    check_shard_name,
+    split_dir,
+)
 
 __all__ = ["ShardReadError", "check_channels", "decode_png", "fan_out_warning", "load_images", "make_eval_loader",
            "make_train_loader", "manifest_hash", "read_manifest", "shard_paths"]
@@ -157,7 +171,7 @@ def _worker_split() -> tuple[int, int]:
 
 
 def _samples_of(shard: "_Shard", spec: ImageSpec, check_count: bool) -> Iterator[dict]:
-    """Samples of one shard read with bounded memory (glow.shard_read); errors name the shard."""
+    """Samples of one shard read with bounded memory (glow.data.shard_read); errors name the shard."""
     return iter_shard(shard.url, spec, expected_bytes=shard.nbytes, count=shard.count if check_count else None)
 
 

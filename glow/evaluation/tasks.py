@@ -19,17 +19,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glow.data import check_channels, make_eval_loader, manifest_hash, read_manifest
+from glow.data.streams import (
+    check_channels,
+    make_eval_loader,
+    manifest_hash,
+    read_manifest,
+)
 from glow.distributed import barrier, gather_objects
 from glow.errors import DataError
-from glow.dumps import dump_path, load_dump, write_dump
+from glow.evaluation.dumps import dump_path, load_dump, write_dump
+from glow.evaluation.result_tables import add_entries, is_done, mismatched_settings
+from glow.evaluation.complexity import png_complexity_bpd_batch
 from glow.files import atomic_write_json
-from glow.likelihood import bits_per_dim, eval_noise, log_p_x, preprocess, quantize, requantize
 from glow.model import Glow, GlowConfig
-from glow.ood import png_complexity_bpd_batch
-from glow.performance import fast_eval
-from glow.results import add_entries, is_done, mismatched_settings
-from glow.sampling import sample_seeded, save_sample_grid
+from glow.model.likelihood import (
+    bits_per_dim,
+    eval_noise,
+    log_p_x,
+    preprocess,
+    quantize,
+    requantize,
+)
+from glow.model.performance import fast_eval
+from glow.model.sampling import sample_seeded, save_sample_grid
 from glow.tracking import Progress
 
 __all__ = [
@@ -70,7 +82,7 @@ class EvalContext:
     convert_channels: bool = False  # evaluate a set of the other modality (gray <-> RGB) by converting it
 
     def loader_args(self) -> dict:
-        """What every scoring stream needs to give images the model's shape (glow.data.check_channels)."""
+        """What every scoring stream needs to give images the model's shape (glow.data.streams.check_channels)."""
         cfg = self.model.config
         return {"channels": cfg.in_channels, "convert_channels": self.convert_channels, "resolution": cfg.image_size}
 
@@ -279,7 +291,7 @@ def run_samples(ctx: EvalContext, temperatures: list[float], per_temperature: in
 
 def run_latents(ctx: EvalContext, specs: list[tuple[str, str]], n_images: int) -> Path | None:
     """latents.png for the first `n_images` of each split (rank 0 draws)."""
-    from glow.latents import plot_latents
+    from glow.evaluation.latents import plot_latents
 
     path = ctx.out_dir / "latents.png"
     if path.exists() and not ctx.force:
@@ -307,8 +319,15 @@ def run_fid(ctx: EvalContext, dataset: str, split: str, temperatures: list[float
     real images are reduced to the model's bit depth, as its samples are.
     """
     from glow.distributed import all_reduce_sum
-    from glow.fid import FID_DIM, FeatureMoments, cached_statistics, frechet_distance, inception_features, \
-        load_inception, statistics_key
+    from glow.evaluation.fid import (
+        FID_DIM,
+        FeatureMoments,
+        cached_statistics,
+        frechet_distance,
+        inception_features,
+        load_inception,
+        statistics_key,
+    )
 
     path = ctx.out_dir / "fid.json"
     spec = f"{dataset}/{split}"
@@ -366,7 +385,7 @@ def track_results(tracker, out_dir: Path, tasks: list[str], specs: list[tuple[st
     per-sample bits/dim of each dump as a histogram, FID per split and temperature, and
     samples.png / latents.png as images.
     """
-    from glow.results import read_table
+    from glow.evaluation.result_tables import read_table
 
     logged: list[str] = []
     wanted = {f"{d}/{s}" for d, s in specs}

@@ -40,19 +40,37 @@ from accelerate.utils import DistributedType
 
 from glow import checkpoint as ckpt
 from glow.config import Config, ConfigError, config_hash, to_dict, to_yaml
-from glow.data import check_channels, fan_out_warning, make_train_loader, read_manifest
+from glow.data.streams import (
+    check_channels,
+    fan_out_warning,
+    make_train_loader,
+    read_manifest,
+)
+from glow.distributed import (
+    StopFlag,
+    all_reduce_mean,
+    replica_digests,
+    settle_ddp_buckets,
+)
 from glow.errors import CheckpointMismatch, UserError
-from glow.distributed import StopFlag, all_reduce_mean, replica_digests, settle_ddp_buckets
-from glow.flows import set_actnorm_reducer
 from glow.files import atomic_write_text
-from glow.likelihood import bits_per_dim, perturb_pixels, preprocess
 from glow.model import Glow
-from glow.optim import make_ema, make_optimizer, make_scheduler
+from glow.model.flows import set_actnorm_reducer
+from glow.model.likelihood import bits_per_dim, perturb_pixels, preprocess
+from glow.model.performance import apply_train_config
+from glow.model.sampling import save_sample_grid
 from glow.names import step_dir_name
-from glow.performance import apply_train_config
-from glow.rundir import STOP, STOPPED, RunInUse, clear_stale_markers, lock_run_dir, mark_stopped, stop_requested_by_file
-from glow.sampling import save_sample_grid
+from glow.run import (
+    STOP,
+    STOPPED,
+    RunInUse,
+    clear_stale_markers,
+    lock_run_dir,
+    mark_stopped,
+    stop_requested_by_file,
+)
 from glow.tracking import MetricsLog, Progress, Tracker, git_sha, setup_logging
+from glow.training.optim import make_ema, make_optimizer, make_scheduler
 
 __all__ = ["EXIT_FAILED", "RunInUse", "Trainer"]
 

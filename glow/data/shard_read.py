@@ -3,7 +3,7 @@
 Shard roots live on shared filesystems; a reader must not trust a file because of where it
 lies. Everything here is checked against the manifest *before* it is read or decoded:
 
-* the manifest's shard names follow the naming scheme (:func:`glow.shards.check_shard_name`),
+* the manifest's shard names follow the naming scheme (:func:`glow.data.shards.check_shard_name`),
   so no manifest can point a reader outside its split directory;
 * the shard's size on disk equals the manifest's ``bytes`` (so a reader never holds more than
   what the manifest declared), and it is a plain tar (a compressed stream, e.g. a gzip bomb,
@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from glow.shards import ShardError
+from glow.data.shards import ShardError
 
 __all__ = ["ImageSpec", "ShardReadError", "convert_channels", "decode_png", "iter_shard", "member_cap"]
 

@@ -2,7 +2,7 @@
 OOD set, AUROC in each cell (Nalisnick et al. 2019; Kirichenko et al. 2020, Table 1).
 
 Each row is one run (one model, its in-distribution test split); each cell is the OOD table of
-:func:`glow.ood.ood_table` for that (model, OOD set) pair, computed from the run's dumps of one
+:func:`glow.report.scores.ood_table` for that (model, OOD set) pair, computed from the run's dumps of one
 evaluated step, so every score of ``ood.json`` is in ``matrix.json``; ``matrix.md`` and the
 heatmap ``matrix.png`` show the AUROC of one chosen score (log-likelihood by default). A cell
 whose dump is missing is shown as such (the note says which `eval/evaluate.py` run makes it);
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from glow.dumps import Dump, dump_path, eval_step_dir, load_dumps
 from glow.errors import BadArgument
+from glow.evaluation.dumps import Dump, dump_path, eval_step_dir, load_dumps
 from glow.files import atomic_write_text
 from glow.names import parse_spec
-from glow.ood import ood_table
+from glow.report.scores import ood_table
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def write_matrix(run_args: Sequence[str], ood_specs: Sequence[str], out_dir: str
                  score: str = DEFAULT_SCORE, step: int | None = None, in_split: str = "test",
                  train_split: str = "train", seed: int = 0) -> tuple[dict, list[Path]]:
     """Load every run, write matrix.json, matrix.md and the heatmap matrix.png under ``out_dir``."""
-    from glow.figures import plot_auroc_matrix
+    from glow.report.figures import plot_auroc_matrix
 
     for s in ood_specs:
         parse_spec(s)

@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from glow.files import atomic_write_bytes
-from glow.likelihood import postprocess
 from glow.model import Glow
+from glow.model.likelihood import postprocess
 
 __all__ = ["GRID_SCALE", "grid_image", "sample_seeded", "save_sample_grid"]
 

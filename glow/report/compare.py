@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from glow.checkpoint import read_meta
-from glow.dumps import Dump, dump_path, eval_step_dir, load_dumps
 from glow.errors import BadArgument, ResultsInvalid
+from glow.evaluation.dumps import Dump, dump_path, eval_step_dir, load_dumps
 from glow.files import atomic_write_text
-from glow.ood import complexity_corrected_score, likelihood_ratio, ood_metrics
+from glow.report.scores import complexity_corrected_score, likelihood_ratio, ood_metrics
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import html
 from pathlib import Path
 
 from glow.files import atomic_write_text
-from glow.ood import typicality_rule_text
+from glow.report.scores import typicality_rule_text
 
 __all__ = ["write_index"]
 
@@ -57,7 +57,7 @@ def _image(path: Path) -> list[str]:
 
 
 def _typicality_section(test: dict | None) -> list[str]:
-    """The typicality test as a decision rule (glow.ood.ood_table's ``typicality_test``)."""
+    """The typicality test as a decision rule (glow.report.scores.ood_table's ``typicality_test``)."""
     if not test or not any(test["ood"].values()):
         return []
     rows = [[spec, int(m[1:]), r["epsilon"], r["tpr"], r["fpr"], r["n_in"], r["n_out"]]
@@ -70,7 +70,7 @@ def _typicality_section(test: dict | None) -> list[str]:
 
 def write_index(out: Path, table: dict, images: list[Path], *, run_name: str, config_text: str | None = None,
                 fid: dict | None = None) -> Path:
-    """Write ``out/index.html`` from the OOD ``table`` (glow.ood.ood_table), the PNG ``images``
+    """Write ``out/index.html`` from the OOD ``table`` (glow.report.scores.ood_table), the PNG ``images``
     (embedded in order), FID entries (``fid.json``) and the run's config.yaml text."""
     title = f"glow-ood results: {run_name}, step {table['step']}"
     body = [f"<h1>{_esc(title)}</h1>",

@@ -1,0 +1,187 @@
+"""Evaluate a checkpoint: bits/dim, per-sample dumps, samples, FID, latents.
+
+\b
+Examples:
+  # per-sample dumps of the demo's in-distribution train/test and OOD sets, 2 CPU processes
+  ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --config_file train/accelerate/cpu_2proc.yaml \\
+      eval/evaluate.py --checkpoint runs/demo/checkpoints/latest --task dump \\
+      --data demo/train --data demo/test --data digits/test
+  # CelebA test bits/dim and SVHN dump on all GPUs of a node
+  accelerate launch eval/evaluate.py --checkpoint runs/celeba32/checkpoints/latest \\
+      --task dump --data celeba/test --data svhn/test
+  # samples at temperatures, FID against CelebA train (needs the Inception weights file)
+  python eval/evaluate.py --checkpoint runs/celeba32 --task samples --task fid --data celeba/train \\
+      --inception-weights ~/pt_inception-2015-12-05-6726825d.pth
+
+\b
+Tasks and what each writes under runs/<name>/eval/step-N/:
+  dump     dumps/<dataset>-<split>.npz (per-sample key, index, label, log p(x) in nats,
+           bits/dim, PNG complexity) and the split's bpd.json entry: all figures need
+  bpd      the bpd.json entry only (mean/std bits/dim); `dump` already writes it
+  samples  samples.png (one row per --temperature, same noise in every row), samples.json
+  fid      fid.json entry per --data split and --fid-temperature (--fid-samples images)
+  latents  latents.png: per-level latents and coupling s/t maps of --latents-images images
+
+\b
+A result is skipped when it exists and was computed with the same checkpoint, seed, data
+root and shard build (--force recomputes); --check-done only reports whether anything is
+left. Results also go to wandb (project and group of the training run, job type eval;
+offline in <run>/wandb/ unless WANDB_MODE says otherwise) when the run's run.logger is wandb.
+Exit codes: 0 done, 2 usage or configuration error, 3 --check-done: work to do, 4 data
+error (shards missing, corrupt or not fitting the model), 5 checkpoint or FID weights error,
+1 internal error (with a traceback).
+"""
+
+import logging
+from pathlib import Path
+
+import click
+
+from glow.errors import exit_on_user_error
+
+TASKS = ("dump", "bpd", "samples", "fid", "latents")
+EXIT_PENDING = 3  # --check-done: some requested result is missing or stale
+
+
+def _parse_spec(spec: str) -> tuple[str, str]:
+    from glow.names import parse_spec
+
+    try:
+        return parse_spec(spec)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--data") from None
+
+
+@click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--checkpoint", required=True, metavar="PATH",
+              help="A step dir, a run dir, or runs/<name>/checkpoints/latest (the newest complete step).")
+@click.option("--task", "tasks", type=click.Choice(TASKS), multiple=True, default=("dump",), show_default=True,
+              help="What to compute, repeatable (see Tasks above).")
+@click.option("--data", "specs", multiple=True, metavar="DATASET/SPLIT",
+              help="Split to evaluate, repeatable, e.g. --data celeba/test --data svhn/test. "
+                   "[default: none; dump, bpd, fid and latents need one]")
+@click.option("--data-root", default=None, metavar="DIR",
+              help="Shard root. [default: the training run's data.root, from the checkpoint]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per process and batch.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Data loader worker processes per process.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the dequantization noise and of the samples.")
+@click.option("--force", is_flag=True, help="Recompute results that exist under the same settings.")
+@click.option("--temperature", "temperatures", type=float, multiple=True, default=(0.0, 0.5, 0.7, 0.8, 0.9, 1.0),
+              show_default=True, help="Sampling temperatures of the samples task (one row each), repeatable.")
+@click.option("--samples-per-temperature", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Images per row of samples.png.")
+@click.option("--fid-samples", type=click.IntRange(min=2), default=50000, show_default=True,
+              help="Generated images per FID value.")
+@click.option("--fid-temperature", "fid_temperatures", type=float, multiple=True, default=(1.0,), show_default=True,
+              help="Sampling temperatures of the fid task, repeatable (one fid.json entry each).")
+@click.option("--inception-weights", default=None, metavar="FILE",
+              help="pt_inception-2015-12-05-6726825d.pth, loaded as plain tensors. "
+                   "[default: $TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth]")
+@click.option("--fid-cache", default=None, metavar="DIR",
+              help="Cache of the reference statistics of each split. "
+                   "[default: $GLOW_FID_CACHE, else $XDG_CACHE_HOME/glow-ood/fid-stats]")
+@click.option("--latents-images", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Images per --data split in latents.png.")
+@click.option("--check-done", is_flag=True,
+              help="Only say whether there is work: exit 0 when every requested result exists under the same "
+                   f"settings, {EXIT_PENDING} otherwise. Loads no model, starts no process group (for schedulers).")
+@click.option("--convert-channels", is_flag=True,
+              help="Score sets of the other modality: grayscale replicated to RGB for an RGB model, RGB to "
+                   "luma (ITU-R 601-2) for a grayscale model. Without it a mismatch is an error.")
+@click.option("--wandb/--no-wandb", "use_wandb", default=None,
+              help="Log the results to wandb (job type eval in the training run's project and group). "
+                   "[default: as the training run's run.logger]")
+@exit_on_user_error
+def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, temperatures,
+         samples_per_temperature, fid_samples, fid_temperatures, inception_weights, fid_cache, latents_images,
+         check_done, convert_channels, use_wandb):
+    from glow.checkpoint import read_meta, resolve_checkpoint
+    from glow.evaluation.dumps import eval_dir
+    from glow.evaluation.tasks import EvalContext, check_eval_data, pending_work
+
+    parsed = [_parse_spec(s) for s in specs]
+    if any(t in tasks for t in ("dump", "bpd", "fid", "latents")) and not parsed:
+        raise click.UsageError(f"tasks {', '.join(tasks)} need at least one --data DATASET/SPLIT")
+    step_path = resolve_checkpoint(checkpoint)
+    meta = {**read_meta(step_path), "path": str(step_path)}
+    data_root = data_root or meta["data"]["root"]
+    shape_tasks = {"dump", "bpd", "latents"} & set(tasks)
+    check_eval_data(data_root, meta, parsed if shape_tasks else [], convert_channels)
+    if check_done:
+        ctx = EvalContext(model=None, meta=meta, out_dir=eval_dir(step_path, meta["step"]),
+                          data_root=data_root, seed=seed)
+        todo = ["everything (--force)"] if force else pending_work(
+            ctx, list(tasks), parsed, temperatures=list(temperatures), per_temperature=samples_per_temperature,
+            fid_temperatures=list(fid_temperatures), fid_samples=fid_samples)
+        click.echo(f"to do: {', '.join(todo)}" if todo else f"done: every result is in {ctx.out_dir}")
+        raise SystemExit(EXIT_PENDING if todo else 0)
+    _evaluate(step_path, tasks, parsed, data_root, use_wandb, convert_channels, batch_size=batch_size,
+              workers=workers, seed=seed, force=force, temperatures=list(temperatures),
+              per_temperature=samples_per_temperature, fid_samples=fid_samples,
+              fid_temperatures=list(fid_temperatures), inception_weights=inception_weights, fid_cache=fid_cache,
+              latents_images=latents_images)
+
+
+def _evaluate(step_path, tasks, parsed, data_root, use_wandb, convert_channels, *, batch_size, workers, seed, force,
+              temperatures, per_temperature, fid_samples, fid_temperatures, inception_weights, fid_cache,
+              latents_images):
+    """Run the tasks in order on every process, then report the results to the tracker."""
+    from glow.checkpoint import load_model
+    from glow.distributed import finish, make_accelerator
+    from glow.evaluation.dumps import eval_dir
+    from glow.evaluation.fid import default_statistics_cache
+    from glow.evaluation.tasks import (
+        EvalContext,
+        run_bpd,
+        run_fid,
+        run_latents,
+        run_samples,
+        track_results,
+    )
+    from glow.tracking import run_tracker, setup_logging
+
+    accelerator = make_accelerator()
+    model, meta = load_model(step_path, accelerator.device)
+    out_dir = eval_dir(step_path, meta["step"])
+    main_process = accelerator.is_main_process
+    setup_logging(out_dir if main_process else None, main_process, accelerator.process_index)
+    log = logging.getLogger("evaluate")
+    log.info("checkpoint %s (step %d), %d process(es), tasks %s", step_path, meta["step"],
+             accelerator.num_processes, ", ".join(tasks))
+    ctx = EvalContext(
+        model=model, meta=meta, out_dir=out_dir, data_root=data_root,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, device=accelerator.device,
+        batch_size=batch_size, num_workers=workers, seed=seed, force=force, convert_channels=convert_channels,
+    )
+    for task in tasks:
+        if task in ("dump", "bpd"):
+            for dataset, split in parsed:
+                run_bpd(ctx, dataset, split, dump=task == "dump")
+        elif task == "samples":
+            run_samples(ctx, temperatures, per_temperature)
+        elif task == "fid":
+            cache = Path(fid_cache) if fid_cache else default_statistics_cache()
+            for dataset, split in parsed:
+                run_fid(ctx, dataset, split, fid_temperatures, fid_samples, inception_weights, cache)
+        elif task == "latents":
+            run_latents(ctx, parsed, latents_images)
+    if accelerator.is_main_process:
+        run_dir = Path(step_path).parent.parent
+        detail = " ".join([*tasks, *(f"{d}/{s}" for d, s in parsed)])
+        tracker = run_tracker(run_dir, "eval", meta["step"], detail, enabled=use_wandb,
+                              extra_config={"checkpoint": str(step_path), "tasks": list(tasks)})
+        enabled = tracker.run is not None
+        try:
+            logged = track_results(tracker, out_dir, list(tasks), parsed, meta["step"])
+        finally:
+            tracker.close()
+        if logged and enabled:
+            log.info("logged to wandb: %s", ", ".join(logged))
+    finish(accelerator)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Figures, the OOD table and one page of results of one run (CPU, files only).
+
+\b
+Examples:
+  # CelebA vs SVHN (Kirichenko et al. 2020), newest evaluated step
+  python eval/figures.py --run runs/celeba32 --in celeba/test --ood svhn/test
+  # the CPU demo, a given step, shards moved since the dumps
+  python eval/figures.py --run runs/demo --step 1200 --in demo/test --ood digits/test --data-root data/shards
+
+\b
+Reads runs/<name>/eval/step-N/dumps/<dataset>-<split>.npz (written by
+`eval/evaluate.py --task dump`) and writes runs/<name>/figures/: distributions.png,
+exp1.png, exp2.png, samples.png, ood.json, ood.md and index.html (the whole result on one
+self-contained page: open it in a browser). The in-distribution training split's dump
+(--train-split) adds the typicality rows. With the run's run.logger wandb, the table and
+figures also go to wandb (job type figures; offline in <run>/wandb/ unless WANDB_MODE says
+otherwise). Several runs side by side, and the benchmark matrix: eval/report.py.
+Exit codes: 0 done, 2 usage error, 4 dumps missing or not matching, 1 internal error (with a traceback).
+"""
+
+import click
+
+from glow.errors import exit_on_user_error
+from glow.report.figures import make_figures
+
+
+def parse_in_spec(value: str, in_split: str | None) -> tuple[str, str]:
+    """--in DATASET or DATASET/SPLIT (and --in-split) -> (dataset, split)."""
+    from glow.names import check_name, parse_spec
+
+    try:
+        if "/" in value:
+            dataset, split = parse_spec(value)
+            if in_split is not None and in_split != split:
+                raise click.BadParameter(f"--in {value} names split {split!r}, --in-split says {in_split!r}: "
+                                         "give the split once", param_hint="--in")
+            return dataset, split
+        return check_name(value, "--in dataset"), check_name(in_split or "test", "--in-split")
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--in") from None
+
+
+@click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True), required=True,
+              metavar="DIR", help="Run directory runs/<name>.")
+@click.option("--step", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Evaluated step. [default: the newest under <run>/eval/]")
+@click.option("--in", "in_dataset", required=True, metavar="DATASET[/SPLIT]",
+              help="In-distribution dataset and held-out split, e.g. celeba/test or celeba/valid "
+                   "(DATASET alone: split --in-split).")
+@click.option("--in-split", default=None, metavar="SPLIT",
+              help="In-distribution held-out split when --in names only the dataset. [default: test]")
+@click.option("--train-split", default="train", show_default=True, metavar="SPLIT",
+              help="In-distribution training split (distributions and typicality; used when its dump exists).")
+@click.option("--ood", "ood_specs", multiple=True, required=True, metavar="DATASET/SPLIT",
+              help="OOD set, repeatable, e.g. svhn/test.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Shard root for the images of exp1/exp2. [default: the one recorded in the dumps]")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Output folder. [default: <run>/figures]")
+@click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images per panel in exp1/exp2.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the typicality batches.")
+@click.option("--wandb/--no-wandb", "use_wandb", default=None,
+              help="Log the OOD table, bits/dim and figures to wandb (job type figures, in the training run's "
+                   "project and group). [default: as the training run's run.logger]")
+@exit_on_user_error
+def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root, out_dir, k, seed, use_wandb):
+    import logging
+
+    from glow.report.figures import track_figures
+    from glow.tracking import run_tracker
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    in_dataset, in_split = parse_in_spec(in_dataset, in_split)
+    res = make_figures(run_dir, in_dataset, ood_specs, step=step, in_split=in_split, train_split=train_split,
+                       out_dir=out_dir, data_root=data_root, k=k, seed=seed)
+    # Only a finished result opens a wandb run (a refused command leaves no empty run behind).
+    tracker = run_tracker(run_dir, "figures", int(res.table["step"]),
+                          f"{in_dataset}/{in_split} {' '.join(ood_specs)}", enabled=use_wandb)
+    try:
+        track_figures(tracker, res.table, [p for p in res.files if p.suffix == ".png"])
+    finally:
+        tracker.close()
+    click.echo(f"figures in {res.out_dir}:")
+    for p in res.files:
+        click.echo(f"  {p}")
+    for name, why in res.skipped.items():
+        click.echo(f"  skipped {name}: {why}")
+    t = res.table
+    click.echo(f"\nin-distribution {t['in_distribution']}, step {t['step']}, model {t['model_hash']}")
+    for spec, v in t["bpd"].items():
+        click.echo(f"  {spec:<22} {v['mean']:.4f} bits/dim (std {v['std']:.4f}, n={v['count']})")
+    click.echo(f"{'OOD set':<24}{'score':<22}{'AUROC':>8}{'FPR@95':>8}")
+    for spec, rows in t["ood"].items():
+        for name in ("log_likelihood", "complexity_corrected", "png_complexity", "typicality_m25"):
+            if name in rows:
+                click.echo(f"{spec:<24}{name:<22}{rows[name]['auroc']:>8.4f}{rows[name]['fpr_at_95_tpr']:>8.4f}")
+
+
+if __name__ == "__main__":
+    main()

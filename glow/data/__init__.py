@@ -1,0 +1,2 @@
+"""Data: source readers (`glow.data.sources`), shard writing (`shards`), bounded shard
+reading (`shard_read`) and the training / evaluation streams (`streams`)."""

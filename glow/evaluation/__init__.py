@@ -1,0 +1,2 @@
+"""Evaluation jobs on a checkpoint: the tasks (bits/dim, dumps, samples, FID, latents), the
+per-sample dump format, result tables and PNG complexity. Imports nothing heavy at package level."""

@@ -1,0 +1,1 @@
+"""Training: the trainer loop and its optimizer, schedule and EMA."""
