@@ -47,9 +47,8 @@ def _time(it, warmup: int = 2) -> tuple[int, float]:
 @click.option("--batch-size", default=64, show_default=True, help="Images per batch of the train stream.")
 @click.option("--workers", default=2, show_default=True, help="DataLoader workers for the multi-worker run.")
 def main(n, batch_size, workers):
-    from glow.data.sources.images import array_source
-
     from glow.data.shards import build
+    from glow.data.sources.images import array_source
     from glow.data.streams import make_eval_loader, make_train_loader
 
     results = {}

@@ -7,8 +7,6 @@ the wrong type is an error that names the key. The resolved config is written to
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from glow.digest import json_digest
 from glow.errors import UserError
 from glow.model import GlowConfig
 from glow.names import check_name
@@ -227,5 +226,4 @@ def to_dict(cfg: Config) -> dict:
 
 def config_hash(cfg: Config) -> str:
     """Hash of the resolved config (stored in every checkpoint)."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return json_digest(to_dict(cfg), canonical=False)

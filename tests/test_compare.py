@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from glow.cli.report import main as report_cli
 from glow.errors import EXIT_DATA
 from glow.evaluation import dumps
 from glow.report import compare, figures
 from glow.report import scores as ood
-from glow.cli.report import main as report_cli
 from tests.test_figures import STEP, _cli, write_dump
 
 

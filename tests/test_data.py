@@ -58,10 +58,10 @@ def test_eval_fewer_shards_than_splits(tmp_path):
 
 
 def test_eval_labels_and_images(tmp_path):
-    from glow.data.sources.svhn import svhn_sources
     from scipy.io import loadmat
 
     from glow.data.shards import build
+    from glow.data.sources.svhn import svhn_sources
 
     src = make_fake_svhn(tmp_path / "src", n_train=3, n_test=23)
     build(svhn_sources(src, splits=["test"])[0], tmp_path / "out", samples_per_shard=10, progress=False)

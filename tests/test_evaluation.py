@@ -185,10 +185,9 @@ def test_fid_without_weights_says_where_to_put_them(trained, tmp_path):
 def test_five_bit_end_to_end(tmp_path, random_inception_home):
     """n_bits=5 through train, dump, FID and figures: L(x) is the PNG length of the 5-bit image the
     model scored, and the FID references are the split's images quantized like the samples."""
-    from glow.evaluation.complexity import png_complexity_bpd
-
     from glow.data.streams import load_images
     from glow.evaluation import fid
+    from glow.evaluation.complexity import png_complexity_bpd
     from glow.model.likelihood import requantize
 
     shards = build_toy_shards(tmp_path / "shards", n_train=100, n_test=12, n_ood=12)

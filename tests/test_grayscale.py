@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from glow.data.sources.cifar import cifar_sources
-from glow.data.sources.mnist import idx_sources
 
 from glow.data.shards import build
+from glow.data.sources.cifar import cifar_sources
+from glow.data.sources.mnist import idx_sources
 from tests.fakedata import make_fake_cifar, make_fake_idx
 from tests.toydata import REPO, run, train_command
 

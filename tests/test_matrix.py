@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from glow.cli.report import main as report_cli
 from glow.evaluation import dumps
 from glow.report import matrix
 from glow.report import scores as ood
 from tests.test_figures import STEP, write_dump
-from glow.cli.report import main as report_cli
 
 
 def make_run(root: Path, name: str, in_dataset: str, sets: dict[str, float], seed: int) -> Path:

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from glow.data.sources.celeba import celeba_sources
-from glow.data.sources.images import SourceError, center_crop, resize_short
-from glow.data.sources.svhn import svhn_sources
 from PIL import Image
 
 from glow.data import shards as S
+from glow.data.sources.celeba import celeba_sources
+from glow.data.sources.images import SourceError, center_crop, resize_short
+from glow.data.sources.svhn import svhn_sources
 from glow.data.streams import manifest_hash, read_manifest
 from glow.errors import EXIT_DATA
 from tests.fakedata import (

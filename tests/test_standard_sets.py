@@ -7,10 +7,10 @@ import pickle
 
 import numpy as np
 import pytest
+
 from glow.data.sources.cifar import cifar_sources
 from glow.data.sources.images import SourceError
 from glow.data.sources.mnist import idx_sources, read_idx
-
 from glow.data.streams import make_eval_loader, read_manifest
 from glow.errors import EXIT_DATA
 from tests.fakedata import make_fake_cifar, make_fake_idx, write_idx

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from glow.tracking import Progress, run_tracker
+from glow.progress import Progress
+from glow.tracking import run_tracker
 
 STEP = 100
 

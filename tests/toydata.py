@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from glow.data.sources.images import array_source
 
 from glow.data.shards import build
+from glow.data.sources.images import array_source
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train" / "train.py"

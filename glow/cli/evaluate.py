@@ -141,7 +141,8 @@ def _evaluate(step_path, tasks, parsed, data_root, use_wandb, convert_channels, 
         run_samples,
         track_results,
     )
-    from glow.tracking import run_tracker, setup_logging
+    from glow.logs import setup_logging
+    from glow.tracking import run_tracker
 
     accelerator = make_accelerator()
     model, meta = load_model(step_path, accelerator.device)

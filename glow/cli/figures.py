@@ -21,6 +21,7 @@ Exit codes: 0 done, 2 usage error, 4 dumps missing or not matching, 1 internal e
 import click
 
 from glow.errors import exit_on_user_error
+from glow.logs import setup_logging
 from glow.report.figures import make_figures
 
 
@@ -66,12 +67,10 @@ def parse_in_spec(value: str, in_split: str | None) -> tuple[str, str]:
                    "project and group). [default: as the training run's run.logger]")
 @exit_on_user_error
 def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root, out_dir, k, seed, use_wandb):
-    import logging
-
     from glow.report.figures import track_figures
     from glow.tracking import run_tracker
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     in_dataset, in_split = parse_in_spec(in_dataset, in_split)
     res = make_figures(run_dir, in_dataset, ood_specs, step=step, in_split=in_split, train_split=train_split,
                        out_dir=out_dir, data_root=data_root, k=k, seed=seed)

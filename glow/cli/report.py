@@ -20,6 +20,7 @@ import click
 
 from glow.cli.figures import parse_in_spec
 from glow.errors import exit_on_user_error
+from glow.logs import setup_logging
 
 
 @click.group(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,11 +52,9 @@ def compare(run_dirs, background, in_dataset, in_split, ood_specs, step, out_dir
     Example:
       python eval/report.py compare --run runs/demo --run runs/demo_cycle --in demo/test --ood digits/test
     """
-    import logging
-
     from glow.report.compare import compare_runs
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     in_dataset, in_split = parse_in_spec(in_dataset, in_split)
     table, files = compare_runs(run_dirs, in_dataset, ood_specs, background=background, out_dir=out_dir,
                                 in_split=in_split, step=step)
@@ -94,12 +93,11 @@ def matrix(runs, ood_specs, score, step, in_split, train_split, seed, out_dir):
     Example:
       python eval/report.py matrix --run runs/cifar10_32 --run runs/celeba32 --ood svhn/test --out runs/matrix
     """
-    import logging
     from pathlib import Path
 
     from glow.report.matrix import format_cell, write_matrix
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     out = out_dir or str(Path(runs[0].partition("=")[0]).parent / "matrix")
     table, files = write_matrix(runs, ood_specs, out, score=score, step=step, in_split=in_split,
                                 train_split=train_split, seed=seed)

@@ -27,6 +27,7 @@ import click
 
 from glow.data import shards as S
 from glow.errors import exit_on_user_error
+from glow.logs import setup_logging
 from glow.names import parse_spec
 
 LOG = logging.getLogger("shards.build")
@@ -81,7 +82,7 @@ class _Commands(click.Group):
 @click.group(cls=_Commands, help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
 def cli(verbose):
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(level=logging.DEBUG if verbose else None)
 
 
 @cli.command()

@@ -34,12 +34,13 @@ import re
 import tarfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from glow.digest import canonical_json, json_digest
 from glow.errors import DataError
 from glow.files import LockHeld, atomic_write_json, hold_lock, new_file_mode
 
@@ -116,24 +117,12 @@ class Source:
 
 
 # --------------------------------------------------------------------------- helpers
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
-
-
-def digest_strings(items: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for s in items:
-        h.update(s.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]
 
 
 def split_dir(root: str | os.PathLike, dataset: str, split: str) -> Path:
@@ -188,7 +177,7 @@ def _worker(job: tuple) -> tuple:
 
 # --------------------------------------------------------------------------- building
 def fingerprint(settings: dict) -> str:
-    return hashlib.sha256(canonical_json(settings).encode()).hexdigest()[:16]
+    return json_digest(settings)
 
 
 def _base_manifest(src: Source, samples_per_shard: int) -> dict:

@@ -61,10 +61,10 @@ from glow.data.shards import (
     MANIFEST,
     ShardError,
     ShardsMissing,
-    canonical_json,
     check_shard_name,
     split_dir,
 )
+from glow.digest import json_digest
 
 __all__ = ["ShardReadError", "check_channels", "decode_png", "fan_out_warning", "load_images", "make_eval_loader",
            "make_train_loader", "manifest_hash", "read_manifest", "shard_paths"]
@@ -101,7 +101,7 @@ def read_manifest(root: str | os.PathLike, dataset: str, split: str) -> dict:
 
 def manifest_hash(manifest: dict) -> str:
     """sha256 of the manifest's canonical JSON, first 16 hex characters."""
-    return hashlib.sha256(canonical_json(manifest).encode()).hexdigest()[:16]
+    return json_digest(manifest)
 
 
 def shard_paths(root: str | os.PathLike, dataset: str, split: str, manifest: dict | None = None) -> list[str]:

@@ -34,7 +34,9 @@ def png_complexity_bpd(image) -> float:
 
 def png_complexity_bpd_batch(images) -> np.ndarray:
     """`png_complexity_bpd` for a batch: numpy (N, H, W, C) or a torch tensor (N, C, H, W)."""
-    from glow.model.likelihood import to_nhwc_uint8  # torch, only for the evaluation jobs
+    from glow.model.likelihood import (
+        to_nhwc_uint8,  # torch, only for the evaluation jobs
+    )
 
     arr = to_nhwc_uint8(images)
     return np.array([png_complexity_bpd(im) for im in arr], dtype=np.float64)

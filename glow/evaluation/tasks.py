@@ -27,9 +27,9 @@ from glow.data.streams import (
 )
 from glow.distributed import barrier, gather_objects
 from glow.errors import DataError
+from glow.evaluation.complexity import png_complexity_bpd_batch
 from glow.evaluation.dumps import dump_path, load_dump, write_dump
 from glow.evaluation.result_tables import add_entries, is_done, mismatched_settings
-from glow.evaluation.complexity import png_complexity_bpd_batch
 from glow.files import atomic_write_json
 from glow.model import Glow, GlowConfig
 from glow.model.likelihood import (
@@ -42,7 +42,7 @@ from glow.model.likelihood import (
 )
 from glow.model.performance import fast_eval
 from glow.model.sampling import sample_seeded, save_sample_grid
-from glow.tracking import Progress
+from glow.progress import Progress
 
 __all__ = [
     "CountMismatch",

@@ -13,14 +13,13 @@ data and bits per dimension lives outside this module.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from glow.digest import json_digest
 from glow.model.couplings import MASKS, SPATIAL_MASKS, make_coupling
 from glow.model.flows import (
     FlowStep,
@@ -95,8 +94,7 @@ class GlowConfig:
     def hash(self) -> str:
         """Stable short hash of the architecture (stored in checkpoints and dumps)."""
         values = {k: v for k, v in self.to_dict().items() if not (k in _HASH_DEFAULTS and v == _HASH_DEFAULTS[k])}
-        blob = json.dumps(values, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return json_digest(values, canonical=False)
 
     @classmethod
     def from_dict(cls, values: dict) -> GlowConfig:

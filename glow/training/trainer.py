@@ -54,12 +54,14 @@ from glow.distributed import (
 )
 from glow.errors import CheckpointMismatch, UserError
 from glow.files import atomic_write_text
+from glow.logs import setup_logging
 from glow.model import Glow
 from glow.model.flows import set_actnorm_reducer
 from glow.model.likelihood import bits_per_dim, perturb_pixels, preprocess
 from glow.model.performance import apply_train_config
 from glow.model.sampling import save_sample_grid
 from glow.names import step_dir_name
+from glow.progress import Progress
 from glow.run import (
     STOP,
     STOPPED,
@@ -69,7 +71,7 @@ from glow.run import (
     mark_stopped,
     stop_requested_by_file,
 )
-from glow.tracking import MetricsLog, Progress, Tracker, git_sha, setup_logging
+from glow.tracking import MetricsLog, Tracker, git_sha
 from glow.training.optim import make_ema, make_optimizer, make_scheduler
 
 __all__ = ["EXIT_FAILED", "RunInUse", "Trainer"]

@@ -7,13 +7,14 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from glow.data.shards import Source, digest_strings
+from glow.data.shards import Source
 from glow.data.sources.images import (
     INTERPOLATION,
     SourceError,
     list_payloads,
     process_file,
 )
+from glow.digest import strings_digest
 
 CELEBA_PRESETS = {
     # Kirichenko et al. 2020: torchvision Resize(32) then CenterCrop(32).
@@ -94,5 +95,5 @@ def celeba_sources(root: str | os.PathLike, preset: str = "kirichenko32",
             continue
         items = [(str(img_dir / n), n, None) for n in names]
         out.append(Source("celeba", split, len(items), functools.partial(list_payloads, items),
-                          process, settings, digest_strings(names)))
+                          process, settings, strings_digest(names)))
     return out

@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from glow.data.shards import Source, digest_strings
+from glow.data.shards import Source
 from glow.data.sources.images import (
     IMAGE_EXTENSIONS,
     INTERPOLATION,
@@ -14,6 +14,7 @@ from glow.data.sources.images import (
     list_payloads,
     process_file,
 )
+from glow.digest import strings_digest
 
 
 def _split_of(rel: str, seed: int, fractions: dict[str, float]) -> str:
@@ -66,5 +67,5 @@ def folder_sources(root: str | os.PathLike, name: str | None = None, resolution:
     for split in sorted(by_split):
         items = by_split[split]
         out.append(Source(name, split, len(items), functools.partial(list_payloads, items), process,
-                          settings, digest_strings([r for _, r, _ in items])))
+                          settings, strings_digest([r for _, r, _ in items])))
     return out
