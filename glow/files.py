@@ -1,4 +1,11 @@
-"""File writing every part of glow-ood shares: atomic writes and advisory locks (no torch).
+"""Files every part of glow-ood shares: no-follow capped reads, atomic writes, advisory locks (no torch).
+
+A run directory, a shard root or a shared cache may be writable by a whole group, so every
+file there is treated as written by someone else. :func:`open_nofollow` is the one way such
+a file is opened: ``O_NOFOLLOW`` (a symlink is refused, never followed), ``O_NONBLOCK`` (a
+FIFO never blocks the reader) and ``fstat`` afterwards (a regular file with one link, or it
+is refused). :func:`read_bytes`, :func:`read_text` and :func:`read_json` read through it with
+a size cap that the caller states as a constant: never what the file declares.
 
 Every single-file output (weights, meta.json, dumps, figures, manifests, result tables) goes
 through :func:`atomic_write_bytes`: a temporary file beside the target, fsync, then
@@ -20,14 +27,22 @@ import io
 import json
 import os
 import socket
+import stat
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from glow.errors import UserError
+
 __all__ = [
     "LockHeld",
+    "UnsafeFile",
+    "open_nofollow",
+    "read_bytes",
+    "read_json",
+    "read_text",
     "atomic_save_figure",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -37,6 +52,76 @@ __all__ = [
 ]
 
 _umask_lock = threading.Lock()
+
+
+class UnsafeFile(UserError, PermissionError):
+    """A file that glow-ood refuses to read or write: a symlink, not a regular file, a file with
+    several hard links, or larger than the stated cap. The message names the file."""
+
+
+def _check_regular(fd: int, path: Path, cap: int | None = None) -> os.stat_result:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeFile(f"{path} is not a regular file (mode {stat.filemode(st.st_mode)}): refused")
+    if st.st_nlink != 1:
+        raise UnsafeFile(f"{path} has {st.st_nlink} hard links: refused (a shared directory could link it to "
+                         "another user's file)")
+    if cap is not None and st.st_size > cap:
+        raise UnsafeFile(f"{path} is {st.st_size} bytes, more than the {cap} this file may hold: refused")
+    return st
+
+
+def open_nofollow(path: str | os.PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
+    """``os.open`` that never follows a symlink at ``path`` and only returns a regular file with
+    one link (a FIFO or device is refused without blocking). Raises :class:`UnsafeFile`, or
+    FileNotFoundError when there is nothing at ``path``."""
+    path = Path(path)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnsafeFile(f"{path} is a symbolic link: refused (glow-ood never follows links in run "
+                             "directories, shard roots or caches); replace it with the file itself") from None
+        if err.errno in (errno.ENXIO, errno.EWOULDBLOCK):  # a FIFO without a writer, a socket
+            raise UnsafeFile(f"{path} is not a regular file: refused") from None
+        raise
+    try:
+        _check_regular(fd, path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_bytes(path: str | os.PathLike, cap: int) -> bytes:
+    """The content of ``path``, opened without following links; refused when over ``cap`` bytes."""
+    path = Path(path)
+    fd = open_nofollow(path)
+    try:
+        _check_regular(fd, path, cap)
+        chunks, total = [], 0
+        while chunk := os.read(fd, min(1 << 20, cap + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > cap:  # grew while being read
+                raise UnsafeFile(f"{path} is more than the {cap} bytes this file may hold: refused")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_text(path: str | os.PathLike, cap: int) -> str:
+    """:func:`read_bytes` decoded as UTF-8 (undecodable bytes replaced)."""
+    return read_bytes(path, cap).decode("utf-8", errors="replace")
+
+
+def read_json(path: str | os.PathLike, cap: int) -> Any:
+    """:func:`read_bytes` parsed as JSON; ValueError (naming the file) when it is not JSON."""
+    try:
+        return json.loads(read_bytes(path, cap))
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
 
 
 def new_file_mode(base: int = 0o666) -> int:
@@ -119,10 +204,14 @@ def hold_lock(path: str | os.PathLike, info: dict | None = None) -> Iterator[dic
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        with contextlib.suppress(PermissionError):
-            os.fchmod(fd, new_file_mode())  # not 0644 after a root-owned process's umask
+        fd = open_nofollow(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        created = True
+    except FileExistsError:
+        fd, created = open_nofollow(path, os.O_RDWR), False
+    try:
+        if created:  # never change the mode of a file this process did not make
+            os.fchmod(fd, new_file_mode())  # group-writable where the umask allows
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -70,3 +70,44 @@ def test_lock_refuses_second_holder_and_names_first(tmp_path, umask_002):
     with hold_lock(path, {"job": "second"}) as holder:
         assert holder["pid"] == os.getpid()
         assert json.loads(path.read_text())["job"] == "second"
+
+
+# --------------------------------------------------------------------------- no-follow reads and the lock
+
+
+def test_reads_refuse_links_fifos_and_oversize(tmp_path):
+    from glow.files import UnsafeFile, read_bytes, read_json
+
+    secret = tmp_path / "colleague_secret"
+    secret.write_text('{"token": "s3cret"}')
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").symlink_to(secret)
+    os.link(secret, run / "hard.json")
+    os.mkfifo(run / "fifo.json")
+    (run / "big.json").write_bytes(b"[" + b"0," * 100 + b"0]")
+    (run / "ok.json").write_text('{"a": 1}')
+    for name in ("config.json", "hard.json", "fifo.json"):  # the FIFO must not block
+        with pytest.raises(UnsafeFile, match=name):
+            read_bytes(run / name, 1 << 20)
+    with pytest.raises(UnsafeFile, match="more than the 64 this file may hold"):
+        read_bytes(run / "big.json", 64)
+    assert read_json(run / "ok.json", 64) == {"a": 1}
+    with pytest.raises(FileNotFoundError):
+        read_bytes(run / "absent.json", 64)
+
+
+def test_lock_through_a_symlink_leaves_the_target_untouched(tmp_path):
+    from glow.files import UnsafeFile
+
+    dotfile = tmp_path / "victim_bashrc"
+    dotfile.write_text("export PATH=/usr/bin\n")
+    dotfile.chmod(0o600)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "LOCK").symlink_to(dotfile)
+    with pytest.raises(UnsafeFile, match="symbolic link"):
+        with hold_lock(run / "LOCK"):
+            pass
+    assert dotfile.read_text() == "export PATH=/usr/bin\n"
+    assert stat.S_IMODE(dotfile.stat().st_mode) == 0o600
