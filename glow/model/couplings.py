@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from glow.model.config import MASKS, SPATIAL_MASKS
 from glow.model.flows import (
     AffineCoupling,
     CouplingNet,
@@ -51,8 +52,6 @@ from glow.model.flows import (
 
 __all__ = ["MASKS", "SPATIAL_MASKS", "BottleneckCouplingNet", "MaskedCoupling", "make_coupling", "spatial_masks"]
 
-MASKS = ("channel", "checkerboard", "cycle", "cycle_patch")
-SPATIAL_MASKS = MASKS[1:]
 _PATCH_POSITIONS = ((0, 0), (0, 1), (1, 1), (1, 0))  # clockwise, like the quadrants
 
 
