@@ -1,4 +1,4 @@
-"""Checkpoints: `runs/<name>/checkpoints/step-%08d/` with a COMPLETE marker written last.
+"""What a checkpoint holds and how it is written and loaded (where it is: `glow.run`).
 
 A step directory holds
     state/              accelerate state (model, optimizer, RNG per rank, registered objects)
@@ -12,96 +12,92 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from glow.errors import CheckpointError, CheckpointMismatch, CheckpointMissing
-from glow.files import atomic_write_bytes, atomic_write_text
+from glow.files import atomic_write_bytes, atomic_write_text, read_bytes, read_json
 from glow.model import Glow, GlowConfig
-from glow.names import STEP_RE, step_dir_name
+from glow.run import Checkpoint, resolve_checkpoint
 
 __all__ = [
-    "complete_checkpoints",
-    "latest_checkpoint",
+    "EMA_WEIGHTS",
+    "TRAINER_STATE",
+    "check_model_hash",
+    "check_own_files",
+    "check_rng_state",
+    "checkpoint_meta",
     "load_model",
-    "prune_checkpoints",
-    "read_meta",
-    "resolve_checkpoint",
-    "step_dir",
+    "load_weights",
+    "load_trainer_state",
+    "save_trainer_state",
+    "warm_start",
     "write_export",
 ]
 
 log = logging.getLogger(__name__)
-COMPLETE = "COMPLETE"
+MAX_WEIGHTS_BYTES = 64 << 30  # model.safetensors / ema.safetensors: far above any Glow we train
 
 
-def step_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / step_dir_name(step)
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file read without following links, with a size cap (never a pickle)."""
+    return load(read_bytes(path, MAX_WEIGHTS_BYTES))
 
 
-def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name))]
-    return sorted(found)
+def checkpoint_meta(cfg, *, step: int, images_seen: int, ema: bool, replica_digests: list[str],
+                    world_size: int) -> dict:
+    """meta.json of a training checkpoint: what evaluation needs to rebuild and describe the model."""
+    from glow.config import config_hash
+
+    return {
+        "step": int(step),
+        "images_seen": int(images_seen),
+        "model_config": cfg.model.to_dict(),
+        "model_hash": cfg.model.hash(),
+        "config_hash": config_hash(cfg),
+        "data": {"root": cfg.data.root, "dataset": cfg.data.dataset},
+        "seed": cfg.train.seed,
+        "ema": bool(ema),
+        "perturb_prob": cfg.data.perturb_prob,
+        "replica_digests": list(replica_digests),
+        "world_size": int(world_size),
+        "version": _version(),
+    }
 
 
-def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first."""
-    return [(s, p) for s, p in _step_dirs(Path(run_dir)) if (p / COMPLETE).is_file()]
+def _version() -> str:
+    from glow.data.shards import tool_version
+
+    return tool_version()
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    complete = complete_checkpoints(run_dir)
-    return complete[-1][1] if complete else None
+def check_model_hash(meta: dict, config: GlowConfig, what: str) -> None:
+    """The one model-hash check: ``meta`` (a checkpoint's) must describe ``config``'s architecture.
+
+    ``what`` says what was attempted ("resume", "run.init_from", "load"); CheckpointMismatch
+    (exit 5) names the checkpoint and both configs.
+    """
+    stored = meta["model_hash"]
+    if stored != config.hash():
+        raise CheckpointMismatch(
+            f"{what} {meta.get('path', '?')}: its model config (hash {stored}, {meta['model_config']}) differs "
+            f"from the requested one (hash {config.hash()}, {config.to_dict()}); give the same model settings, "
+            "another checkpoint, or another run.name")
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step dir, a run dir, or `<run>/checkpoints/latest` -> a complete step dir."""
-    path = Path(path)
-    if path.name == "latest":
-        path = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    if (path / COMPLETE).is_file():
-        return path
-    if STEP_RE.match(path.name):
-        raise CheckpointMissing(f"checkpoint {path} is not complete (no {COMPLETE} file) or does not exist")
-    run_dir = path.parent if path.name == "checkpoints" else path
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        raise CheckpointMissing(f"no complete checkpoint under {run_dir / 'checkpoints'}")
-    return latest
-
-
-def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; drop older ones and stale partial saves."""
-    complete = complete_checkpoints(run_dir)
-    if not complete:
-        return
-    newest = complete[-1][0]
-    keep_steps = {s for s, _ in complete[-keep:]}
-    for step, path in _step_dirs(Path(run_dir)):
-        stale_partial = step < newest and not (path / COMPLETE).is_file()
-        if (step not in keep_steps and (path / COMPLETE).is_file()) or stale_partial:
-            # Remove the marker first: a crash mid-delete leaves an incomplete dir, never
-            # a "complete" one with files missing.
-            (path / COMPLETE).unlink(missing_ok=True)
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def write_export(directory: Path, state_dict: dict[str, torch.Tensor], meta: dict) -> None:
+def write_export(checkpoint: Checkpoint, state_dict: dict[str, torch.Tensor], meta: dict) -> None:
     """model.safetensors + meta.json (rank 0 only; before COMPLETE)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     blob = save(tensors, metadata={"model_hash": meta["model_hash"], "step": str(meta["step"])})
-    atomic_write_bytes(directory / "model.safetensors", blob)
-    atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
+    atomic_write_bytes(checkpoint.model_path, blob)
+    atomic_write_text(checkpoint.meta_path, json.dumps(meta, indent=2, sort_keys=True))
 
 
 # ------------------------------------------------------------------ trainer state, no pickles
 TRAINER_STATE = "trainer_state.json"  # counters and LR-scheduler state
+MAX_TRAINER_STATE_BYTES = 16 << 20  # a few KB; the loss window grows with train.log_every
 EMA_WEIGHTS = "ema.safetensors"
 
 
@@ -126,13 +122,13 @@ def load_trainer_state(state_dir: str | Path, ema: bool) -> tuple[dict, dict, di
     if not path.is_file():
         raise CheckpointMissing(f"{path} is missing: {state_dir} was not written by this version of glow-ood "
                                 "(older checkpoints pickled this state); start a new run or use run.init_from")
-    stored = json.loads(path.read_text())
+    stored = read_json(path, MAX_TRAINER_STATE_BYTES)
     weights = None
     if ema:
         ema_path = state_dir / EMA_WEIGHTS
         if not ema_path.is_file():
             raise CheckpointMissing(f"{ema_path} is missing but optim.ema_decay > 0: the run was started without EMA")
-        weights = load_file(str(ema_path))
+        weights = load_weights(ema_path)
     return stored["counters"], stored["scheduler"], weights
 
 
@@ -167,39 +163,28 @@ def check_own_files(directory: str | Path) -> None:
             )
 
 
-def warm_start(model: Glow, path: str | Path) -> Path:
-    """Load the exported weights of the checkpoint at ``path`` (`run.init_from`) into ``model``,
-    whose config must have the same hash; returns the step dir used."""
-    source = resolve_checkpoint(path)
-    meta = read_meta(source)
-    if meta["model_hash"] != model.config.hash():
-        raise CheckpointMismatch(
-            f"run.init_from {source}: its model config (hash {meta['model_hash']}, {meta['model_config']}) "
-            f"differs from model.* of this config (hash {model.config.hash()}): give the same model settings "
-            "or another run.init_from")
-    model.load_state_dict(load_file(str(source / "model.safetensors")))
+def warm_start(model: Glow, spec: str | Path) -> Checkpoint:
+    """Load the exported weights of the checkpoint at ``spec`` (`run.init_from`) into ``model``,
+    whose config must have the same hash; returns the checkpoint used."""
+    source = resolve_checkpoint(spec)
+    check_model_hash(source.meta(), model.config, "run.init_from")
+    model.load_state_dict(load_weights(source.model_path))
     return source
 
 
-def read_meta(step_path: str | Path) -> dict:
-    path = Path(step_path) / "meta.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise CheckpointMissing(f"{path} is missing: not a glow-ood checkpoint") from err
+def load_model(spec: str | Path | Checkpoint, device: str | torch.device = "cpu") -> tuple[Glow, dict]:
+    """Model weights and meta of a checkpoint (never the optimizer), in eval mode.
 
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Glow, dict]:
-    """Model weights and meta of a checkpoint (never the optimizer), in eval mode."""
-    step_path = resolve_checkpoint(path)
-    meta = read_meta(step_path)
+    ``spec``: a :class:`glow.run.Checkpoint`, or anything :func:`glow.run.resolve_checkpoint` takes.
+    """
+    checkpoint = spec if isinstance(spec, Checkpoint) else resolve_checkpoint(spec)
+    meta = checkpoint.meta()
     config = GlowConfig.from_dict(meta["model_config"])
     if config.hash() != meta["model_hash"]:
         raise CheckpointMismatch(
-            f"{step_path / 'meta.json'}: model_hash {meta['model_hash']} does not match its model_config "
+            f"{checkpoint.meta_path}: model_hash {meta['model_hash']} does not match its model_config "
             f"({config.hash()}); the checkpoint was written by an incompatible version"
         )
     model = Glow(config)
-    model.load_state_dict(load_file(str(step_path / "model.safetensors")))
-    meta["path"] = str(step_path)
+    model.load_state_dict(load_weights(checkpoint.model_path))
     return model.to(device).eval(), meta

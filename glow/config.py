@@ -227,3 +227,16 @@ def to_dict(cfg: Config) -> dict:
 def config_hash(cfg: Config) -> str:
     """Hash of the resolved config (stored in every checkpoint)."""
     return json_digest(to_dict(cfg), canonical=False)
+
+
+def parse_saved_config(text: str, where: str | Path = "config.yaml") -> dict:
+    """A run's saved ``config.yaml`` (as `to_yaml` wrote it) as a plain dict, interpolations left
+    unresolved (a planted ``${oc.env:...}`` is never evaluated). Not validated against the schema,
+    so configs of older versions still read; ConfigError names the file when it is not YAML."""
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise ConfigError(f"{where} is not a valid config ({str(err).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{where} holds {type(loaded).__name__}, not a config mapping")
+    return loaded

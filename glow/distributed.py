@@ -16,16 +16,21 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
+from glow.errors import UserError
+
 __all__ = ["StopFlag", "all_reduce_mean", "all_reduce_sum", "barrier", "die_with_launcher", "finish", "gather_objects",
-           "make_accelerator", "replica_digests", "settle_ddp_buckets"]
+           "make_accelerator", "on_main", "replica_digests", "settle_ddp_buckets"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600
 _PR_SET_PDEATHSIG = 1
 
@@ -169,3 +174,31 @@ class StopFlag:
     def _handle(self, signum, _frame) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+
+def on_main(decide: Callable[[], T], world_size: int, rank: int) -> T:
+    """Run ``decide()`` on rank 0 alone and give its result to every rank.
+
+    For every decision that precedes a collective or picks what a rank loads (which checkpoint
+    is latest, whether a result is up to date, a cache hit): ranks that looked at a shared
+    filesystem on their own could see it at different moments and part ways. A UserError raised
+    on rank 0 is raised on every rank (same class and message), so no rank is left waiting in a
+    collective that the others skipped. ``decide``'s result must be picklable (it crosses the
+    process group, never a file).
+    """
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = decide()
+        except UserError as err:
+            error = (type(err), str(err))
+    if world_size > 1:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        cls, message = error
+        raised = cls.__new__(cls)
+        raised.args = (message,)
+        raise raised
+    return result

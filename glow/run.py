@@ -1,29 +1,53 @@
-"""The run directory's control files: one writer at a time, and stop requests.
+"""The run directory: one object owns every path and every state under ``runs/<name>``.
 
-    <run>/LOCK     flock held by rank 0 for the trainer's life; records host, pid, Slurm job
-    <run>/STOP     a stop request (`touch` it, or the Slurm template's USR1/TERM trap)
-    <run>/STOPPED  "<step> <reason>", written by the trainer when it stopped on request with
-                   a complete checkpoint: the Slurm template's requeue signal
+    runs/<name>/
+        config.yaml  log.txt  metrics.jsonl  wandb/  wandb_id    written by training (rank 0)
+        LOCK  STOP  STOPPED                                     control files (below)
+        checkpoints/step-NNNNNNNN/  state/ model.safetensors meta.json COMPLETE
+        checkpoints/latest -> step-NNNNNNNN                     the newest complete checkpoint
+        samples/step-NNNNNNNN.png                               training sample grids
+        eval/step-NNNNNNNN/  bpd.json bpd.d/ fid.json fid.d/ dumps/<dataset>-<split>.npz
+                             samples.png samples.json latents.png latents.json log.txt
+        figures/  logs/  slurm/
 
-The lock is an flock, so the kernel drops it when its holder dies and the next launch takes
-over a run whose trainer was killed. See docs/cluster.md (failure semantics).
+Nothing else builds a path under a run directory: training, evaluation, the reports and the
+Slurm templates (through ``python -m glow.run``) ask a :class:`Run`. A checkpoint counts only
+when its ``COMPLETE`` marker exists; ``latest`` is resolved by listing the complete step
+folders. The ``checkpoints/latest`` link is kept for people and tools (``ls``, ``rsync``, tab
+completion) and is never followed by glow-ood itself.
+
+Control files:
+    LOCK     flock held by rank 0 for the trainer's life; records host, pid, Slurm job
+    STOP     a stop request (`touch` it, or the Slurm template's USR1/TERM trap)
+    STOPPED  "<step> <reason>", written by the trainer when it stopped on request with a
+             complete checkpoint: the Slurm template's requeue signal
+
+Imports no torch: the figures job and the Slurm templates use it too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from glow.distributed import gather_objects
-from glow.errors import UserError
-from glow.files import LockHeld, atomic_write_text, hold_lock
+from glow.errors import CheckpointMissing, ResultsMissing, UserError
+from glow.files import atomic_write_text, hold_lock, read_json, read_text
+from glow.names import STEP_RE, check_name, parse_spec, step_dir_name, step_of
 
-__all__ = ["LOCK", "STOP", "STOPPED", "RunInUse", "clear_stale_markers", "lock_run_dir", "mark_stopped",
-           "read_stopped", "stop_requested_by_file"]
+__all__ = ["COMPLETE", "AttemptEnd", "Checkpoint", "Run", "RunInUse", "attempt_end", "resolve_checkpoint"]
 
-LOCK, STOP, STOPPED = "LOCK", "STOP", "STOPPED"
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+MAX_META_BYTES = 1 << 20  # meta.json: a few KB
+MAX_CONTROL_BYTES = 4096  # STOPPED, wandb_id
+MAX_CONFIG_BYTES = 1 << 20  # config.yaml: a few KB
 _PROCESS_START = time.time()
 
 
@@ -31,51 +55,342 @@ class RunInUse(UserError):
     """Another live trainer holds the run directory's lock (exit 2: choose another run.name)."""
 
 
-def lock_run_dir(stack: contextlib.ExitStack, run_dir: Path, is_main: bool, world_size: int) -> None:
-    """Rank 0 takes `<run>/LOCK` until `stack` closes; every rank raises RunInUse if it is held.
+@dataclass(frozen=True)
+class Checkpoint:
+    """One step folder ``checkpoints/step-NNNNNNNN`` of a run."""
 
-    Collective (rank 0 tells the others), so no rank goes on to touch the run directory.
-    """
-    error = ""
-    if is_main:
+    run: Run
+    step: int
+
+    @classmethod
+    def at(cls, path: str | os.PathLike) -> Checkpoint:
+        """The checkpoint whose folder is ``path`` (``<run>/checkpoints/step-NNNNNNNN``), complete or not."""
+        path = Path(path)
+        step = step_of(path)
+        if step is None or path.parent.name != "checkpoints":
+            raise CheckpointMissing(f"{path} is not a checkpoint folder (<run>/checkpoints/step-NNNNNNNN)")
+        return cls(Run(path.parent.parent), step)
+
+    @property
+    def path(self) -> Path:
+        return self.run.checkpoints_dir / step_dir_name(self.step)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path / "state"
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.safetensors"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path / "meta.json"
+
+    @property
+    def complete_marker(self) -> Path:
+        return self.path / COMPLETE
+
+    def is_complete(self) -> bool:
+        return self.complete_marker.is_file()
+
+    def meta(self) -> dict:
+        """meta.json (step, model config and hash, data, seed, ...), read with a cap, never through a link."""
         try:
-            stack.enter_context(hold_lock(run_dir / LOCK, {"run": str(run_dir)}))
+            meta = read_json(self.meta_path, MAX_META_BYTES)
+        except FileNotFoundError:
+            raise CheckpointMissing(f"{self.meta_path} is missing: not a glow-ood checkpoint") from None
+        except ValueError as err:
+            raise CheckpointMissing(f"{err}: the checkpoint is damaged; use an earlier one") from None
+        return {**meta, "path": str(self.path)}
+
+
+class Run:
+    """The run directory at ``path`` (it need not exist yet)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @classmethod
+    def at(cls, root: str | os.PathLike, name: str) -> Run:
+        """``<root>/<name>``, the name checked (it is one path component)."""
+        return cls(Path(root) / check_name(name, "run.name"))
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Run) and self.path == other.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # -- files of the training job --------------------------------------------------------
+    config_path = property(lambda self: self.path / "config.yaml")
+    log_path = property(lambda self: self.path / "log.txt")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    wandb_id_path = property(lambda self: self.path / "wandb_id")
+    lock_path = property(lambda self: self.path / "LOCK")
+    stop_path = property(lambda self: self.path / "STOP")
+    stopped_path = property(lambda self: self.path / "STOPPED")
+    checkpoints_dir = property(lambda self: self.path / "checkpoints")
+    latest_link = property(lambda self: self.path / "checkpoints" / "latest")
+    figures_dir = property(lambda self: self.path / "figures")
+    logs_dir = property(lambda self: self.path / "logs")
+    slurm_dir = property(lambda self: self.path / "slurm")
+
+    def samples_path(self, step: int) -> Path:
+        """The training sample grid of ``step``."""
+        return self.path / "samples" / f"{step_dir_name(step)}.png"
+
+    def config_text(self) -> str | None:
+        """config.yaml as written by training (None when there is none)."""
+        try:
+            return read_text(self.config_path, MAX_CONFIG_BYTES)
+        except FileNotFoundError:
+            return None
+
+    def config(self) -> dict:
+        """config.yaml as a plain dict (empty when there is none), through `glow.config`."""
+        from glow.config import parse_saved_config
+
+        text = self.config_text()
+        return {} if text is None else parse_saved_config(text, self.config_path)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint(self, step: int) -> Checkpoint:
+        return Checkpoint(self, int(step))
+
+    def step_folders(self) -> list[Checkpoint]:
+        """Every ``step-NNNNNNNN`` folder under checkpoints/, complete or not, oldest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        steps = sorted(s for p in self.checkpoints_dir.iterdir() if (s := step_of(p)) is not None)
+        return [self.checkpoint(s) for s in steps]
+
+    def complete_checkpoints(self) -> list[Checkpoint]:
+        """The complete checkpoints, oldest first."""
+        return [c for c in self.step_folders() if c.is_complete()]
+
+    def latest(self) -> Checkpoint | None:
+        """The newest complete checkpoint, or None."""
+        complete = self.complete_checkpoints()
+        return complete[-1] if complete else None
+
+    def latest_step(self) -> int:
+        """The step of the newest complete checkpoint; 0 when there is none."""
+        latest = self.latest()
+        return latest.step if latest else 0
+
+    def prune_checkpoints(self, keep: int) -> None:
+        """Keep the newest ``keep`` complete checkpoints; drop older ones and stale partial saves."""
+        import shutil
+
+        complete = self.complete_checkpoints()
+        if not complete:
+            return
+        newest = complete[-1].step
+        keep_steps = {c.step for c in complete[-keep:]}
+        for c in self.step_folders():
+            done = c.is_complete()
+            if (done and c.step not in keep_steps) or (not done and c.step < newest):
+                # The marker goes first: a crash mid-delete leaves an incomplete folder, never
+                # a "complete" one with files missing.
+                c.complete_marker.unlink(missing_ok=True)
+                shutil.rmtree(c.path, ignore_errors=True)
+
+    def update_latest_link(self) -> None:
+        """Point ``checkpoints/latest`` at the newest complete checkpoint (rank 0, after COMPLETE)."""
+        latest = self.latest()
+        if latest is None:
+            return
+        tmp = self.checkpoints_dir / f".latest.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(step_dir_name(latest.step), tmp)
+        try:
+            os.replace(tmp, self.latest_link)
+        except OSError as err:  # e.g. someone made a folder named latest
+            tmp.unlink(missing_ok=True)
+            log.warning("could not update %s (%s); the code resolves latest without it", self.latest_link, err)
+
+    # -- evaluation results ---------------------------------------------------------------
+    def eval_dir(self, step: int) -> Path:
+        """``eval/step-NNNNNNNN``: every result of the evaluation of one checkpoint."""
+        return self.path / "eval" / step_dir_name(step)
+
+    def evaluated_steps(self) -> list[int]:
+        base = self.path / "eval"
+        if not base.is_dir():
+            return []
+        return sorted(s for p in base.iterdir() if p.is_dir() and (s := step_of(p)) is not None)
+
+    def eval_step(self, step: int | None = None) -> int:
+        """``step`` if it was evaluated, else the newest evaluated step; ResultsMissing otherwise."""
+        steps = self.evaluated_steps()
+        if step is not None:
+            if step not in steps:
+                raise ResultsMissing(f"no evaluation for step {step}: {self.eval_dir(step)} does not exist; "
+                                     "run eval/evaluate.py first")
+            return step
+        if not steps:
+            raise ResultsMissing(f"no evaluation under {self.path / 'eval'} (expected step-NNNNNNNN folders); "
+                                 "run eval/evaluate.py first")
+        return steps[-1]
+
+    def dump_path(self, step: int, spec: str) -> Path:
+        """Where the dump of ``spec`` (``DATASET/SPLIT``) for the checkpoint of ``step`` lives."""
+        dataset, split = parse_spec(spec)
+        return self.eval_dir(step) / "dumps" / f"{dataset}-{split}.npz"
+
+    def load_dumps(self, step: int, specs: Sequence[str], optional: Sequence[str] = ()) -> dict:
+        """``{spec: Dump}`` of one evaluated step: every spec of ``specs`` (ResultsMissing if absent)
+        and those of ``optional`` that exist; all must come from the same model."""
+        from glow.evaluation.dumps import check_same_model, load_dump
+
+        wanted = list(dict.fromkeys(specs))
+        wanted += [s for s in dict.fromkeys(optional) if s not in wanted and self.dump_path(step, s).is_file()]
+        dumps = {s: load_dump(self.dump_path(step, s)) for s in wanted}
+        if dumps:
+            check_same_model(list(dumps.values()))
+        return dumps
+
+    # -- control files ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[dict]:
+        """Hold ``LOCK`` (one trainer per run); RunInUse names the live holder."""
+        from glow.files import LockHeld
+
+        try:
+            with hold_lock(self.lock_path, {"run": str(self.path)}) as holder:
+                yield holder
         except LockHeld as err:
-            error = (f"{err}: another trainer is writing this run. Wait for it to end, stop it "
-                     f"(touch {run_dir / STOP}), or choose another run.name")
-    error = gather_objects(error, world_size)[0]
-    if error:
-        raise RunInUse(error)
+            raise RunInUse(f"{err}: another trainer is writing this run. Wait for it to end, stop it "
+                           f"(touch {self.stop_path}), or choose another run.name") from None
+
+    def clear_stale_markers(self) -> None:
+        """Drop the previous attempt's STOPPED, and a STOP older than this attempt (rank 0).
+
+        A STOP written after the attempt began (a preemption signal that reached the batch shell
+        while the trainer was starting; the template exports GLOW_ATTEMPT_START) is kept, and
+        honoured at the first step.
+        """
+        self.stopped_path.unlink(missing_ok=True)
+        began = float(os.environ.get("GLOW_ATTEMPT_START", _PROCESS_START))
+        with contextlib.suppress(FileNotFoundError):
+            if self.stop_path.lstat().st_mtime < began:
+                self.stop_path.unlink()
+
+    def stop_requested(self) -> bool:
+        return os.path.lexists(self.stop_path)
+
+    def mark_stopped(self, step: int, reason: str) -> None:
+        """Write STOPPED ("<step> <reason>") and consume STOP (rank 0)."""
+        atomic_write_text(self.stopped_path, f"{int(step)} {reason}\n")
+        self.stop_path.unlink(missing_ok=True)
+
+    def read_stopped(self) -> tuple[int, str] | None:
+        """(step, reason) of the last stop on request; None when there is none or it is not ours."""
+        try:
+            fields = read_text(self.stopped_path, MAX_CONTROL_BYTES).split()
+        except FileNotFoundError:
+            return None
+        if len(fields) != 2 or not fields[0].isdigit() or not fields[1].replace("-", "").isalnum():
+            log.warning("%s does not hold '<step> <reason>': ignored", self.stopped_path)
+            return None
+        return int(fields[0]), fields[1]
 
 
-def clear_stale_markers(run_dir: Path) -> None:
-    """Drop the previous attempt's STOPPED, and a STOP older than this attempt (rank 0).
+def resolve_checkpoint(spec: str | os.PathLike) -> Checkpoint:
+    """A step folder, a run folder, its ``checkpoints/`` folder or ``<run>/checkpoints/latest``
+    -> that complete checkpoint (the newest complete one for a run or ``latest``)."""
+    path = Path(spec)
+    if path.name == "latest":
+        path = path.parent
+    if path.name == "checkpoints":
+        path = path.parent
+    if STEP_RE.match(path.name) and path.parent.name == "checkpoints":
+        checkpoint = Checkpoint.at(path)
+        if not checkpoint.is_complete():
+            raise CheckpointMissing(f"checkpoint {path} is not complete (no {COMPLETE} file) or does not exist")
+        return checkpoint
+    latest = Run(path).latest()
+    if latest is None:
+        raise CheckpointMissing(f"no complete checkpoint under {path / 'checkpoints'}")
+    return latest
 
-    A STOP written after the attempt began (a preemption signal that reached the batch shell
-    while the trainer was starting; the template exports GLOW_ATTEMPT_START) is kept, and
-    honoured at the first step.
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    """What the Slurm template does after a training attempt: ``action`` (finished, requeue,
+    term, no-progress, cap) and the line it logs. ``exit_code``: the batch script's status."""
+
+    action: str
+    message: str
+
+    @property
+    def exit_code(self) -> int:
+        return {"finished": 0, "requeue": 0, "term": 75}.get(self.action, 1)
+
+
+def attempt_end(run: Run, *, start_step: int, restarts: int, max_requeues: int, got_term: bool) -> AttemptEnd:
+    """The requeue decision after an attempt whose trainer exited 0 (docs/cluster.md, failure semantics).
+
+    Requeue only after a stop on request (USR1 or STOP: ``STOPPED`` holds a reason other than
+    SIGTERM) that made progress (a newer complete checkpoint than ``start_step``) while the job
+    was requeued fewer than ``max_requeues`` times. TERM (scancel, Slurm's own preemption) never
+    requeues here; no progress or the cap ends the job as failed, saying why.
     """
-    (run_dir / STOPPED).unlink(missing_ok=True)
-    began = float(os.environ.get("GLOW_ATTEMPT_START", _PROCESS_START))
-    with contextlib.suppress(FileNotFoundError):
-        if (run_dir / STOP).stat().st_mtime < began:
-            (run_dir / STOP).unlink()
+    end_step = run.latest_step()
+    stopped = run.read_stopped()
+    if stopped is None:
+        return AttemptEnd("finished", f"finished at step {end_step}")
+    step, reason = stopped
+    if got_term or reason == "SIGTERM":
+        return AttemptEnd("term", f"stopped at step {step} by SIGTERM (scancel or Slurm preemption): not requeued "
+                                  "by this script; resubmit to continue")
+    if end_step <= start_step:
+        return AttemptEnd("no-progress", f"no progress in this attempt (still at checkpoint step {end_step}): not "
+                                         "requeued; fix the cause (e.g. a time limit shorter than start-up) and resubmit")
+    if restarts >= max_requeues:
+        return AttemptEnd("cap", f"requeued {restarts} times already (GLOW_MAX_REQUEUES={max_requeues}): not requeued "
+                                 f"again; resubmit to continue from step {end_step}")
+    return AttemptEnd("requeue", f"stopped at step {step} ({reason}) with progress {start_step} -> {end_step}: "
+                                 f"requeue {restarts + 1} of at most {max_requeues}")
 
 
-def stop_requested_by_file(run_dir: Path) -> bool:
-    return (run_dir / STOP).exists()
+def main(argv: Sequence[str] | None = None) -> int:
+    """The run directory's facts for shell scripts, so that no script parses a folder name:
+
+    ``python -m glow.run latest-step RUN_DIR``: the newest complete step (0 if none);
+    ``python -m glow.run attempt-end RUN_DIR START_STEP RESTARTS MAX_REQUEUES GOT_TERM``: the
+    requeue decision after an attempt (`attempt_end`): prints the action and a message on one
+    line and exits with the batch script's status (requeue: 0).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m glow.run", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    latest = sub.add_parser("latest-step", help="newest complete checkpoint step (0 if none)")
+    latest.add_argument("run_dir")
+    end = sub.add_parser("attempt-end", help="requeue decision after a training attempt that exited 0")
+    end.add_argument("run_dir")
+    for name in ("start_step", "restarts", "max_requeues"):
+        end.add_argument(name, type=int)
+    end.add_argument("got_term", type=int, choices=(0, 1))
+    args = parser.parse_args(argv)
+    run = Run(args.run_dir)
+    if args.command == "latest-step":
+        sys.stdout.write(f"{run.latest_step()}\n")
+        return 0
+    decision = attempt_end(run, start_step=args.start_step, restarts=args.restarts,
+                           max_requeues=args.max_requeues, got_term=bool(args.got_term))
+    sys.stdout.write(f"{decision.action} {decision.message}\n")
+    return decision.exit_code
 
 
-def mark_stopped(run_dir: Path, step: int, reason: str) -> None:
-    """Write STOPPED ("<step> <reason>") and consume STOP (rank 0)."""
-    atomic_write_text(run_dir / STOPPED, f"{step} {reason}\n")
-    (run_dir / STOP).unlink(missing_ok=True)
-
-
-def read_stopped(run_dir: Path) -> tuple[int, str] | None:
-    """(step, reason) of the last stop on request, or None."""
-    try:
-        step, reason = (run_dir / STOPPED).read_text().split()
-    except FileNotFoundError:
-        return None
-    return int(step), reason
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,10 +13,11 @@ from PIL import Image
 
 from glow.data.streams import load_images
 from glow.evaluation import tasks as evaluation
-from glow.evaluation.dumps import dump_path, load_dump
-from glow.evaluation.tasks import EvalContext, run_bpd
+from glow.evaluation.dumps import load_dump
+from glow.evaluation.tasks import EvalContext, EvalOptions, run_bpd
 from glow.model import Glow, GlowConfig
 from glow.model.likelihood import eval_noise
+from glow.run import Run
 from tests.fakedata import build_small_shards
 from tests.test_flows import randomize
 
@@ -38,9 +39,16 @@ def tiny_model(n_bits: int) -> Glow:
     return model.eval()
 
 
-def context(model: Glow, out_dir, shards, seed: int = 5) -> EvalContext:
-    meta = {"path": "runs/x/checkpoints/step-00000001", "step": 1, "model_hash": model.config.hash()}
-    return EvalContext(model=model, meta=meta, out_dir=out_dir, data_root=str(shards), batch_size=5, seed=seed)
+def context(model: Glow, run_dir, shards, seed: int = 5, **options) -> EvalContext:
+    """Step 1 of a run at ``run_dir`` (no checkpoint files needed: the model is given)."""
+    meta = {"step": 1, "model_hash": model.config.hash(), "model_config": model.config.to_dict(),
+            "data": {"root": str(shards)}}
+    return EvalContext(checkpoint=Run(run_dir).checkpoint(1), meta=meta, model=model,
+                       options=EvalOptions(batch_size=5, seed=seed, force=True, **options))
+
+
+def dump_of(run_dir) -> object:
+    return load_dump(Run(run_dir).dump_path(1, "gaussian/test"))
 
 
 def png_bits_per_dim(image: np.ndarray) -> float:
@@ -53,7 +61,7 @@ def png_bits_per_dim(image: np.ndarray) -> float:
 def test_dump_log_p_and_complexity_recomputed_independently(shards, tmp_path, n_bits):
     model = tiny_model(n_bits)
     run_bpd(context(model, tmp_path, shards), "gaussian", "test", dump=True)
-    dump = load_dump(dump_path(tmp_path, "gaussian", "test"))
+    dump = dump_of(tmp_path)
     assert dump.n_bits == n_bits and dump.key.size == N
     images = load_images(shards, "gaussian", "test", list(dump.key))
     x = torch.from_numpy(np.stack([images[k] for k in dump.key])).permute(0, 3, 1, 2)  # uint8 NCHW
@@ -78,8 +86,8 @@ def test_dump_noise_depends_on_the_seed(shards, tmp_path):
     model = tiny_model(8)
     run_bpd(context(model, tmp_path / "a", shards, seed=5), "gaussian", "test", dump=True)
     run_bpd(context(model, tmp_path / "b", shards, seed=6), "gaussian", "test", dump=True)
-    a = load_dump(dump_path(tmp_path / "a", "gaussian", "test"))
-    b = load_dump(dump_path(tmp_path / "b", "gaussian", "test"))
+    a = dump_of(tmp_path / "a")
+    b = dump_of(tmp_path / "b")
     assert not np.array_equal(a.log_p, b.log_p)
 
 
@@ -101,8 +109,8 @@ def test_five_bit_fid_references_are_quantized_like_the_samples(shards, tmp_path
     monkeypatch.setattr(fid, "FID_DIM", 3)  # the stand-in features above have 3 dimensions
     cache = tmp_path / "cache"
     model = tiny_model(5)
-    evaluation.run_fid(context(model, tmp_path, shards), "gaussian", "test", [1.0], n_samples=4,
-                       weights_path=None, cache_dir=cache)
+    ctx = context(model, tmp_path, shards, fid_temperatures=[1.0], fid_samples=4, fid_cache=str(cache))
+    evaluation.run_fid(ctx, "gaussian", "test")
     images = load_images(shards, "gaussian", "test", [f"{i:08d}" for i in range(N)])
     raw = np.stack([images[f"{i:08d}"] for i in range(N)]).transpose(0, 3, 1, 2)
     expected = np.round((raw >> 3).astype(np.float64) * 255.0 / 31.0).astype(np.uint8)
@@ -116,3 +124,24 @@ def test_five_bit_fid_references_are_quantized_like_the_samples(shards, tmp_path
     assert "5bit" in cached.name
     assert fid.statistics_path(cache, fid.statistics_key("d", "s", 32, 8, N, "h")) != \
         fid.statistics_path(cache, fid.statistics_key("d", "s", 32, 5, N, "h"))
+
+
+def test_every_result_is_reused_only_under_its_own_settings(shards, tmp_path):
+    """The one skip rule: latents.png (once reused whatever --data or --seed) and samples.png are
+    recomputed when anything they depend on changes, and reused otherwise."""
+    from glow.evaluation.tasks import latents_result, requested_results, run_latents, run_samples, samples_result
+
+    model = tiny_model(8)
+    build_small_shards(shards, n=6, samples_per_shard=3, dataset="other", split="test")
+    ctx = context(model, tmp_path, shards, tasks=["latents", "samples"], specs=[("gaussian", "test")],
+                  latents_images=2, samples_per_temperature=2, temperatures=[0.0, 1.0])
+    assert {r.what: r.done() for r in requested_results(ctx)} == {"latents": False, "samples": False}
+    run_latents(ctx)
+    run_samples(ctx)
+    assert latents_result(ctx).done() and samples_result(ctx).done()
+    for change in ({"specs": [("other", "test")]}, {"seed": 6}, {"latents_images": 3}):
+        other = context(model, tmp_path, shards, **{**dict(tasks=["latents"], specs=[("gaussian", "test")],
+                                                           latents_images=2), **change})
+        assert not latents_result(other).done(), change
+    assert not samples_result(context(model, tmp_path, shards, samples_per_temperature=3,
+                                      temperatures=[0.0, 1.0])).done()

@@ -107,9 +107,9 @@ def test_figures_without_evaluation_say_what_to_run(tmp_path):
 
 
 def test_an_internal_error_keeps_its_traceback():
-    inject = ("import runpy, sys, glow.checkpoint as c\n"
+    inject = ("import runpy, sys, glow.evaluation.job as j\n"
               "def boom(path): raise RuntimeError('injected bug')\n"
-              "c.resolve_checkpoint = boom\n"
+              "j.resolve_checkpoint = boom\n"
               "sys.argv = ['eval/evaluate.py', '--checkpoint', 'x', '--task', 'samples']\n"
               "runpy.run_path('eval/evaluate.py', run_name='__main__')\n")
     result = subprocess.run([sys.executable, "-c", inject], env=cpu_env(), capture_output=True, text=True,

@@ -46,15 +46,10 @@ def test_frechet_distance_equals_pytorch_fid():
 
 def test_statistics_cache_atomic_and_keyed(tmp_path):
     key = fid.statistics_key("celeba", "train", 32, 8, 10, "abcd1234")
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return np.random.default_rng(0).normal(size=(10, 4))
-
-    mu, sigma = fid.cached_statistics(tmp_path, key, compute)
-    mu2, sigma2 = fid.cached_statistics(tmp_path, key, compute)
-    assert len(calls) == 1
+    assert fid.read_cached_statistics(tmp_path, key) is None
+    mu, sigma = fid.feature_statistics(np.random.default_rng(0).normal(size=(10, 4)))
+    fid.save_statistics(fid.statistics_path(tmp_path, key), mu, sigma, key)
+    mu2, sigma2 = fid.read_cached_statistics(tmp_path, key)
     np.testing.assert_array_equal(mu, mu2)
     np.testing.assert_array_equal(sigma, sigma2)
     assert [p.name for p in tmp_path.iterdir()] == [fid.statistics_path(tmp_path, key).name]
@@ -70,6 +65,20 @@ def test_statistics_cache_atomic_and_keyed(tmp_path):
         fid.load_statistics(fid.statistics_path(tmp_path, key), five_bit)
     with pytest.raises(ValueError, match="holds statistics for"):
         fid.load_statistics(fid.statistics_path(tmp_path, key), other)
+
+
+def test_a_planted_cache_entry_is_not_used(tmp_path):
+    """A statistics file that is a link (to a colleague's file) or not an npz is recomputed, never read."""
+    key = fid.statistics_key("celeba", "train", 32, 8, 10, "abcd1234")
+    elsewhere = tmp_path / "elsewhere.npz"
+    fid.save_statistics(elsewhere, np.zeros(4), np.eye(4), key)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    fid.statistics_path(cache, key).symlink_to(elsewhere)
+    assert fid.read_cached_statistics(cache, key) is None
+    fid.statistics_path(cache, key).unlink()
+    fid.statistics_path(cache, key).write_bytes(b"not a zip file")
+    assert fid.read_cached_statistics(cache, key) is None
 
 
 def test_default_statistics_cache_is_writable_and_outside_the_data(tmp_path, monkeypatch):

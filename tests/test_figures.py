@@ -119,7 +119,7 @@ def test_mismatched_dumps_refused(tmp_path):
     assert str(bad) in str(e.value) and "celeba-test.npz" in str(e.value)
     write_dump(step_dir, "svhn", "test", np.ones(10), step=STEP + 1)  # other checkpoint
     with pytest.raises(ValueError, match="checkpoint"):
-        dumps.load_dumps([step_dir / "dumps" / "celeba-test.npz", bad])
+        dumps.check_same_model([dumps.load_dump(step_dir / "dumps" / "celeba-test.npz"), dumps.load_dump(bad)])
     with pytest.raises(FileNotFoundError, match="gaussian-test.npz"):
         figures.make_figures(run, "celeba", ["gaussian/test"], image_loader=fake_loader())
 

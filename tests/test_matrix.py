@@ -14,6 +14,7 @@ from glow.cli.report import main as report_cli
 from glow.evaluation import dumps
 from glow.report import matrix
 from glow.report import scores as ood
+from glow.run import Run
 from tests.test_figures import STEP, write_dump
 
 
@@ -43,7 +44,7 @@ def _cli(args: list[str]):
 
 
 def load(run: Path, spec: str) -> dumps.Dump:
-    return dumps.load_dump(dumps.dump_path(run / "eval" / f"step-{STEP:08d}", spec))
+    return dumps.load_dump(Run(run).dump_path(STEP, spec))
 
 
 def test_matrix_cli_gives_the_aurocs_of_glow_ood(two_runs, tmp_path):
@@ -59,7 +60,7 @@ def test_matrix_cli_gives_the_aurocs_of_glow_ood(two_runs, tmp_path):
         d_in = load(run, row["in_distribution"])
         for spec in specs:
             cell = row["cells"][spec]
-            if spec == row["in_distribution"] or not dumps.dump_path(run / "eval" / f"step-{STEP:08d}", spec).is_file():
+            if spec == row["in_distribution"] or not Run(run).dump_path(STEP, spec).is_file():
                 assert cell is None
                 continue
             d_out = load(run, spec)

@@ -12,6 +12,7 @@ import pytest
 from glow.evaluation import dumps
 from glow.report import figures
 from glow.report import scores as ood
+from glow.run import Run
 from tests.test_figures import STEP, write_dump
 
 SEED = 4
@@ -32,7 +33,7 @@ def run(tmp_path) -> Path:
 
 
 def load(run: Path, spec: str) -> dumps.Dump:
-    return dumps.load_dump(dumps.dump_path(run / "eval" / f"step-{STEP:08d}", spec))
+    return dumps.load_dump(Run(run).dump_path(STEP, spec))
 
 
 def typicality_by_hand(nll: np.ndarray, train_mean: float, m: int, seed: int) -> np.ndarray:
@@ -92,7 +93,7 @@ def test_typicality_decision_rule_in_ood_json_and_md(run):
         stat_out = typicality_by_hand(-d_out.log_p, train_mean, m, SEED)
         assert r["fpr"] == pytest.approx(np.mean(stat_in > eps)) and r["tpr"] == pytest.approx(np.mean(stat_out > eps))
         assert (r["n_in"], r["n_out"]) == (stat_in.size, stat_out.size)
-        assert f"| svhn/test | {m} | {r['epsilon']:.4g} | {r['tpr']:.4f} | {r['fpr']:.4f} |" in md
+        assert f"| svhn/test | {m} | {r['epsilon']:.4f} | {r['tpr']:.4f} | {r['fpr']:.4f} |" in md
 
 
 def test_typicality_decision_rule_has_its_false_positive_rate():

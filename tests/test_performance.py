@@ -144,7 +144,7 @@ def test_trainer_with_checkpointing_and_channels_last_matches_plain_run(tmp_path
     from accelerate import Accelerator
     from safetensors.torch import load_file
 
-    from glow.checkpoint import step_dir
+    from glow.run import Run
     from glow.training.trainer import Trainer
     from tests.toydata import build_toy_shards
 
@@ -156,7 +156,7 @@ def test_trainer_with_checkpointing_and_channels_last_matches_plain_run(tmp_path
             "train.max_steps=4", "train.checkpoint_every=4", "train.sample_every=100", *extra,
         ])
         assert Trainer(cfg, Accelerator(cpu=True)).fit() == 0
-        weights[name] = load_file(str(step_dir(tmp_path / name, 4) / "model.safetensors"))
+        weights[name] = load_file(str(Run(tmp_path / name).checkpoint(4).path / "model.safetensors"))
     assert weights["plain"].keys() == weights["fast"].keys()
     for key, value in weights["plain"].items():
         torch.testing.assert_close(weights["fast"][key], value, rtol=1e-4, atol=1e-5)

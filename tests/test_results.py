@@ -3,7 +3,8 @@
 import json
 import multiprocessing
 
-from glow.evaluation.result_tables import add_entries, is_done, read_table
+from glow.evaluation.records import Result
+from glow.evaluation.result_tables import add_entries, read_table, table_entry
 
 
 def _add(args):
@@ -29,11 +30,25 @@ def test_legacy_table_file_is_read(tmp_path):
     assert json.loads(table.read_text()) == read_table(table)
 
 
-def test_is_done_compares_settings(tmp_path):
+def test_the_skip_rule_compares_every_setting(tmp_path):
     table = tmp_path / "bpd.json"
     settings = {"seed": 0, "data_root": "/d", "manifest_hash": "abc", "model_hash": "m", "step": 5}
-    assert not is_done(table, "a/test", settings)
+
+    def result(wanted):
+        return Result("bpd a/test", wanted, lambda: table_entry(table, "a/test"))
+
+    assert not result(settings).done()
     add_entries(table, {"a/test": {"mean": 1.0, **settings}})
-    assert is_done(table, "a/test", settings)
-    for field, other in (("seed", 1), ("data_root", "/e"), ("manifest_hash", "abd"), ("step", 6)):
-        assert not is_done(table, "a/test", {**settings, field: other})
+    assert result(settings).done()
+    for field, other in (("seed", 1), ("data_root", "/e"), ("manifest_hash", "abd"), ("step", 6), ("model_hash", "n")):
+        assert not result({**settings, field: other}).done()
+
+
+def test_unreadable_entries_are_ignored_not_fatal(tmp_path):
+    """A planted entry (a link to /dev/zero or to a colleague's file) is ignored: the result is
+    recomputed and nothing is read through the link."""
+    table = tmp_path / "bpd.json"
+    add_entries(table, {"a/test": {"mean": 1.0}})
+    (tmp_path / "bpd.d" / "b%2Ftest.json").symlink_to("/dev/zero")
+    (tmp_path / "bpd.d" / "c%2Ftest.json").symlink_to(table)
+    assert read_table(table) == {"a/test": {"mean": 1.0}}

@@ -83,8 +83,10 @@ def offline_runs(run_dir: Path, expected: int, timeout: float = 60.0) -> dict[st
 
 
 def test_evaluation_and_figures_results_read_back_from_the_offline_run(tmp_path, monkeypatch):
+    from glow.evaluation.job import track_results
     from glow.evaluation.result_tables import add_entries
-    from glow.evaluation.tasks import track_results
+    from glow.evaluation.tasks import EvalContext, EvalOptions
+    from glow.run import Run
     from tests.test_figures import _cli as figures_cli
     from tests.test_figures import make_run
 
@@ -96,7 +98,9 @@ def test_evaluation_and_figures_results_read_back_from_the_offline_run(tmp_path,
     add_entries(step_dir / "bpd.json", {"celeba/test": {"mean": 3.25, "std": 0.2, "count": 60}})
 
     tracker = run_tracker(run, "eval", STEP, "dump celeba/test")
-    logged = track_results(tracker, step_dir, ["dump", "samples"], [("celeba", "test")], STEP)
+    ctx = EvalContext(checkpoint=Run(run).checkpoint(STEP), meta={"step": STEP},
+                      options=EvalOptions(tasks=["dump", "samples"], specs=[("celeba", "test")]))
+    logged = track_results(tracker, ctx)
     tracker.close()
     assert logged == ["bpd/celeba/test", "bpd_per_sample/celeba/test", "samples"]
     result = CliRunner().invoke(figures_cli(), ["--run", str(run), "--in", "celeba/test", "--ood", "svhn/test"])

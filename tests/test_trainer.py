@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from glow.checkpoint import complete_checkpoints, load_model, step_dir
+from glow.checkpoint import load_model
 from glow.errors import EXIT_CHECKPOINT, EXIT_USAGE
+from glow.run import Run
 from glow.training.optim import lr_factor
 from glow.training.trainer import EXIT_FAILED
 from tests.toydata import (
@@ -40,7 +41,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(step_dir(run_dir, step) / "model.safetensors"))
+    return load_file(str(Run(run_dir).checkpoint(step).path / "model.safetensors"))
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:
@@ -76,7 +77,7 @@ def test_two_processes_stay_identical_and_learn(shards, tmp_path):
     log = (tmp_path / "tiny" / "log.txt").read_text()
     assert "world size 2" in log  # the CPU launch trap would silently give 1
     assert "parameters identical on 2 ranks after initialization" in log
-    for _, path in complete_checkpoints(tmp_path / "tiny"):
+    for path in (c.path for c in Run(tmp_path / "tiny").complete_checkpoints()):
         meta = json.loads((path / "meta.json").read_text())
         assert meta["world_size"] == 2
         assert len(meta["replica_digests"]) == 2 and len(set(meta["replica_digests"])) == 1
@@ -166,7 +167,7 @@ def test_stop_signal_then_resume_is_bitwise_identical_to_straight_run(shards, tm
     stopped_at = int(step_text)
     assert reason == "SIGUSR1"
     assert 12 <= stopped_at < 30
-    assert complete_checkpoints(run_dir)[-1][0] == stopped_at  # a complete checkpoint at the stop
+    assert Run(run_dir).complete_checkpoints()[-1].step == stopped_at  # a complete checkpoint at the stop
 
     resumed = run(cmd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -182,20 +183,20 @@ def test_kill_9_during_checkpoint_save_keeps_previous_checkpoint(shards, tmp_pat
     env = cpu_env(GLOW_TEST_PAUSE_BEFORE_COMPLETE="4")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     run_dir = tmp_path / "tiny"
-    partial = step_dir(run_dir, 10)
-    wait_until(lambda: (partial / "state").is_dir() and (step_dir(run_dir, 5) / "COMPLETE").exists(), 120, proc)
+    partial = Run(run_dir).checkpoint(10).path
+    wait_until(lambda: (partial / "state").is_dir() and (Run(run_dir).checkpoint(5).path / "COMPLETE").exists(), 120, proc)
     time.sleep(1.0)  # inside the save, before COMPLETE
     proc.kill()
     proc.wait()
     assert not (partial / "COMPLETE").exists()
-    assert [s for s, _ in complete_checkpoints(run_dir)] == [5]
+    assert [c.step for c in Run(run_dir).complete_checkpoints()] == [5]
     model, meta = load_model(run_dir / "checkpoints" / "latest")
     assert meta["step"] == 5
 
     resumed = run(cmd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at step 5" in (run_dir / "log.txt").read_text()
-    assert [s for s, _ in complete_checkpoints(run_dir)] == [5, 10, 15]
+    assert [c.step for c in Run(run_dir).complete_checkpoints()] == [5, 10, 15]
 
 
 def test_config_errors_are_clear(shards, tmp_path):
@@ -253,7 +254,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(shards, tmp_path, monkey
     assert trainer.fit() == EXIT_FAILED
     rows = metrics(tmp_path / "tiny")
     assert rows[5]["skipped_steps"] == 1 and rows[4]["skipped_steps"] == 0
-    assert [s for s, _ in complete_checkpoints(tmp_path / "tiny")][-1] == 8
+    assert [c.step for c in Run(tmp_path / "tiny").complete_checkpoints()][-1] == 8
     assert load_model(tmp_path / "tiny")[1]["step"] == 8  # the last good checkpoint is intact
 
 
@@ -288,7 +289,7 @@ def test_deepspeed_zero2_trains_saves_and_resumes(shards, tmp_path):
     second = run(train_command(tmp_path, shards, "train.max_steps=10", nproc=2, launcher_args=launch), env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed at step 6" in (tmp_path / "tiny" / "log.txt").read_text()
-    assert complete_checkpoints(tmp_path / "tiny")[-1][0] == 10
+    assert Run(tmp_path / "tiny").complete_checkpoints()[-1].step == 10
 
 
 # -- issue 12: one sync per step, one writer per run, workers die with their launcher ------

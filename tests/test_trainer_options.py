@@ -13,8 +13,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from glow.checkpoint import complete_checkpoints, step_dir
 from glow.config import load_config
+from glow.run import Run
 from glow.training.trainer import Trainer
 from tests.toydata import REPO, build_toy_shards
 
@@ -37,7 +37,7 @@ def train(root: Path, shards: Path, *overrides: str, name: str = "tiny", resume:
 
 
 def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(step_dir(run_dir, step) / "model.safetensors"))
+    return load_file(str(Run(run_dir).checkpoint(step).path / "model.safetensors"))
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -50,10 +50,10 @@ def test_ema_weights_are_exported_and_keep_checkpoints_keeps_that_many(shards, t
     steps, decay = 4, 0.6
     raw = train(tmp_path / "raw", shards, f"train.max_steps={steps}", "train.checkpoint_every=1",
                 "train.keep_checkpoints=10")
-    assert [s for s, _ in complete_checkpoints(raw)] == list(range(1, steps + 1))
+    assert [c.step for c in Run(raw).complete_checkpoints()] == list(range(1, steps + 1))
     ema = train(tmp_path / "ema", shards, f"train.max_steps={steps}", "train.checkpoint_every=1",
                 "train.keep_checkpoints=2", f"optim.ema_decay={decay}")
-    assert [s for s, _ in complete_checkpoints(ema)] == [steps - 1, steps]  # exactly keep_checkpoints
+    assert [c.step for c in Run(ema).complete_checkpoints()] == [steps - 1, steps]  # exactly keep_checkpoints
     assert len(list((ema / "checkpoints").glob("step-*"))) == 2
     expected = weights(raw, 1)
     for t in range(2, steps + 1):
@@ -64,7 +64,7 @@ def test_ema_weights_are_exported_and_keep_checkpoints_keeps_that_many(shards, t
     assert moved  # the EMA differs from the raw weights: the check below can fail
     for k in got:
         assert torch.allclose(got[k], expected[k], rtol=1e-5, atol=1e-6), k
-    assert json.loads((step_dir(ema, steps) / "meta.json").read_text())["ema"] is True
+    assert json.loads((Run(ema).checkpoint(steps).path / "meta.json").read_text())["ema"] is True
 
 
 def test_no_resume_refuses_an_existing_run(shards, tmp_path):
@@ -73,14 +73,14 @@ def test_no_resume_refuses_an_existing_run(shards, tmp_path):
                       [f"run.root={tmp_path}", f"data.root={shards}", "data.dataset=toy", *SMALL, "train.max_steps=2"])
     with pytest.raises(Exception, match="--no-resume"):
         Trainer(cfg, Accelerator(cpu=True), resume=False).fit()
-    assert [s for s, _ in complete_checkpoints(run)] == [1]  # untouched
+    assert [c.step for c in Run(run).complete_checkpoints()] == [1]  # untouched
 
 
 def test_init_from_and_grad_accum(shards, tmp_path):
     """run.init_from starts from the checkpoint's weights (ActNorm included, not re-initialized);
     from there, 2 micro-batches of B accumulated give the loss and gradient norm of one batch of 2B."""
     base = train(tmp_path / "base", shards, "train.max_steps=2")
-    init = str(step_dir(base, 2))
+    init = str(Run(base).checkpoint(2).path)
     # one step at lr ~ 0: the exported weights are the initial ones
     start = train(tmp_path / "start", shards, f"run.init_from={init}", "train.max_steps=1", "optim.lr=1e-30")
     for k, v in weights(base, 2).items():
@@ -100,7 +100,7 @@ def test_perturb_prob_replaces_training_pixels_with_noise(shards, tmp_path):
     """data.perturb_prob (Ren et al. 2019's background model) trains on inputs with about that
     fraction of values replaced by uniform noise: the loss on the blocky toy data jumps."""
     base = train(tmp_path / "base", shards, "train.max_steps=1")
-    init = str(step_dir(base, 1))
+    init = str(Run(base).checkpoint(1).path)
     clean = metrics(train(tmp_path / "clean", shards, f"run.init_from={init}", "train.max_steps=1"))[0]["loss"]
     noisy = metrics(train(tmp_path / "noisy", shards, f"run.init_from={init}", "train.max_steps=1",
                           "data.perturb_prob=0.5"))[0]["loss"]

@@ -21,6 +21,7 @@ import torch
 
 from glow import checkpoint as ckpt
 from glow.config import ConfigError, load_config
+from glow.run import Run
 from tests.toydata import REPO, build_toy_shards, cpu_env, run, train_command
 
 TINY = REPO / "train" / "configs" / "tiny.yaml"
@@ -121,7 +122,7 @@ def test_resume_never_unpickles_and_no_secret_in_the_run(tmp_path):
     first = run(cmd, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tiny"
-    state = ckpt.latest_checkpoint(run_dir) / "state"
+    state = Run(run_dir).latest().path / "state"
     assert (state / ckpt.TRAINER_STATE).is_file() and (state / ckpt.EMA_WEIGHTS).is_file()
     assert not list(state.glob("custom_checkpoint_*"))
     # plant: accelerate's custom-object files (it unpickles those of registered objects; we register
@@ -137,7 +138,7 @@ def test_resume_never_unpickles_and_no_secret_in_the_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at step 4" in resumed.stderr + resumed.stdout
     # plant: the RNG file accelerate reads back (with weights_only=True: refused, not run)
-    state = ckpt.latest_checkpoint(run_dir) / "state"
+    state = Run(run_dir).latest().path / "state"
     torch.save({"rng": _Payload(marker)}, state / "random_states_0.pkl")
     refused = run(train_command(tmp_path / "runs", shards, "train.max_steps=8", "optim.ema_decay=0.9"), env=env)
     assert refused.returncode != 0 and "random_states_0.pkl cannot be read as plain tensors" in refused.stderr
@@ -149,6 +150,6 @@ def test_resume_never_unpickles_and_no_secret_in_the_run(tmp_path):
     # outputs get the umask's mode (group-readable under 0022/0002), not mkstemp's 0600
     from glow.files import new_file_mode
 
-    step6 = ckpt.latest_checkpoint(run_dir)
+    step6 = Run(run_dir).latest().path
     for path in (step6 / "model.safetensors", step6 / "meta.json", step6 / "COMPLETE", state / ckpt.TRAINER_STATE):
         assert path.stat().st_mode & 0o777 == new_file_mode(), path

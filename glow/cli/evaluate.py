@@ -32,14 +32,12 @@ error (shards missing, corrupt or not fitting the model), 5 checkpoint or FID we
 1 internal error (with a traceback).
 """
 
-import logging
-from pathlib import Path
 
 import click
 
 from glow.errors import exit_on_user_error
+from glow.evaluation.tasks import TASKS
 
-TASKS = ("dump", "bpd", "samples", "fid", "latents")
 EXIT_PENDING = 3  # --check-done: some requested result is missing or stale
 
 
@@ -98,90 +96,22 @@ def _parse_spec(spec: str) -> tuple[str, str]:
 def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, temperatures,
          samples_per_temperature, fid_samples, fid_temperatures, inception_weights, fid_cache, latents_images,
          check_done, convert_channels, use_wandb):
-    from glow.checkpoint import read_meta, resolve_checkpoint
-    from glow.evaluation.dumps import eval_dir
-    from glow.evaluation.tasks import EvalContext, check_eval_data, pending_work
+    from glow.evaluation import job
+    from glow.evaluation.tasks import EvalOptions
 
     parsed = [_parse_spec(s) for s in specs]
     if any(t in tasks for t in ("dump", "bpd", "fid", "latents")) and not parsed:
         raise click.UsageError(f"tasks {', '.join(tasks)} need at least one --data DATASET/SPLIT")
-    step_path = resolve_checkpoint(checkpoint)
-    meta = {**read_meta(step_path), "path": str(step_path)}
-    data_root = data_root or meta["data"]["root"]
-    shape_tasks = {"dump", "bpd", "latents"} & set(tasks)
-    check_eval_data(data_root, meta, parsed if shape_tasks else [], convert_channels)
+    options = EvalOptions(
+        tasks=list(tasks), specs=parsed, data_root=data_root, batch_size=batch_size, workers=workers, seed=seed,
+        force=force, temperatures=list(temperatures), samples_per_temperature=samples_per_temperature,
+        fid_samples=fid_samples, fid_temperatures=list(fid_temperatures), inception_weights=inception_weights,
+        fid_cache=fid_cache, latents_images=latents_images, convert_channels=convert_channels, use_wandb=use_wandb)
     if check_done:
-        ctx = EvalContext(model=None, meta=meta, out_dir=eval_dir(step_path, meta["step"]),
-                          data_root=data_root, seed=seed)
-        todo = ["everything (--force)"] if force else pending_work(
-            ctx, list(tasks), parsed, temperatures=list(temperatures), per_temperature=samples_per_temperature,
-            fid_temperatures=list(fid_temperatures), fid_samples=fid_samples)
-        click.echo(f"to do: {', '.join(todo)}" if todo else f"done: every result is in {ctx.out_dir}")
+        todo, out_dir = job.check_done(checkpoint, options)
+        click.echo(f"to do: {', '.join(todo)}" if todo else f"done: every result is in {out_dir}")
         raise SystemExit(EXIT_PENDING if todo else 0)
-    _evaluate(step_path, tasks, parsed, data_root, use_wandb, convert_channels, batch_size=batch_size,
-              workers=workers, seed=seed, force=force, temperatures=list(temperatures),
-              per_temperature=samples_per_temperature, fid_samples=fid_samples,
-              fid_temperatures=list(fid_temperatures), inception_weights=inception_weights, fid_cache=fid_cache,
-              latents_images=latents_images)
-
-
-def _evaluate(step_path, tasks, parsed, data_root, use_wandb, convert_channels, *, batch_size, workers, seed, force,
-              temperatures, per_temperature, fid_samples, fid_temperatures, inception_weights, fid_cache,
-              latents_images):
-    """Run the tasks in order on every process, then report the results to the tracker."""
-    from glow.checkpoint import load_model
-    from glow.distributed import finish, make_accelerator
-    from glow.evaluation.dumps import eval_dir
-    from glow.evaluation.fid import default_statistics_cache
-    from glow.evaluation.tasks import (
-        EvalContext,
-        run_bpd,
-        run_fid,
-        run_latents,
-        run_samples,
-        track_results,
-    )
-    from glow.logs import setup_logging
-    from glow.tracking import run_tracker
-
-    accelerator = make_accelerator()
-    model, meta = load_model(step_path, accelerator.device)
-    out_dir = eval_dir(step_path, meta["step"])
-    main_process = accelerator.is_main_process
-    setup_logging(out_dir if main_process else None, main_process, accelerator.process_index)
-    log = logging.getLogger("evaluate")
-    log.info("checkpoint %s (step %d), %d process(es), tasks %s", step_path, meta["step"],
-             accelerator.num_processes, ", ".join(tasks))
-    ctx = EvalContext(
-        model=model, meta=meta, out_dir=out_dir, data_root=data_root,
-        rank=accelerator.process_index, world_size=accelerator.num_processes, device=accelerator.device,
-        batch_size=batch_size, num_workers=workers, seed=seed, force=force, convert_channels=convert_channels,
-    )
-    for task in tasks:
-        if task in ("dump", "bpd"):
-            for dataset, split in parsed:
-                run_bpd(ctx, dataset, split, dump=task == "dump")
-        elif task == "samples":
-            run_samples(ctx, temperatures, per_temperature)
-        elif task == "fid":
-            cache = Path(fid_cache) if fid_cache else default_statistics_cache()
-            for dataset, split in parsed:
-                run_fid(ctx, dataset, split, fid_temperatures, fid_samples, inception_weights, cache)
-        elif task == "latents":
-            run_latents(ctx, parsed, latents_images)
-    if accelerator.is_main_process:
-        run_dir = Path(step_path).parent.parent
-        detail = " ".join([*tasks, *(f"{d}/{s}" for d, s in parsed)])
-        tracker = run_tracker(run_dir, "eval", meta["step"], detail, enabled=use_wandb,
-                              extra_config={"checkpoint": str(step_path), "tasks": list(tasks)})
-        enabled = tracker.run is not None
-        try:
-            logged = track_results(tracker, out_dir, list(tasks), parsed, meta["step"])
-        finally:
-            tracker.close()
-        if logged and enabled:
-            log.info("logged to wandb: %s", ", ".join(logged))
-    finish(accelerator)
+    job.evaluate(checkpoint, options)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ def parse_in_spec(value: str, in_split: str | None) -> tuple[str, str]:
 @exit_on_user_error
 def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root, out_dir, k, seed, use_wandb):
     from glow.report.figures import track_figures
+    from glow.report.tables import text_table
     from glow.tracking import run_tracker
 
     setup_logging()
@@ -88,14 +89,13 @@ def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root,
         click.echo(f"  skipped {name}: {why}")
     t = res.table
     click.echo(f"\nin-distribution {t['in_distribution']}, step {t['step']}, model {t['model_hash']}")
-    for spec, v in t["bpd"].items():
-        click.echo(f"  {spec:<22} {v['mean']:.4f} bits/dim (std {v['std']:.4f}, n={v['count']})")
-    click.echo(f"{'OOD set':<24}{'score':<22}{'AUROC':>8}{'FPR@95':>8}")
-    for spec, rows in t["ood"].items():
-        for name in ("log_likelihood", "complexity_corrected", "png_complexity", "typicality_m25"):
-            if name in rows:
-                click.echo(f"{spec:<24}{name:<22}{rows[name]['auroc']:>8.4f}{rows[name]['fpr_at_95_tpr']:>8.4f}")
-
+    click.echo(text_table(["split", "bits/dim", "std", "n"],
+                          [[spec, v["mean"], v["std"], v["count"]] for spec, v in t["bpd"].items()]))
+    shown = ("log_likelihood", "complexity_corrected", "png_complexity", "typicality_m25")
+    click.echo()
+    click.echo(text_table(["OOD set", "score", "AUROC", "FPR@95"],
+                          [[spec, name, rows[name]["auroc"], rows[name]["fpr_at_95_tpr"]]
+                           for spec, rows in t["ood"].items() for name in shown if name in rows]))
 
 if __name__ == "__main__":
     main()

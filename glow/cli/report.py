@@ -21,6 +21,7 @@ import click
 from glow.cli.figures import parse_in_spec
 from glow.errors import exit_on_user_error
 from glow.logs import setup_logging
+from glow.report.tables import text_table
 
 
 @click.group(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,12 +61,9 @@ def compare(run_dirs, background, in_dataset, in_split, ood_specs, step, out_dir
                                 in_split=in_split, step=step)
     for p in files:
         click.echo(f"wrote {p}")
-    header = "".join(f"{s + ' AUROC':>22}" for s in table["ood_sets"])
-    click.echo(f"{'variant':<24}{'score':<22}{'test bpd':>9}{header}")
-    for row in table["rows"]:
-        bpd = "-" if row["test_bpd"] is None else f"{row['test_bpd']:.4f}"
-        aurocs = "".join(f"{row['ood'][s]['auroc']:>22.4f}" for s in table["ood_sets"])
-        click.echo(f"{row['variant']:<24}{row['score']:<22}{bpd:>9}{aurocs}")
+    click.echo(text_table(["variant", "score", "test bpd", *(f"{s} AUROC" for s in table["ood_sets"])],
+                          [[row["variant"], row["score"], row["test_bpd"],
+                            *(row["ood"][s]["auroc"] for s in table["ood_sets"])] for row in table["rows"]]))
 
 
 @main.command("matrix", context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,11 +102,9 @@ def matrix(runs, ood_specs, score, step, in_split, train_split, seed, out_dir):
     for p in files:
         click.echo(f"wrote {p}")
     click.echo(f"AUROC of {score}:")
-    click.echo(f"{'model (in-distribution)':<36}" + "".join(f"{s:>16}" for s in table["ood_sets"]))
-    for r in table["rows"]:
-        click.echo(f"{r['label'] + ' (' + r['in_distribution'] + ')':<36}"
-                   + "".join(f"{format_cell(r, s, score):>16}" for s in table["ood_sets"]))
-
+    click.echo(text_table(["model (in-distribution)", *table["ood_sets"]],
+                          [[f"{r['label']} ({r['in_distribution']})",
+                            *(format_cell(r, s, score) for s in table["ood_sets"])] for r in table["rows"]]))
 
 if __name__ == "__main__":
     main()

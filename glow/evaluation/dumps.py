@@ -1,16 +1,19 @@
 """Per-sample evaluation dumps: the one definition of their schema, location and checks.
 
-A dump is ``runs/<name>/eval/step-N/dumps/<dataset>-<split>.npz`` holding, per sample of
+A dump (where it lives: `glow.run.Run.dump_path`) is an ``.npz`` holding, per sample of
 the split (in index order), ``key``, ``index``, ``label``, ``log_p`` (nats), ``bpd`` and
 ``complexity_bpd`` (PNG code length of the image the model scored), plus scalar fields that
 say where the numbers came from (checkpoint, step, model hash, data set, data root, n_bits,
-seed, manifest hash). The evaluation jobs write dumps; the figures, OOD tables and run
+seed, manifest hash, the digest of the weights every rank scored with). The evaluation jobs write dumps; the figures, OOD tables and run
 comparisons read them. Dumps of different checkpoints are never merged.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,30 +21,32 @@ from pathlib import Path
 import numpy as np
 
 from glow.errors import ResultsInvalid, ResultsMissing
-from glow.files import atomic_write_bytes
-from glow.names import newest_step_dir, parse_spec, step_dir_name
+from glow.files import atomic_write_bytes, read_bytes
 
 __all__ = [
     "ARRAYS",
     "IDENTITY",
+    "MAX_DUMP_BYTES",
     "SCALARS",
     "Dump",
     "check_same_model",
-    "dump_path",
-    "eval_dir",
-    "eval_step_dir",
+    "dump_settings",
     "load_dump",
-    "load_dumps",
     "write_dump",
 ]
+
+log = logging.getLogger(__name__)
 
 # per-sample arrays and their stored dtypes
 ARRAYS = {"key": str, "index": np.int64, "label": np.int64, "log_p": np.float64, "bpd": np.float64,
           "complexity_bpd": np.float64}
 # scalar fields and their Python types
 SCALARS = {"step": int, "model_hash": str, "checkpoint": str, "dataset": str, "split": str, "data_root": str,
-           "n_bits": int, "seed": int, "manifest_hash": str}
-OPTIONAL = ("complexity_bpd", "seed", "manifest_hash")  # absent in dumps of older versions
+           "n_bits": int, "seed": int, "manifest_hash": str, "weights_digest": str}
+OPTIONAL = ("complexity_bpd", "seed", "manifest_hash", "weights_digest")  # absent in dumps of older versions
+# what a dump was computed with (glow.evaluation.records compares them before reusing it)
+SETTINGS = ("step", "model_hash", "seed", "data_root", "manifest_hash")
+MAX_DUMP_BYTES = 4 << 30  # ~60 bytes a sample: far above SVHN extra (531,131 samples) or CelebA
 IDENTITY = ("model_hash", "checkpoint", "step", "n_bits")  # must agree across merged dumps
 
 
@@ -65,39 +70,11 @@ class Dump:
     n_bits: int
     seed: int | None = None
     manifest_hash: str | None = None
+    weights_digest: str | None = None
 
     @property
     def spec(self) -> str:
         return f"{self.dataset}/{self.split}"
-
-
-# --------------------------------------------------------------------------- where dumps live
-
-
-def eval_dir(checkpoint_dir: str | Path, step: int) -> Path:
-    """``runs/<name>/checkpoints/step-N`` -> ``runs/<name>/eval/step-N``."""
-    return Path(checkpoint_dir).parent.parent / "eval" / step_dir_name(step)
-
-
-def eval_step_dir(run_dir: str | Path, step: int | None = None) -> Path:
-    """``runs/<name>/eval/step-N``; the newest evaluated step when ``step`` is None."""
-    base = Path(run_dir) / "eval"
-    if step is not None:
-        path = base / step_dir_name(step)
-        if not path.is_dir():
-            raise ResultsMissing(f"no evaluation for step {step}: {path} does not exist; run eval/evaluate.py first")
-        return path
-    newest = newest_step_dir(base)
-    if newest is None:
-        raise ResultsMissing(f"no evaluation under {base} (expected step-NNNNNNNN folders); run eval/evaluate.py first")
-    return newest
-
-
-def dump_path(step_dir: str | Path, dataset: str, split: str | None = None) -> Path:
-    """Where the dump of a split lives; ``dataset`` may be a ``DATASET/SPLIT`` spec."""
-    if split is None:
-        dataset, split = parse_spec(dataset)
-    return Path(step_dir) / "dumps" / f"{dataset}-{split}.npz"
 
 
 # --------------------------------------------------------------------------- write and read
@@ -105,15 +82,28 @@ def dump_path(step_dir: str | Path, dataset: str, split: str | None = None) -> P
 
 def write_dump(path: str | Path, arrays: Mapping[str, np.ndarray], **scalars) -> Path:
     """Write the per-sample ``arrays`` and the ``scalars`` of :data:`SCALARS` atomically."""
-    missing = [k for k in (*ARRAYS, *SCALARS) if k not in arrays and k not in scalars]
+    missing = [k for k in (*ARRAYS, *SCALARS) if k not in arrays and k not in scalars and k not in OPTIONAL]
     if missing:
         raise ValueError(f"dump {path}: missing fields {missing}")
-    fields = {k: np.asarray(arrays[k]).astype(t) for k, t in ARRAYS.items()}
-    fields.update({k: np.array(t(scalars[k])) for k, t in SCALARS.items()})
+    fields = {k: np.asarray(arrays[k]).astype(t) for k, t in ARRAYS.items() if k in arrays}
+    fields.update({k: np.array(t(scalars[k])) for k, t in SCALARS.items() if k in scalars})
     buf = io.BytesIO()
     np.savez(buf, **fields)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+def _open(path: Path):
+    """The dump's npz, read without following links and with a size cap (ResultsMissing if absent)."""
+    try:
+        blob = read_bytes(path, MAX_DUMP_BYTES)
+    except FileNotFoundError:
+        raise ResultsMissing(f"dump {path} not found; run `eval/evaluate.py --task dump` for that split") from None
+    try:
+        return np.load(io.BytesIO(blob), allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile) as err:
+        raise ResultsInvalid(f"dump {path} is not a readable .npz ({err}); rewrite it with "
+                             "eval/evaluate.py --task dump --force") from None
 
 
 def load_dump(path: str | Path) -> Dump:
@@ -122,19 +112,37 @@ def load_dump(path: str | Path) -> Dump:
     Never unpickles (``allow_pickle=False``): a dump is data, wherever it came from.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ResultsMissing(f"dump {path} not found; run `eval/evaluate.py --task dump` for that split")
-    with np.load(path, allow_pickle=False) as z:
+    with _open(path) as z:
         missing = [k for k in (*ARRAYS, *SCALARS) if k not in z.files and k not in OPTIONAL]
         if missing:
             raise ResultsInvalid(f"dump {path} lacks {missing}; rewrite it with eval/evaluate.py --task dump --force")
-        arrays = {k: (z[k].astype(t) if k in z.files else None) for k, t in ARRAYS.items()}
-        meta = {k: (t(z[k].item()) if k in z.files else None) for k, t in SCALARS.items()}
+        try:
+            arrays = {k: (z[k].astype(t) if k in z.files else None) for k, t in ARRAYS.items()}
+            meta = {k: (t(z[k].item()) if k in z.files else None) for k, t in SCALARS.items()}
+        except (ValueError, TypeError) as err:  # an object array (allow_pickle=False), a wrong shape
+            raise ResultsInvalid(f"dump {path}: {err}; rewrite it with eval/evaluate.py --task dump --force") from None
     n = len(arrays["key"])
     bad = {k: len(v) for k, v in arrays.items() if v is not None and len(v) != n}
     if bad:
         raise ResultsInvalid(f"dump {path}: arrays of unequal length (key: {n}, {bad})")
     return Dump(path=path, **arrays, **meta)
+
+
+def dump_settings(path: str | Path) -> dict | None:
+    """The settings a dump was computed with (its scalar fields of :data:`SETTINGS`), without
+    reading its arrays; None when there is no readable dump (it is then recomputed)."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return None
+    try:
+        with _open(path) as z:
+            stored = {k: SCALARS[k](z[k].item()) for k in SETTINGS if k in z.files}
+    except (ResultsInvalid, ResultsMissing, OSError, ValueError, TypeError) as err:
+        log.warning("%s is unreadable (%s): recomputing", path, err)
+        return None
+    if "data_root" in stored:  # written resolved; older dumps may hold a relative root
+        stored["data_root"] = str(Path(stored["data_root"]).resolve())
+    return stored
 
 
 def check_same_model(dumps: Sequence[Dump]) -> None:
@@ -148,10 +156,3 @@ def check_same_model(dumps: Sequence[Dump]) -> None:
                 f"refusing to merge dumps from different models: {ref.path} ({desc(ref)}) vs {d.path} ({desc(d)}); "
                 "re-run eval/evaluate.py --task dump --force on the same checkpoint for every split"
             )
-
-
-def load_dumps(paths: Sequence[str | Path]) -> list[Dump]:
-    """:func:`load_dump` for each path, then :func:`check_same_model`."""
-    dumps = [load_dump(p) for p in paths]
-    check_same_model(dumps)
-    return dumps

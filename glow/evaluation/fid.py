@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+import zipfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -296,31 +297,36 @@ class StatisticsMismatch(DataError, ValueError):
     """A cached statistics file written for other settings than those asked for."""
 
 
+MAX_STATISTICS_BYTES = 256 << 20  # mu and sigma of 2048-d features: ~32 MB
+
+
 def load_statistics(path, key: Mapping | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read (mu, sigma) from ``path``; with ``key``, refuse a file written for other settings."""
-    with np.load(path, allow_pickle=False) as z:
-        if key is not None:
+    """Read (mu, sigma) from ``path`` (no link followed, size capped, never unpickled); with
+    ``key``, refuse a file written for other settings."""
+    from glow.files import read_bytes
+
+    try:
+        with np.load(io.BytesIO(read_bytes(path, MAX_STATISTICS_BYTES)), allow_pickle=False) as z:
             stored = json.loads(str(z["key"]))
-            if stored != json.loads(json.dumps(dict(key), sort_keys=True)):
-                raise StatisticsMismatch(f"{path} holds statistics for {stored}, not {dict(key)}; delete it or fix the key")
-        return z["mu"], z["sigma"]
-
-
-def cached_statistics(cache_dir, key: Mapping, compute: Callable[[], np.ndarray | FeatureMoments],
-                      write: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Reference (mu, sigma) from the cache, or from ``compute()`` then cached; ``compute``
-    returns features (N, D) or their (already reduced) `FeatureMoments`.
-
-    ``write=False`` computes without writing: in a distributed job every rank computes (the
-    moments are reduced) and only rank 0 writes.
-    """
-    path = statistics_path(cache_dir, key)
-    if path.is_file():
-        log.info("FID reference statistics from cache %s", path)
-        return load_statistics(path, key)
-    computed = compute()
-    mu, sigma = computed.statistics() if isinstance(computed, FeatureMoments) else feature_statistics(computed)
-    if write:
-        save_statistics(path, mu, sigma, key)
-        log.info("FID reference statistics written to %s", path)
+            mu, sigma = z["mu"], z["sigma"]
+    except (KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise StatisticsMismatch(f"{path} is not a statistics file ({err}); delete it") from None
+    if key is not None and stored != json.loads(json.dumps(dict(key), sort_keys=True)):
+        raise StatisticsMismatch(f"{path} holds statistics for {stored}, not {dict(key)}; delete it or fix the key")
     return mu, sigma
+
+
+def read_cached_statistics(cache_dir, key: Mapping) -> tuple[np.ndarray, np.ndarray] | None:
+    """Reference (mu, sigma) from the cache, or None when it has none usable (then they are
+    computed and written with `save_statistics`). In a distributed job rank 0 asks and tells
+    the others (`glow.distributed.on_main`), so every rank takes the same path."""
+    path = statistics_path(cache_dir, key)
+    if not os.path.lexists(path):
+        return None
+    try:
+        stats = load_statistics(path, key)
+    except (OSError, StatisticsMismatch) as err:  # UnsafeFile (a link, too large) is an OSError
+        log.warning("FID reference statistics %s not used (%s): recomputing them", path, err)
+        return None
+    log.info("FID reference statistics from cache %s", path)
+    return stats

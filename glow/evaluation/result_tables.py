@@ -9,36 +9,52 @@ computed it; :func:`read_table` merges the entries when read. The table file its
 entry is in it once the last writer is done, and readers in the code never depend on it.
 
 An entry records the settings that produced it (step, model hash, seed, data root, manifest
-hash); :func:`is_done` reuses a result only when those settings match.
+hash); `glow.evaluation.records` reuses a result only when those settings match.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from glow.files import atomic_write_json
+from glow.files import atomic_write_json, read_json
 
-__all__ = ["add_entries", "is_done", "mismatched_settings", "read_table"]
+__all__ = ["MAX_ENTRY_BYTES", "add_entries", "read_table", "table_entry"]
 
 log = logging.getLogger(__name__)
+MAX_ENTRY_BYTES = 1 << 20  # an entry is a few hundred bytes; the merged view a few KB per split
 
 
 def _entries_dir(table: Path) -> Path:
     return table.with_name(table.name.removesuffix(".json") + ".d")
 
 
+def _read_entry(path: Path) -> dict | None:
+    try:
+        entry = read_json(path, MAX_ENTRY_BYTES)
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError) as err:  # UnsafeFile (a link, a FIFO, too large) is an OSError too
+        log.warning("%s is unreadable (%s): ignored", path, err)
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
 def read_table(table: str | Path) -> dict:
-    """Every entry of ``table``: those in its ``.d`` folder, over any in the file itself."""
+    """Every entry of ``table``: those in its ``.d`` folder, over any in the file itself.
+
+    Files are read without following links and with a size cap; an unreadable one is ignored
+    (a result it stood for is recomputed)."""
     table = Path(table)
-    merged = json.loads(table.read_text()) if table.is_file() else {}
+    merged = _read_entry(table) or {}
     folder = _entries_dir(table)
     if folder.is_dir():
         for path in sorted(folder.glob("*.json")):
-            merged[unquote(path.stem)] = json.loads(path.read_text())
+            entry = _read_entry(path)
+            if entry is not None:
+                merged[unquote(path.stem)] = entry
     return merged
 
 
@@ -51,19 +67,6 @@ def add_entries(table: str | Path, entries: Mapping[str, dict]) -> None:
     atomic_write_json(table, read_table(table))
 
 
-def mismatched_settings(entry: Mapping, settings: Mapping) -> dict:
-    """The fields of ``settings`` whose value differs in ``entry``: {field: (stored, wanted)}."""
-    return {k: (entry.get(k), v) for k, v in settings.items() if entry.get(k) != v}
-
-
-def is_done(table: str | Path, key: str, settings: Mapping) -> bool:
-    """True when ``table`` holds ``key`` computed with exactly ``settings``; logs why not."""
-    entry = read_table(table).get(key)
-    if entry is None:
-        return False
-    diff = mismatched_settings(entry, settings)
-    if diff:
-        log.info("%s in %s was computed with other settings (%s): recomputing", key, table,
-                 ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
-        return False
-    return True
+def table_entry(table: str | Path, key: str) -> dict | None:
+    """The entry ``key`` of ``table`` (None when absent): what `glow.evaluation.records` compares."""
+    return read_table(table).get(key)

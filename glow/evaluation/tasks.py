@@ -1,19 +1,19 @@
-"""Evaluation jobs on a checkpoint: bits/dim, per-sample dumps, samples, FID, latents.
+"""Evaluation tasks on a checkpoint: bits/dim, per-sample dumps, samples, FID, latents.
 
 Every sample of a split is scored exactly once over all processes, with dequantization
 noise that depends on (seed, sample key) alone: per-sample scores do not depend on the
 batch size, the number of workers or the number of processes. Rank 0 writes every file,
-atomically; an existing result is skipped unless `force`.
+atomically. What is already done under the same settings is skipped (`glow.evaluation.records`;
+the decision is rank 0's, see `glow.evaluation.job`) unless ``force``.
 
-Outputs: runs/<name>/eval/step-N/{bpd.json, dumps/<dataset>-<split>.npz,
-samples.png, fid.json, latents.png}.
+Outputs (`glow.run.Run.eval_dir`): bpd.json, dumps/<dataset>-<split>.npz, samples.png +
+samples.json, fid.json, latents.png + latents.json.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +25,14 @@ from glow.data.streams import (
     manifest_hash,
     read_manifest,
 )
-from glow.distributed import barrier, gather_objects
+from glow.distributed import barrier, gather_objects, on_main
 from glow.errors import DataError
 from glow.evaluation.complexity import png_complexity_bpd_batch
-from glow.evaluation.dumps import dump_path, load_dump, write_dump
-from glow.evaluation.result_tables import add_entries, is_done, mismatched_settings
+from glow.evaluation.dumps import dump_settings, write_dump
+from glow.evaluation.records import Result, read_record
+from glow.evaluation.result_tables import add_entries, table_entry
 from glow.files import atomic_write_json
-from glow.model import Glow, GlowConfig
+from glow.model import GlowConfig
 from glow.model.likelihood import (
     bits_per_dim,
     eval_noise,
@@ -43,21 +44,25 @@ from glow.model.likelihood import (
 from glow.model.performance import fast_eval
 from glow.model.sampling import sample_seeded, save_sample_grid
 from glow.progress import Progress
+from glow.run import Checkpoint
 
 __all__ = [
+    "TASKS",
     "CountMismatch",
     "EvalContext",
+    "EvalOptions",
     "check_eval_data",
-    "pending_work",
+    "requested_results",
     "run_bpd",
     "run_fid",
     "run_latents",
     "run_samples",
     "score_split",
-    "track_results",
 ]
 
 log = logging.getLogger(__name__)
+TASKS = ("dump", "bpd", "samples", "fid", "latents")
+SHAPE_TASKS = ("dump", "bpd", "latents")  # tasks that read the splits' images into the model
 
 
 class CountMismatch(DataError, RuntimeError):
@@ -65,40 +70,154 @@ class CountMismatch(DataError, RuntimeError):
 
 
 @dataclass
-class EvalContext:
-    """What every evaluation task needs: the model, its checkpoint and the process layout."""
+class EvalOptions:
+    """What an evaluation job is asked to do (the options of `eval/evaluate.py`)."""
 
-    model: Glow | None  # None: only the skip-if-done checks (`pending_work`) can run
+    tasks: list[str] = field(default_factory=lambda: ["dump"])
+    specs: list[tuple[str, str]] = field(default_factory=list)  # (dataset, split)
+    data_root: str | None = None  # None: the training run's data.root
+    batch_size: int = 256
+    workers: int = 0
+    seed: int = 0
+    force: bool = False
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.9, 1.0])
+    samples_per_temperature: int = 8
+    fid_samples: int = 50000
+    fid_temperatures: list[float] = field(default_factory=lambda: [1.0])
+    inception_weights: str | None = None
+    fid_cache: str | None = None
+    latents_images: int = 4
+    convert_channels: bool = False
+    use_wandb: bool | None = None  # None: as the training run's run.logger
+
+
+@dataclass
+class EvalContext:
+    """What every evaluation task needs: the checkpoint, the options, the model and the process layout."""
+
+    checkpoint: Checkpoint
     meta: dict
-    out_dir: Path  # runs/<name>/eval/step-N
-    data_root: str
+    options: EvalOptions
+    model: torch.nn.Module | None = None  # None: only the skip-if-done checks can run
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
-    batch_size: int = 256
-    num_workers: int = 0
-    seed: int = 0
-    force: bool = False
-    convert_channels: bool = False  # evaluate a set of the other modality (gray <-> RGB) by converting it
-
-    def loader_args(self) -> dict:
-        """What every scoring stream needs to give images the model's shape (glow.data.streams.check_channels)."""
-        cfg = self.model.config
-        return {"channels": cfg.in_channels, "convert_channels": self.convert_channels, "resolution": cfg.image_size}
+    todo: set[str] | None = None  # what rank 0 found to do (Result.what); None: everything requested
+    _manifests: dict = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
 
-def check_eval_data(data_root: str, meta: dict, specs: list[tuple[str, str]], convert_channels: bool = False) -> None:
-    """Every split exists, is complete and fits the checkpoint's model (resolution; channels
-    unless converted): checked at start, before a process group or a model is set up."""
-    config = GlowConfig.from_dict(meta["model_config"])
-    for dataset, split in specs:
-        manifest = read_manifest(data_root, dataset, split)
-        check_channels(manifest, Path(data_root) / dataset / split, config.in_channels, convert_channels,
-                       config.image_size)
+    @property
+    def out_dir(self) -> Path:
+        return self.checkpoint.run.eval_dir(self.step)
+
+    @property
+    def data_root(self) -> str:
+        return self.options.data_root or self.meta["data"]["root"]
+
+    @property
+    def config(self) -> GlowConfig:
+        return GlowConfig.from_dict(self.meta["model_config"])
+
+    def manifest(self, dataset: str, split: str) -> dict:
+        """The split's manifest, read once per job."""
+        if (dataset, split) not in self._manifests:
+            self._manifests[dataset, split] = read_manifest(self.data_root, dataset, split)
+        return self._manifests[dataset, split]
+
+    def loader_args(self) -> dict:
+        """What every scoring stream needs to give images the model's shape (glow.data.streams.check_channels)."""
+        cfg = self.config
+        return {"channels": cfg.in_channels, "convert_channels": self.options.convert_channels,
+                "resolution": cfg.image_size}
+
+    def wanted(self, result: Result) -> bool:
+        """Compute ``result``? (forced, or rank 0 found it missing or stale)."""
+        if self.options.force:
+            return True
+        if self.todo is None:
+            raise RuntimeError("EvalContext.todo is not set: decide with glow.evaluation.job first")
+        return result.what in self.todo
+
+
+def check_eval_data(ctx: EvalContext) -> None:
+    """Every split the shape tasks read exists, is complete and fits the checkpoint's model
+    (resolution; channels unless converted)."""
+    if not set(SHAPE_TASKS) & set(ctx.options.tasks):
+        return
+    cfg = ctx.config
+    for dataset, split in ctx.options.specs:
+        check_channels(ctx.manifest(dataset, split), Path(ctx.data_root) / dataset / split, cfg.in_channels,
+                       ctx.options.convert_channels, cfg.image_size)
+
+
+# -- what each result depends on ---------------------------------------------------------------
+def _data_settings(ctx: EvalContext, dataset: str, split: str) -> dict:
+    """What a result on a split depends on besides the split itself: another seed, data root,
+    shard build or checkpoint recomputes."""
+    return {"step": ctx.step, "model_hash": ctx.meta["model_hash"], "seed": int(ctx.options.seed),
+            "data_root": str(Path(ctx.data_root).resolve()),
+            "manifest_hash": manifest_hash(ctx.manifest(dataset, split))}
+
+
+def dump_result(ctx: EvalContext, dataset: str, split: str) -> Result:
+    path = ctx.checkpoint.run.dump_path(ctx.step, f"{dataset}/{split}")
+    return Result(f"dump {dataset}/{split}", _data_settings(ctx, dataset, split), lambda: dump_settings(path))
+
+
+def bpd_result(ctx: EvalContext, dataset: str, split: str) -> Result:
+    spec = f"{dataset}/{split}"
+    return Result(f"bpd {spec}", _data_settings(ctx, dataset, split),
+                  lambda: table_entry(ctx.out_dir / "bpd.json", spec))
+
+
+def fid_result(ctx: EvalContext, dataset: str, split: str, temperature: float) -> Result:
+    key = f"{dataset}/{split}@T={temperature}"
+    settings = {**_data_settings(ctx, dataset, split), "n_samples": int(ctx.options.fid_samples)}
+    return Result(f"fid {dataset}/{split} T={temperature}", settings, lambda: table_entry(ctx.out_dir / "fid.json", key))
+
+
+def _image_result(ctx: EvalContext, name: str, settings: dict) -> Result:
+    image, record = ctx.out_dir / f"{name}.png", ctx.out_dir / f"{name}.json"
+    return Result(name, settings, lambda: read_record(record) if image.is_file() else None)
+
+
+def samples_result(ctx: EvalContext) -> Result:
+    o = ctx.options
+    return _image_result(ctx, "samples", {
+        "temperatures": [float(t) for t in o.temperatures], "per_temperature": int(o.samples_per_temperature),
+        "seed": int(o.seed), "step": ctx.step, "model_hash": ctx.meta["model_hash"]})
+
+
+def latents_result(ctx: EvalContext) -> Result:
+    o = ctx.options
+    return _image_result(ctx, "latents", {
+        "data": {f"{d}/{s}": manifest_hash(ctx.manifest(d, s)) for d, s in o.specs},
+        "data_root": str(Path(ctx.data_root).resolve()), "images_per_split": int(o.latents_images),
+        "convert_channels": bool(o.convert_channels), "seed": int(o.seed), "step": ctx.step,
+        "model_hash": ctx.meta["model_hash"]})
+
+
+def requested_results(ctx: EvalContext) -> list[Result]:
+    """Every result the requested tasks produce, in task order."""
+    o, out = ctx.options, []
+    for task in o.tasks:
+        if task in ("dump", "bpd"):
+            make = dump_result if task == "dump" else bpd_result
+            out += [make(ctx, d, s) for d, s in o.specs]
+        elif task == "samples":
+            out.append(samples_result(ctx))
+        elif task == "latents":
+            out.append(latents_result(ctx))
+        elif task == "fid":
+            out += [fid_result(ctx, d, s, t) for d, s in o.specs for t in o.fid_temperatures]
+    return out
 
 
 # -- bits/dim and dumps --------------------------------------------------------------------
@@ -108,10 +227,11 @@ def score_split(ctx: EvalContext, dataset: str, split: str) -> dict[str, np.ndar
     Returns the merged arrays (sorted by index) on every rank; raises CountMismatch when
     the gathered count differs from the manifest.
     """
-    manifest = read_manifest(ctx.data_root, dataset, split)
+    o = ctx.options
+    manifest = ctx.manifest(dataset, split)
     expected = int(manifest["count"])
-    loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=ctx.batch_size, rank=ctx.rank,
-                              world_size=ctx.world_size, num_workers=ctx.num_workers, **ctx.loader_args())
+    loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=o.batch_size, rank=ctx.rank,
+                              world_size=ctx.world_size, num_workers=o.workers, **ctx.loader_args())
     parts: dict[str, list] = {"key": [], "index": [], "label": [], "log_p": [], "bpd": [], "complexity_bpd": []}
     bar = Progress(expected, desc=f"{dataset}/{split}", enabled=ctx.is_main, unit="image", every_s=60.0)
     with fast_eval(ctx.model):  # eval mode, inference mode, 1x1-conv weights computed once
@@ -131,9 +251,7 @@ def score_split(ctx: EvalContext, dataset: str, split: str) -> dict[str, np.ndar
     if len(np.unique(merged["key"])) != expected:
         raise CountMismatch(f"{dataset}/{split}: duplicate keys in the gathered scores")
     order = np.argsort(merged["index"], kind="stable")
-    merged = {k: v[order] for k, v in merged.items()}
-    merged["manifest_hash"] = manifest_hash(manifest)
-    return merged
+    return {k: v[order] for k, v in merged.items()}
 
 
 def _score_batch(ctx: EvalContext, batch: dict, parts: dict[str, list]) -> None:
@@ -144,9 +262,9 @@ def _score_batch(ctx: EvalContext, batch: dict, parts: dict[str, list]) -> None:
             f"images have shape {tuple(images.shape[1:])}, the model expects "
             f"{model.input_shape}: evaluate on shards built at the model's resolution"
         )
-    noise = eval_noise(ctx.seed, batch["key"], images.shape[1:])
+    noise = eval_noise(ctx.options.seed, batch["key"], images.shape[1:])
     y = preprocess(images, n_bits, noise).to(ctx.device)
-    log_p_y = _log_prob_full_batch(model, y, ctx.batch_size).double().cpu()
+    log_p_y = _log_prob_full_batch(model, y, ctx.options.batch_size).double().cpu()
     parts["key"] += list(batch["key"])
     parts["index"].append(batch["index"].numpy())
     parts["label"].append(batch["label"].numpy())
@@ -156,7 +274,7 @@ def _score_batch(ctx: EvalContext, batch: dict, parts: dict[str, list]) -> None:
     parts["complexity_bpd"].append(png_complexity_bpd_batch(quantize(images, n_bits)))
 
 
-def _log_prob_full_batch(model: Glow, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _log_prob_full_batch(model, y: torch.Tensor, batch_size: int) -> torch.Tensor:
     """log_prob with a short batch padded to `batch_size`.
 
     Convolution kernels are chosen by batch shape; padding makes every batch the same
@@ -173,240 +291,134 @@ def _concat(chunks: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros(0)
 
 
-def _settings(ctx: EvalContext, manifest: dict) -> dict:
-    """What a result of this job depends on besides the split: a stored result is reused only
-    when all of it matches (another seed, data root, shard build or checkpoint recomputes)."""
-    return {"step": int(ctx.meta["step"]), "model_hash": ctx.meta["model_hash"], "seed": int(ctx.seed),
-            "data_root": str(Path(ctx.data_root).resolve()), "manifest_hash": manifest_hash(manifest)}
-
-
-def _dump_done(path: Path, settings: dict) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        d = load_dump(path)
-    except ValueError as err:
-        log.warning("%s is unreadable (%s): recomputing", path, err)
-        return False
-    stored = {k: getattr(d, k) for k in settings}
-    stored["data_root"] = str(Path(d.data_root).resolve())
-    diff = mismatched_settings(stored, settings)
-    if diff:
-        log.info("%s was computed with other settings (%s): recomputing", path,
-                 ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
-    return not diff
-
-
-def _bpd_done(ctx: EvalContext, dataset: str, split: str, dump: bool) -> bool:
-    settings = _settings(ctx, read_manifest(ctx.data_root, dataset, split))
-    if dump:
-        return _dump_done(dump_path(ctx.out_dir, dataset, split), settings)
-    return is_done(ctx.out_dir / "bpd.json", f"{dataset}/{split}", settings)
-
-
-def _fid_pending(ctx: EvalContext, dataset: str, split: str, temperatures: list[float], n_samples: int) -> list[float]:
-    """The temperatures whose FID against this split is not yet in fid.json under these settings."""
-    settings = _fid_settings(ctx, read_manifest(ctx.data_root, dataset, split), n_samples)
-    return [t for t in temperatures if not is_done(ctx.out_dir / "fid.json", f"{dataset}/{split}@T={t}", settings)]
-
-
-def _fid_settings(ctx: EvalContext, manifest: dict, n_samples: int) -> dict:
-    return {**_settings(ctx, manifest), "n_samples": int(n_samples)}
-
-
-def _samples_settings(ctx: EvalContext, temperatures: list[float], per_temperature: int) -> dict:
-    return {"temperatures": [float(t) for t in temperatures], "per_temperature": int(per_temperature),
-            "seed": int(ctx.seed), "step": int(ctx.meta["step"]), "model_hash": ctx.meta["model_hash"]}
-
-
-def _samples_done(ctx: EvalContext, temperatures: list[float], per_temperature: int) -> bool:
-    path, record = ctx.out_dir / "samples.png", ctx.out_dir / "samples.json"
-    if not (path.is_file() and record.is_file()):
-        return False
-    stored = json.loads(record.read_text())
-    return not mismatched_settings(stored, _samples_settings(ctx, temperatures, per_temperature))
-
-
-def pending_work(ctx: EvalContext, tasks: list[str], specs: list[tuple[str, str]], *, temperatures: list[float],
-                 per_temperature: int, fid_temperatures: list[float], fid_samples: int) -> list[str]:
-    """What the given tasks would compute (empty: all done under the same settings).
-
-    The one skip-if-done rule: the tasks themselves skip by it, and a scheduler asks it
-    before starting processes (`eval/evaluate.py --check-done`). Needs ``ctx.meta``, not the model.
-    """
-    todo = []
-    for task in tasks:
-        if task in ("dump", "bpd"):
-            todo += [f"{task} {d}/{s}" for d, s in specs if not _bpd_done(ctx, d, s, task == "dump")]
-        elif task == "samples" and not _samples_done(ctx, temperatures, per_temperature):
-            todo.append("samples")
-        elif task == "latents" and not (ctx.out_dir / "latents.png").is_file():
-            todo.append("latents")
-        elif task == "fid":
-            todo += [f"fid {d}/{s} T={t}" for d, s in specs for t in _fid_pending(ctx, d, s, fid_temperatures,
-                                                                                    fid_samples)]
-    return todo
-
-
 def run_bpd(ctx: EvalContext, dataset: str, split: str, dump: bool) -> dict | None:
-    """Task `bpd` (summary only) or `dump` (summary and per-sample dump)."""
+    """Task `bpd` (the bpd.json entry) or `dump` (the per-sample dump and the bpd.json entry)."""
     spec = f"{dataset}/{split}"
-    manifest = read_manifest(ctx.data_root, dataset, split)
-    settings = _settings(ctx, manifest)
-    path = dump_path(ctx.out_dir, dataset, split)
-    if not ctx.force and _bpd_done(ctx, dataset, split, dump):
+    result = dump_result(ctx, dataset, split) if dump else bpd_result(ctx, dataset, split)
+    if not ctx.wanted(result):
         log.info("%s: result exists under %s, skipped (--force recomputes)", spec, ctx.out_dir)
         return None
     scores = score_split(ctx, dataset, split)
-    entry = {
-        "mean": float(scores["bpd"].mean()), "std": float(scores["bpd"].std()), "count": int(len(scores["bpd"])),
-        "n_bits": int(ctx.model.config.n_bits), **settings,
-    }
-    if manifest.get("channels", 3) != ctx.model.config.in_channels:  # only reachable with --convert-channels
-        entry["channels_converted"] = f"{manifest.get('channels', 3)} -> {ctx.model.config.in_channels}"
+    cfg, manifest = ctx.model.config, ctx.manifest(dataset, split)
+    entry = {"mean": float(scores["bpd"].mean()), "std": float(scores["bpd"].std()), "count": int(len(scores["bpd"])),
+             "n_bits": int(cfg.n_bits), "weights_digest": ctx.meta.get("weights_digest", ""), **result.settings}
+    if manifest.get("channels", 3) != cfg.in_channels:  # only reachable with --convert-channels
+        entry["channels_converted"] = f"{manifest.get('channels', 3)} -> {cfg.in_channels}"
     if ctx.is_main:
         if dump:
-            write_dump(path, scores, checkpoint=str(ctx.meta["path"]), dataset=dataset, split=split,
-                       n_bits=int(ctx.model.config.n_bits), **settings)
+            path = ctx.checkpoint.run.dump_path(ctx.step, spec)
+            write_dump(path, scores, checkpoint=str(ctx.checkpoint.path), dataset=dataset, split=split,
+                       n_bits=int(cfg.n_bits), weights_digest=entry["weights_digest"], **result.settings)
             log.info("wrote %s", path)
         add_entries(ctx.out_dir / "bpd.json", {spec: entry})
-        log.info("%s: %.4f bits/dim over %d samples (step %d)", spec, entry["mean"], entry["count"], entry["step"])
+        log.info("%s: %.4f bits/dim over %d samples (step %d)", spec, entry["mean"], entry["count"], ctx.step)
     barrier(ctx.world_size)
     return entry
 
 
-# -- samples -------------------------------------------------------------------------------
-def run_samples(ctx: EvalContext, temperatures: list[float], per_temperature: int) -> Path | None:
-    path = ctx.out_dir / "samples.png"
-    if not ctx.force and _samples_done(ctx, temperatures, per_temperature):
+# -- samples and latents -------------------------------------------------------------------------
+def run_samples(ctx: EvalContext) -> Path | None:
+    """samples.png: one row per temperature, the same noise in every row (rank 0 draws)."""
+    result, path = samples_result(ctx), ctx.out_dir / "samples.png"
+    if not ctx.wanted(result):
         log.info("%s exists, skipped", path)
         return None
     if ctx.is_main:
-        save_sample_grid(ctx.model, path, temperatures, per_temperature, seed=ctx.seed)
-        atomic_write_json(ctx.out_dir / "samples.json", _samples_settings(ctx, temperatures, per_temperature))
-        log.info("wrote %s (rows: temperatures %s)", path, temperatures)
+        o = ctx.options
+        save_sample_grid(ctx.model, path, o.temperatures, o.samples_per_temperature, seed=o.seed)
+        atomic_write_json(ctx.out_dir / "samples.json", result.settings)
+        log.info("wrote %s (rows: temperatures %s)", path, o.temperatures)
     barrier(ctx.world_size)
     return path
 
 
-def run_latents(ctx: EvalContext, specs: list[tuple[str, str]], n_images: int) -> Path | None:
-    """latents.png for the first `n_images` of each split (rank 0 draws)."""
+def run_latents(ctx: EvalContext) -> Path | None:
+    """latents.png for the first ``latents_images`` of each split (rank 0 draws)."""
     from glow.evaluation.latents import plot_latents
 
-    path = ctx.out_dir / "latents.png"
-    if path.exists() and not ctx.force:
+    result, path = latents_result(ctx), ctx.out_dir / "latents.png"
+    if not ctx.wanted(result):
         log.info("%s exists, skipped", path)
         return None
     if ctx.is_main:
-        sets = []
-        for dataset, split in specs:
-            loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=n_images, rank=0, world_size=1,
+        n, sets = ctx.options.latents_images, []
+        for dataset, split in ctx.options.specs:
+            loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=n, rank=0, world_size=1,
                                       **ctx.loader_args())
-            sets.append((f"{dataset}/{split}", next(iter(loader))["image"][:n_images]))
-        plot_latents(ctx.model, sets, path, seed=ctx.seed)
+            sets.append((f"{dataset}/{split}", next(iter(loader))["image"][:n]))
+        plot_latents(ctx.model, sets, path, seed=ctx.options.seed)
+        atomic_write_json(ctx.out_dir / "latents.json", result.settings)
         log.info("wrote %s", path)
     barrier(ctx.world_size)
     return path
 
 
 # -- FID -----------------------------------------------------------------------------------
-def run_fid(ctx: EvalContext, dataset: str, split: str, temperatures: list[float], n_samples: int,
-            weights_path: str | None, cache_dir: Path) -> dict | None:
+def run_fid(ctx: EvalContext, dataset: str, split: str) -> dict | None:
     """FID of generated samples (one seed per sample, dealt across ranks) against a split.
 
     Each rank accumulates the moments (n, sum x, sum x x^T) of its own features; one float64
-    all-reduce per feature set merges them, so no rank ever holds all the features. The
-    real images are reduced to the model's bit depth, as its samples are.
+    all-reduce per feature set merges them, so no rank ever holds all the features. The real
+    images are reduced to the model's bit depth, as its samples are. Whether the reference
+    statistics come from the shared cache is rank 0's decision (its statistics go to every rank).
     """
     from glow.distributed import all_reduce_sum
     from glow.evaluation.fid import (
         FID_DIM,
         FeatureMoments,
-        cached_statistics,
         frechet_distance,
         inception_features,
         load_inception,
+        read_cached_statistics,
+        save_statistics,
         statistics_key,
+        statistics_path,
     )
 
-    path = ctx.out_dir / "fid.json"
-    spec = f"{dataset}/{split}"
-    manifest = read_manifest(ctx.data_root, dataset, split)
-    settings = _fid_settings(ctx, manifest, n_samples)
-    wanted = list(temperatures) if ctx.force else _fid_pending(ctx, dataset, split, temperatures, n_samples)
-    if not wanted:
-        log.info("FID for %s at %s exists in %s, skipped", spec, temperatures, path)
+    o, spec = ctx.options, f"{dataset}/{split}"
+    todo = [(t, r) for t in o.fid_temperatures if ctx.wanted(r := fid_result(ctx, dataset, split, t))]
+    if not todo:
+        log.info("FID for %s at %s exists in %s, skipped", spec, o.fid_temperatures, ctx.out_dir / "fid.json")
         return None
-    inception = load_inception(ctx.device, weights_path)  # fails early, clearly, without weights
-    n_bits, size = int(ctx.model.config.n_bits), int(ctx.model.config.image_size)
-    key = statistics_key(dataset, split, size, n_bits, int(manifest["count"]), manifest_hash(manifest))
+    from glow.evaluation.fid import default_statistics_cache
+
+    cache = Path(o.fid_cache) if o.fid_cache else default_statistics_cache()
+    inception = load_inception(ctx.device, o.inception_weights)  # fails early, clearly, without weights
+    cfg, manifest = ctx.model.config, ctx.manifest(dataset, split)
+    n_bits = int(cfg.n_bits)
+    key = statistics_key(dataset, split, int(cfg.image_size), n_bits, int(manifest["count"]), manifest_hash(manifest))
 
     def reduced(moments: FeatureMoments) -> FeatureMoments:
         dim = moments.total.shape[0]
         return FeatureMoments.from_packed(all_reduce_sum(moments.packed(), ctx.world_size, ctx.device), dim)
 
-    def real_moments() -> FeatureMoments:
-        loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=ctx.batch_size, rank=ctx.rank,
-                                  world_size=ctx.world_size, num_workers=ctx.num_workers)
+    reference = on_main(lambda: read_cached_statistics(cache, key), ctx.world_size, ctx.rank)
+    if reference is None:  # every rank computes its share; rank 0 writes the cache
+        loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=o.batch_size, rank=ctx.rank,
+                                  world_size=ctx.world_size, num_workers=o.workers)
         moments = FeatureMoments(FID_DIM)
         for batch in loader:  # quantized as the samples are: FID does not count the bit depth
             moments.add(inception_features(requantize(batch["image"], n_bits), ctx.device, model=inception))
-        return reduced(moments)
-
-    # Every rank takes part in the reduction; only rank 0 writes the cache.
-    mu_ref, sigma_ref = cached_statistics(cache_dir, key, real_moments, write=ctx.is_main)
+        reference = reduced(moments).statistics()
+        if ctx.is_main:
+            save_statistics(statistics_path(cache, key), *reference, key)
+            log.info("FID reference statistics written to %s", statistics_path(cache, key))
+    mu_ref, sigma_ref = reference
     results = {}
-    mine = range(ctx.rank, n_samples, ctx.world_size)
-    for t in wanted:
+    mine = range(ctx.rank, o.fid_samples, ctx.world_size)
+    for t, result in todo:
         moments = FeatureMoments(FID_DIM)
-        for start in range(0, len(mine), ctx.batch_size):
-            images = sample_seeded(ctx.model, mine[start : start + ctx.batch_size], t, ctx.seed)
+        for start in range(0, len(mine), o.batch_size):
+            images = sample_seeded(ctx.model, mine[start : start + o.batch_size], t, o.seed)
             moments.add(inception_features(images, ctx.device, model=inception))
         moments = reduced(moments)
         mu, sigma = moments.statistics()
         results[f"{spec}@T={t}"] = {
-            "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "temperature": t, **settings,
+            "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "temperature": t, **result.settings,
             "reference": spec, "reference_count": int(manifest["count"]),
         }
         log.info("FID %s T=%s: %.3f (%d samples)", spec, t, results[f"{spec}@T={t}"]["fid"], moments.n)
     if ctx.is_main:
-        add_entries(path, results)
+        add_entries(ctx.out_dir / "fid.json", results)
     barrier(ctx.world_size)
     return results
-
-
-
-# -- tracker -------------------------------------------------------------------------------
-def track_results(tracker, out_dir: Path, tasks: list[str], specs: list[tuple[str, str]], step: int) -> list[str]:
-    """Send this job's results, read back from ``out_dir``, to ``tracker``; returns the keys.
-
-    Read from the files (not from the tasks' return values), so a job whose results were
-    already there (skipped) still reports them: bits/dim per split into the run summary,
-    per-sample bits/dim of each dump as a histogram, FID per split and temperature, and
-    samples.png / latents.png as images.
-    """
-    from glow.evaluation.result_tables import read_table
-
-    logged: list[str] = []
-    wanted = {f"{d}/{s}" for d, s in specs}
-    if {"dump", "bpd"} & set(tasks):
-        for spec, entry in read_table(out_dir / "bpd.json").items():
-            if spec in wanted:
-                tracker.log_summary({f"bpd/{spec}": entry["mean"], f"bpd_std/{spec}": entry["std"]})
-                logged.append(f"bpd/{spec}")
-    if "dump" in tasks:
-        for dataset, split in specs:
-            path = dump_path(out_dir, dataset, split)
-            if path.is_file():
-                tracker.log_histogram(f"bpd_per_sample/{dataset}/{split}", load_dump(path).bpd, step=step)
-                logged.append(f"bpd_per_sample/{dataset}/{split}")
-    if "fid" in tasks:
-        for key, entry in read_table(out_dir / "fid.json").items():
-            if key.split("@")[0] in wanted:
-                tracker.log_summary({f"fid/{key}": entry["fid"]})
-                logged.append(f"fid/{key}")
-    for task, image in (("samples", "samples.png"), ("latents", "latents.png")):
-        if task in tasks and (out_dir / image).is_file():
-            tracker.log_image(task, out_dir / image, step=step)
-            logged.append(task)
-    return logged

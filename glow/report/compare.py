@@ -25,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from glow.checkpoint import read_meta
 from glow.errors import BadArgument, ResultsInvalid
-from glow.evaluation.dumps import Dump, dump_path, eval_step_dir, load_dumps
+from glow.evaluation.dumps import Dump
 from glow.files import atomic_write_text
-from glow.report.scores import complexity_corrected_score, likelihood_ratio, ood_metrics
+from glow.report.scores import ood_metrics, score_pairs
+from glow.report.tables import markdown_table
+from glow.run import Checkpoint, Run
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class RunDumps:
 def _run_description(dump: Dump) -> dict:
     """The variant-defining fields of the evaluated checkpoint's meta.json (empty if it is gone)."""
     try:
-        meta = read_meta(dump.checkpoint)
-    except (FileNotFoundError, ValueError) as err:  # a description only: never fail the comparison on it
+        meta = Checkpoint.at(dump.checkpoint).meta()
+    except (OSError, ValueError) as err:  # a description only: never fail the comparison on it
         log.warning("no description of %s: %s", dump.checkpoint, err)
         return {}
     model = meta.get("model_config", {})
@@ -69,11 +70,11 @@ def _run_description(dump: Dump) -> dict:
 
 def load_run_dumps(run_dir: str | Path, in_spec: str, ood_specs: Sequence[str], *, step: int | None = None,
                    label: str | None = None) -> RunDumps:
-    run_dir = Path(run_dir)
-    step_dir = eval_step_dir(run_dir, step)
-    dumps = load_dumps([dump_path(step_dir, s) for s in [in_spec, *ood_specs]])
-    return RunDumps(label=label or run_dir.name, run_dir=run_dir, in_test=dumps[0], oods=dumps[1:],
-                    model=_run_description(dumps[0]))
+    run = Run(run_dir)
+    step = run.eval_step(step)
+    dumps = run.load_dumps(step, [in_spec, *ood_specs])
+    return RunDumps(label=label or run.name, run_dir=run.path, in_test=dumps[in_spec],
+                    oods=[dumps[s] for s in ood_specs], model=_run_description(dumps[in_spec]))
 
 
 def _row(variant: str, score: str, run: RunDumps | None, pairs: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -125,47 +126,40 @@ def compare_table(runs: Sequence[RunDumps], background: RunDumps | None = None) 
             f"(perturb_prob {background.model.get('perturb_prob', 'unknown')})."
         )
     for r in runs:
-        table["rows"].append(_row(r.label, "log_likelihood", r, {d.spec: (r.in_test.log_p, d.log_p) for d in r.oods}))
-        if r.in_test.complexity_bpd is not None and all(d.complexity_bpd is not None for d in r.oods):
-            cc = complexity_corrected_score
-            table["rows"].append(_row(r.label, "complexity_corrected", r, {
-                d.spec: (cc(r.in_test.bpd, r.in_test.complexity_bpd), cc(d.bpd, d.complexity_bpd)) for d in r.oods}))
-        if background is not None:
-            if background.in_test.model_hash != r.in_test.model_hash:
-                log.warning("background %s has another architecture (model hash %s) than %s (%s)", background.label,
-                            background.in_test.model_hash, r.label, r.in_test.model_hash)
-            lr_in = likelihood_ratio(r.in_test, background.in_test)
-            pairs = {d.spec: (lr_in, likelihood_ratio(d, b)) for d, b in zip(r.oods, background.oods)}
-            table["rows"].append(_row(r.label, "likelihood_ratio", r, pairs, background=background.label))
-    if ref.in_test.complexity_bpd is not None and all(d.complexity_bpd is not None for d in ref.oods):
-        table["rows"].append(_row(BASELINE, "png_complexity", None,
-                                  {d.spec: (-ref.in_test.complexity_bpd, -d.complexity_bpd) for d in ref.oods}))
+        if background is not None and background.in_test.model_hash != r.in_test.model_hash:
+            log.warning("background %s has another architecture (model hash %s) than %s (%s)", background.label,
+                        background.in_test.model_hash, r.label, r.in_test.model_hash)
+        per_ood = {d.spec: score_pairs(r.in_test, d, model_free=False,
+                                       background=None if background is None else (background.in_test, b))
+                   for d, b in zip(r.oods, background.oods if background is not None else [None] * len(r.oods))}
+        for name in next(iter(per_ood.values())):
+            extra = {"background": background.label} if name == "likelihood_ratio" else {}
+            table["rows"].append(_row(r.label, name, r, {spec: pairs[name] for spec, pairs in per_ood.items()},
+                                      **extra))
+    baseline = {d.spec: score_pairs(ref.in_test, d).get("png_complexity") for d in ref.oods}
+    if all(baseline.values()):
+        table["rows"].append(_row(BASELINE, "png_complexity", None, baseline))
     else:
         table["notes"].append("the dumps carry no complexity_bpd: no complexity_corrected / png_complexity rows")
     return table
 
 
-def _fmt(value, spec: str = ".4f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def compare_markdown(table: dict) -> str:
     specs = table["ood_sets"]
-    head = "| variant | model | score | test bits/dim |" + "".join(
-        f" {s} AUROC | {s} AUPR-in | {s} FPR@95 |" for s in specs)
-    lines = [f"# Comparison: in-distribution `{table['in_distribution']}` vs {', '.join(f'`{s}`' for s in specs)}",
-             "", head, "|---|---|---|---:|" + "---:|---:|---:|" * len(specs)]
+    header = ["variant", "model", "score", "test bits/dim"]
+    header += [f"{s} {metric}" for s in specs for metric in ("AUROC", "AUPR-in", "FPR@95")]
+    rows = []
     for row in table["rows"]:
         model = table["runs"].get(row["variant"], {}).get("model", {})
         desc = ", ".join(f"{k}={v}" for k, v in model.items() if k in ("mask", "coupling_bottleneck", "perturb_prob"))
-        cells = "".join(f" {_fmt(row['ood'][s]['auroc'])} | {_fmt(row['ood'][s]['aupr_in'])} | "
-                        f"{_fmt(row['ood'][s]['fpr_at_95_tpr'])} |" for s in specs)
-        lines.append(f"| {row['variant']} | {desc or '-'} | {row['score']} | {_fmt(row['test_bpd'])} |{cells}")
-    lines += ["", "| variant | run | step | model hash |", "|---|---|---:|---|"]
-    lines += [f"| {label} | {r['run_dir']} | {r['step']} | `{r['model_hash']}` |" for label, r in table["runs"].items()]
+        rows.append([row["variant"], desc or "-", row["score"], row["test_bpd"]]
+                    + [row["ood"][s][k] for s in specs for k in ("auroc", "aupr_in", "fpr_at_95_tpr")])
+    runs = [[label, r["run_dir"], r["step"], f"`{r['model_hash']}`"] for label, r in table["runs"].items()]
     if table["background"]:
         b = table["background"]
-        lines.append(f"| background: {b['label']} | {b['run_dir']} | {b['step']} | `{b['model_hash']}` |")
+        runs.append([f"background: {b['label']}", b["run_dir"], b["step"], f"`{b['model_hash']}`"])
+    lines = [f"# Comparison: in-distribution `{table['in_distribution']}` vs {', '.join(f'`{s}`' for s in specs)}",
+             "", *markdown_table(header, rows), "", *markdown_table(["variant", "run", "step", "model hash"], runs)]
     lines += [""] + [f"- {n}" for n in table["notes"]] + [""]
     return "\n".join(lines)
 

@@ -23,12 +23,18 @@ import numpy as np  # noqa: E402
 from scipy.stats import gaussian_kde  # noqa: E402
 
 from glow.errors import BadArgument  # noqa: E402
-from glow.evaluation.dumps import Dump, dump_path, eval_step_dir, load_dumps  # noqa: E402
+from glow.evaluation.dumps import Dump  # noqa: E402
 from glow.evaluation.result_tables import read_table  # noqa: E402
-from glow.files import atomic_save_figure, atomic_write_bytes, atomic_write_text  # noqa: E402
-from glow.names import step_dir_name  # noqa: E402
+from glow.files import (  # noqa: E402
+    UnsafeFile,
+    atomic_save_figure,
+    atomic_write_bytes,
+    atomic_write_text,
+    read_bytes,
+)
 from glow.report.page import write_index  # noqa: E402
 from glow.report.scores import ood_markdown, ood_table  # noqa: E402
+from glow.run import Run  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -150,26 +156,20 @@ def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str],
     bits/dim per split and the PNG figures.
     """
     loader = image_loader or default_image_loader
-    step_dir = eval_step_dir(run_dir, step)
-    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "figures"
+    run = Run(run_dir)
+    step = run.eval_step(step)
+    out = Path(out_dir) if out_dir is not None else run.figures_dir
     res = FiguresResult(out_dir=out)
     if not ood_specs:
         raise BadArgument("give at least one OOD set (--ood <dataset>/<split>)")
     in_spec, train_spec = f"{in_dataset}/{in_split}", f"{in_dataset}/{train_split}"
-    paths = [dump_path(step_dir, in_spec)] + [dump_path(step_dir, s) for s in ood_specs]
-    train_path = dump_path(step_dir, train_spec)
-    has_train = train_path.is_file()
-    if not has_train:
-        log.warning("no training dump %s: distributions without train, no typicality scores", train_path)
-    dumps = load_dumps(paths + ([train_path] if has_train else []))
-    in_test, oods = dumps[0], dumps[1:len(paths)]
-    train = dumps[-1] if has_train else None
+    dumps = run.load_dumps(step, [in_spec, *ood_specs], optional=[train_spec])
+    in_test, oods, train = dumps[in_spec], [dumps[s] for s in ood_specs], dumps.get(train_spec)
+    if train is None:
+        log.warning("no training dump %s: distributions without train, no typicality scores",
+                    run.dump_path(step, train_spec))
 
-    complexity = {d.spec: d.complexity_bpd for d in [in_test, *oods] if d.complexity_bpd is not None}
-    table = ood_table(in_test, oods, train, complexity=complexity, seed=seed)
-    table["notes"] += [f"{d.spec}: the dump holds no complexity_bpd (written by an older version): no "
-                       "complexity rows; rewrite it with eval/evaluate.py --task dump --force"
-                       for d in [in_test, *oods] if d.complexity_bpd is None]
+    table = ood_table(in_test, oods, train, seed=seed)
     res.table = table
     atomic_write_text(out / "ood.json", json.dumps(table, indent=2) + "\n")
     atomic_write_text(out / "ood.md", ood_markdown(table))
@@ -193,21 +193,34 @@ def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str],
             res.skipped[name] = f"images not readable ({e}); pass --data-root"
         log.warning("exp1/exp2 skipped: %s", e)
 
-    samples = [step_dir / "samples.png", Path(run_dir) / "samples" / f"{step_dir_name(in_test.step)}.png"]
-    src = next((p for p in samples if p.is_file()), None)
-    if src is None:
-        res.skipped["samples.png"] = f"none of {[str(p) for p in samples]} exists; run --task samples"
+    samples = [run.eval_dir(step) / "samples.png", run.samples_path(in_test.step)]
+    copied = next((blob for p in samples if (blob := _read_image(p)) is not None), None)
+    if copied is None:
+        res.skipped["samples.png"] = f"none of {[str(p) for p in samples]} is a PNG; run --task samples"
     else:
-        atomic_write_bytes(out / "samples.png", src.read_bytes())
+        atomic_write_bytes(out / "samples.png", copied)
         res.files.append(out / "samples.png")
     images = [p for p in res.files if p.suffix == ".png"]
-    config = Path(run_dir) / "config.yaml"
-    res.files.append(write_index(out, table, images, run_name=Path(run_dir).name,
-                                 config_text=config.read_text() if config.is_file() else None,
-                                 fid=read_table(step_dir / "fid.json")))
+    res.files.append(write_index(out, table, images, run_name=run.name, config_text=run.config_text(),
+                                 fid=read_table(run.eval_dir(step) / "fid.json")))
     if tracker is not None:
         track_figures(tracker, table, images)
     return res
+
+
+MAX_IMAGE_BYTES = 64 << 20  # a sample grid is a few hundred KB
+
+
+def _read_image(path: Path) -> bytes | None:
+    """A PNG from the run directory (no link followed, capped), or None when there is none.
+    Anything that is not a PNG is refused: the figures folder and index.html copy it."""
+    try:
+        blob = read_bytes(path, MAX_IMAGE_BYTES)
+    except FileNotFoundError:
+        return None
+    if not blob.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise UnsafeFile(f"{path} is not a PNG file: refused (it would be copied into the figures)")
+    return blob
 
 
 def track_figures(tracker, table: dict, images: Sequence[Path]) -> None:

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from glow.errors import BadArgument
-from glow.evaluation.dumps import Dump, dump_path, eval_step_dir, load_dumps
+from glow.evaluation.dumps import Dump
 from glow.files import atomic_write_text
 from glow.names import parse_spec
 from glow.report.scores import ood_table
+from glow.report.tables import markdown_table
+from glow.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,13 @@ class MatrixRow:
 
 def in_spec_of(run_dir: Path, in_split: str) -> str:
     """``<data.dataset of the run's config.yaml>/<in_split>``: the set the run was trained on."""
-    cfg = run_dir / "config.yaml"
-    if not cfg.is_file():
-        raise BadArgument(f"{cfg} not found: name the in-distribution set as --run {run_dir}=DATASET/SPLIT")
-    dataset = ((yaml.safe_load(cfg.read_text()) or {}).get("data") or {}).get("dataset")
+    run = Run(run_dir)
+    if run.config_text() is None:
+        raise BadArgument(f"{run.config_path} not found: name the in-distribution set as --run {run_dir}=DATASET/SPLIT")
+    dataset = (run.config().get("data") or {}).get("dataset")
     if not dataset:
-        raise BadArgument(f"{cfg} names no data.dataset: name the in-distribution set as --run {run_dir}=DATASET/SPLIT")
+        raise BadArgument(f"{run.config_path} names no data.dataset: name the in-distribution set as "
+                          f"--run {run_dir}=DATASET/SPLIT")
     return f"{dataset}/{in_split}"
 
 
@@ -69,17 +71,14 @@ def parse_run(arg: str, in_split: str = "test") -> tuple[Path, str]:
 def load_row(run_dir: str | Path, in_spec: str, ood_specs: Sequence[str], *, step: int | None = None,
              train_split: str = "train", label: str | None = None) -> MatrixRow:
     """The dumps of one run at one evaluated step (newest by default); absent OOD dumps are listed."""
-    run_dir = Path(run_dir)
-    step_dir = eval_step_dir(run_dir, step)
+    run = Run(run_dir)
+    step = run.eval_step(step)
     others = [s for s in ood_specs if s != in_spec]
-    present = [s for s in others if dump_path(step_dir, s).is_file()]
-    train_path = dump_path(step_dir, parse_spec(in_spec)[0], train_split)
-    has_train = train_path.is_file() and train_path != dump_path(step_dir, in_spec)
-    dumps = load_dumps([dump_path(step_dir, in_spec)] + [dump_path(step_dir, s) for s in present]
-                       + ([train_path] if has_train else []))
-    return MatrixRow(label=label or run_dir.name, run_dir=run_dir, in_test=dumps[0],
-                     train=dumps[-1] if has_train else None, oods=dict(zip(present, dumps[1:1 + len(present)])),
-                     missing=[s for s in others if s not in present])
+    train_spec = f"{parse_spec(in_spec)[0]}/{train_split}"
+    dumps = run.load_dumps(step, [in_spec], optional=[*others, *([train_spec] if train_spec != in_spec else [])])
+    return MatrixRow(label=label or run.name, run_dir=run.path, in_test=dumps[in_spec], train=dumps.get(train_spec)
+                     if train_spec != in_spec else None, oods={s: dumps[s] for s in others if s in dumps},
+                     missing=[s for s in others if s not in dumps])
 
 
 def matrix_table(rows: Sequence[MatrixRow], ood_specs: Sequence[str], score: str = DEFAULT_SCORE,
@@ -94,8 +93,7 @@ def matrix_table(rows: Sequence[MatrixRow], ood_specs: Sequence[str], score: str
     ]}
     for row in rows:
         d = row.in_test
-        complexity = {x.spec: x.complexity_bpd for x in [d, *row.oods.values()] if x.complexity_bpd is not None}
-        one = ood_table(d, list(row.oods.values()), row.train, complexity=complexity, seed=seed)
+        one = ood_table(d, list(row.oods.values()), row.train, seed=seed)
         table["rows"].append({
             "label": row.label, "run_dir": str(row.run_dir), "in_distribution": d.spec, "step": d.step,
             "model_hash": d.model_hash, "checkpoint": d.checkpoint, "n_bits": d.n_bits,
@@ -137,17 +135,13 @@ def matrix_markdown(table: dict) -> str:
     for k, score in enumerate([chosen] + [s for s in table["scores"] if s != chosen]):
         if k:
             lines += [f"## AUROC of `{score}`", ""]
-        head = "| model (in-distribution) |" + (" test bits/dim |" if k == 0 else "")
-        head += "".join(f" {s} |" for s in specs)
-        lines += [head, "|---|" + ("---:|" if k == 0 else "") + "---:|" * len(specs)]
-        for r in table["rows"]:
-            bpd = f" {r['test_bpd']:.4f} |" if k == 0 else ""
-            lines.append(f"| {r['label']} ({r['in_distribution']}) |{bpd}" + "".join(
-                f" {format_cell(r, s, score)} |" for s in specs))
-        lines.append("")
-    lines += ["| model | run | step | model hash | bits |", "|---|---|---:|---|---:|"]
-    lines += [f"| {r['label']} | {r['run_dir']} | {r['step']} | `{r['model_hash']}` | {r['n_bits']} |"
-              for r in table["rows"]]
+        header = ["model (in-distribution)", *(["test bits/dim"] if k == 0 else []), *specs]
+        rows = [[f"{r['label']} ({r['in_distribution']})", *([r["test_bpd"]] if k == 0 else []),
+                 *(format_cell(r, s, score) for s in specs)] for r in table["rows"]]
+        lines += [*markdown_table(header, rows), ""]
+    lines += markdown_table(["model", "run", "step", "model hash", "bits"],
+                            [[r["label"], r["run_dir"], r["step"], f"`{r['model_hash']}`", r["n_bits"]]
+                             for r in table["rows"]])
     lines += [""] + [f"- {n}" for n in table["notes"]] + [
         "- `(in)`: the model's own in-distribution set; `missing`: no dump; `n/a`: the score needs data the dumps "
         "lack (complexity_bpd, or a training dump for typicality). Every score and metric is in matrix.json.", ""]

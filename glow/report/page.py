@@ -14,7 +14,12 @@ import html
 from pathlib import Path
 
 from glow.files import atomic_write_text
-from glow.report.scores import typicality_rule_text
+from glow.report.scores import (
+    METRIC_COLUMNS,
+    TYPICALITY_HEADER,
+    typicality_rows,
+    typicality_rule_text,
+)
 
 __all__ = ["write_index"]
 
@@ -28,8 +33,6 @@ pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 .note { color: #555; font-size: 0.9em; }
 """
 
-OOD_COLUMNS = (("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR-out"),
-               ("fpr_at_95_tpr", "FPR@95%TPR"), ("n_in", "n in"), ("n_out", "n OOD"))
 
 
 def _esc(value) -> str:
@@ -60,12 +63,9 @@ def _typicality_section(test: dict | None) -> list[str]:
     """The typicality test as a decision rule (glow.report.scores.ood_table's ``typicality_test``)."""
     if not test or not any(test["ood"].values()):
         return []
-    rows = [[spec, int(m[1:]), r["epsilon"], r["tpr"], r["fpr"], r["n_in"], r["n_out"]]
-            for spec, by_m in test["ood"].items() for m, r in by_m.items()]
     return ["<h2>Typicality test (Nalisnick et al. 2019)</h2>",
             f'<p class="note">{_esc(typicality_rule_text(test))}</p>',
-            *_table(["OOD set", "M", "epsilon (nats)", "TPR (OOD flagged)", "FPR (in-dist flagged)", "n in",
-                     "n OOD"], rows)]
+            *_table(TYPICALITY_HEADER, typicality_rows(test))]
 
 
 def write_index(out: Path, table: dict, images: list[Path], *, run_name: str, config_text: str | None = None,
@@ -85,9 +85,9 @@ def write_index(out: Path, table: dict, images: list[Path], *, run_name: str, co
         body += _table(["split @ temperature", "FID", "samples"],
                        [[k, float(v["fid"]), v.get("n_samples", "")] for k, v in sorted(fid.items())])
     body.append("<h2>OOD detection</h2>")
-    rows = [[f"{spec}: {name}", *(r[k] for k, _ in OOD_COLUMNS)]
+    rows = [[f"{spec}: {name}", *(r[k] for k, _ in METRIC_COLUMNS)]
             for spec, scores in table["ood"].items() for name, r in scores.items()]
-    body += _table(["OOD set: score", *(h for _, h in OOD_COLUMNS)], rows)
+    body += _table(["OOD set: score", *(h for _, h in METRIC_COLUMNS)], rows)
     body += [f'<p class="note">{_esc(n)}</p>' for n in table.get("notes", [])]
     body += _typicality_section(table.get("typicality_test"))
     body.append("<h2>Figures</h2>")

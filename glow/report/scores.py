@@ -19,7 +19,8 @@ Conventions
   over bootstrap batches of held-out in-distribution data (`typicality_epsilon`).
 * The likelihood ratio (Ren et al. 2019) is log p(x) - log p_bg(x) under a background model.
 
-`ood_table` / `ood_markdown` make the OOD table of one run (figures/ood.json and ood.md).
+`score_pairs` lists the scores of a pair of sets (the one list every table uses); `ood_table` /
+`ood_markdown` make the OOD table of one run (figures/ood.json and ood.md).
 """
 
 from __future__ import annotations
@@ -32,10 +33,14 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from glow.errors import ResultsInvalid
 from glow.evaluation.dumps import Dump
+from glow.report.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
 TYPICALITY_BATCH_SIZES = (1, 2, 10, 25)
+# the metrics of every OOD table: (key in ood_metrics, column header)
+METRIC_COLUMNS = (("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR-out"),
+                  ("fpr_at_95_tpr", "FPR@95%TPR"), ("n_in", "n in"), ("n_out", "n OOD"))
 TYPICALITY_ALPHA = 0.99
 TYPICALITY_BOOTSTRAP = 2000
 
@@ -169,20 +174,43 @@ def likelihood_ratio(fg: Dump, bg: Dump) -> np.ndarray:
 # --------------------------------------------------------------------------- the OOD table of one run
 
 
+def score_pairs(in_test: Dump, ood: Dump, *, train_nll: float | None = None,
+                background: tuple[Dump, Dump] | None = None, model_free: bool = True,
+                typicality_sizes: Sequence[int] = TYPICALITY_BATCH_SIZES, seed: int = 0) -> dict:
+    """Every score of one (in-distribution test, OOD set) pair: ``{name: (in scores, OOD scores)}``,
+    higher = more in-distribution. The one list of scores that the OOD table of a run, the
+    comparison of runs and the benchmark matrix all use.
+
+    log_likelihood; complexity_corrected L(x) - bpd(x) and, when ``model_free``, png_complexity
+    -L(x) (when the dumps carry L(x)); likelihood_ratio against ``background`` (its dumps of the
+    same two splits); typicality_mM for each batch size M with ``train_nll`` (the training set's
+    mean NLL), whose set sizes count batches, not images.
+    """
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {"log_likelihood": (in_test.log_p, ood.log_p)}
+    if in_test.complexity_bpd is not None and ood.complexity_bpd is not None:
+        pairs["complexity_corrected"] = (complexity_corrected_score(in_test.bpd, in_test.complexity_bpd),
+                                         complexity_corrected_score(ood.bpd, ood.complexity_bpd))
+        if model_free:
+            pairs["png_complexity"] = (-in_test.complexity_bpd, -ood.complexity_bpd)
+    if background is not None:
+        pairs["likelihood_ratio"] = (likelihood_ratio(in_test, background[0]), likelihood_ratio(ood, background[1]))
+    if train_nll is not None:
+        for m in typicality_sizes:
+            if min(in_test.log_p.size, ood.log_p.size) >= m:
+                pairs[f"typicality_m{m}"] = (typicality_scores(-in_test.log_p, train_nll, m, seed),
+                                             typicality_scores(-ood.log_p, train_nll, m, seed))
+    return pairs
+
+
 def ood_table(in_test: Dump, oods: Sequence[Dump], train: Dump | None = None, *,
-              complexity: dict[str, np.ndarray] | None = None,
               typicality_sizes: Sequence[int] = TYPICALITY_BATCH_SIZES, seed: int = 0,
               alpha: float = TYPICALITY_ALPHA) -> dict:
-    """OOD metrics per OOD set and score (higher score = more in-distribution, in-dist positive).
+    """OOD metrics per OOD set and score (`score_pairs`; in-distribution is the positive class).
 
-    Scores: log-likelihood; -S(x) = L(x) - bpd(x) (Serra et al. 2020); -L(x) alone (PNG
-    complexity, model-free); typicality with batch size M (needs the training dump), whose
-    set sizes count batches, not images. ``complexity`` maps dump spec -> L(x) per sample.
-    With the training dump, ``typicality_test`` holds the decision rule per OOD set and M:
-    epsilon calibrated on one seeded half of the in-distribution test split (held out from
-    training and from the rates), rates measured on the other half and on the OOD set.
+    With the training dump, the typicality scores, and ``typicality_test``: the decision rule per
+    OOD set and M, epsilon calibrated on one seeded half of the in-distribution test split (held
+    out from training and from the rates), rates measured on the other half and on the OOD set.
     """
-    complexity = complexity or {}
     table = {
         "step": in_test.step, "model_hash": in_test.model_hash, "checkpoint": in_test.checkpoint,
         "n_bits": in_test.n_bits, "in_distribution": in_test.spec, "typicality_seed": seed,
@@ -195,25 +223,17 @@ def ood_table(in_test: Dump, oods: Sequence[Dump], train: Dump | None = None, *,
         ],
         "ood": {},
     }
+    table["notes"] += [f"{d.spec}: the dump holds no complexity_bpd (written by an older version): no complexity "
+                       "rows; rewrite it with eval/evaluate.py --task dump --force"
+                       for d in [in_test, *oods] if d.complexity_bpd is None]
     train_nll = None if train is None else float(-train.log_p.mean())
     if train is None:
         table["notes"].append("no training-set dump: typicality scores omitted")
     else:
         table["train_mean_nll_nats"] = train_nll
     for ood in oods:
-        scores: dict[str, tuple[np.ndarray, np.ndarray]] = {"log_likelihood": (in_test.log_p, ood.log_p)}
-        if in_test.spec in complexity and ood.spec in complexity:
-            c_in, c_out = complexity[in_test.spec], complexity[ood.spec]
-            scores["complexity_corrected"] = (complexity_corrected_score(in_test.bpd, c_in),
-                                              complexity_corrected_score(ood.bpd, c_out))
-            scores["png_complexity"] = (-c_in, -c_out)
-        if train_nll is not None:
-            for m in typicality_sizes:
-                if min(in_test.log_p.size, ood.log_p.size) < m:
-                    continue
-                scores[f"typicality_m{m}"] = (typicality_scores(-in_test.log_p, train_nll, m, seed),
-                                              typicality_scores(-ood.log_p, train_nll, m, seed))
-        table["ood"][ood.spec] = {name: ood_metrics(*pair) for name, pair in scores.items()}
+        pairs = score_pairs(in_test, ood, train_nll=train_nll, typicality_sizes=typicality_sizes, seed=seed)
+        table["ood"][ood.spec] = {name: ood_metrics(*pair) for name, pair in pairs.items()}
     if train_nll is not None:
         table["typicality_test"] = _typicality_decisions(in_test, oods, train_nll, typicality_sizes, seed, alpha)
     return table
@@ -244,16 +264,13 @@ def ood_markdown(table: dict) -> str:
         f"Checkpoint `{table['checkpoint']}` (step {table['step']}, model hash `{table['model_hash']}`, "
         f"{table['n_bits']}-bit).",
         "",
-        "| set | bits/dim mean | std | count |",
-        "|---|---:|---:|---:|",
     ]
-    lines += [f"| {s} | {v['mean']:.4f} | {v['std']:.4f} | {v['count']} |" for s, v in table["bpd"].items()]
-    lines += ["", "| OOD set | score | AUROC | AUPR-in | AUPR-out | FPR@95%TPR | n in | n OOD |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for spec, rows in table["ood"].items():
-        for name, r in rows.items():
-            lines.append(f"| {spec} | {name} | {r['auroc']:.4f} | {r['aupr_in']:.4f} | {r['aupr_out']:.4f} | "
-                         f"{r['fpr_at_95_tpr']:.4f} | {r['n_in']} | {r['n_out']} |")
+    lines += markdown_table(["set", "bits/dim mean", "std", "count"],
+                            [[s, v["mean"], v["std"], v["count"]] for s, v in table["bpd"].items()])
+    lines.append("")
+    lines += markdown_table(["OOD set", "score", *(h for _, h in METRIC_COLUMNS)],
+                            [[spec, name, *(r[k] for k, _ in METRIC_COLUMNS)]
+                             for spec, rows in table["ood"].items() for name, r in rows.items()])
     lines += _typicality_markdown(table.get("typicality_test"))
     lines += [""] + [f"- {n}" for n in table["notes"]] + [
         "- complexity_corrected is -S(x) = L(x) - bpd(x) (Serra et al. 2020), L = PNG size at maximum "
@@ -271,14 +288,19 @@ def typicality_rule_text(test: dict) -> str:
             f"FPR: in-distribution test batches declared OOD (about {1 - test['alpha']:.2g} by construction).")
 
 
+def typicality_rows(test: dict | None) -> list[list]:
+    """The typicality decisions as table rows (OOD set, M, epsilon, TPR, FPR, n in, n OOD)."""
+    if not test:
+        return []
+    return [[spec, int(m[1:]), r["epsilon"], r["tpr"], r["fpr"], r["n_in"], r["n_out"]]
+            for spec, by_m in test["ood"].items() for m, r in by_m.items()]
+
+
+TYPICALITY_HEADER = ["OOD set", "M", "epsilon (nats)", "TPR (OOD flagged)", "FPR (in-dist flagged)", "n in", "n OOD"]
+
+
 def _typicality_markdown(test: dict | None) -> list[str]:
     if not test:
         return []
-    lines = ["", f"Typicality test as a decision rule (Nalisnick et al. 2019). {typicality_rule_text(test)}", "",
-             "| OOD set | M | epsilon (nats) | TPR (OOD flagged) | FPR (in-dist flagged) | n in | n OOD |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for spec, rows in test["ood"].items():
-        for m, r in rows.items():
-            lines.append(f"| {spec} | {m[1:]} | {r['epsilon']:.4g} | {r['tpr']:.4f} | {r['fpr']:.4f} | "
-                         f"{r['n_in']} | {r['n_out']} |")
-    return lines
+    return (["", f"Typicality test as a decision rule (Nalisnick et al. 2019). {typicality_rule_text(test)}", ""]
+            + markdown_table(TYPICALITY_HEADER, typicality_rows(test)))

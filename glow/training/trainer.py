@@ -28,7 +28,6 @@ import contextlib
 import logging
 import math
 import os
-import resource
 import shutil
 import time
 from collections.abc import Iterator
@@ -49,10 +48,11 @@ from glow.data.streams import (
 from glow.distributed import (
     StopFlag,
     all_reduce_mean,
+    on_main,
     replica_digests,
     settle_ddp_buckets,
 )
-from glow.errors import CheckpointMismatch, UserError
+from glow.errors import UserError
 from glow.files import atomic_write_text
 from glow.logs import setup_logging
 from glow.model import Glow
@@ -60,19 +60,16 @@ from glow.model.flows import set_actnorm_reducer
 from glow.model.likelihood import bits_per_dim, perturb_pixels, preprocess
 from glow.model.performance import apply_train_config
 from glow.model.sampling import save_sample_grid
-from glow.names import step_dir_name
 from glow.progress import Progress
-from glow.run import (
-    STOP,
-    STOPPED,
-    RunInUse,
-    clear_stale_markers,
-    lock_run_dir,
-    mark_stopped,
-    stop_requested_by_file,
-)
+from glow.run import Checkpoint, Run, RunInUse, resolve_checkpoint
 from glow.tracking import MetricsLog, Tracker, git_sha
 from glow.training.optim import make_ema, make_optimizer, make_scheduler
+from glow.training.state import (
+    TrainState,
+    fault_injection_pause,
+    fault_injection_step_delay,
+    peak_memory_mb,
+)
 
 __all__ = ["EXIT_FAILED", "RunInUse", "Trainer"]
 
@@ -84,51 +81,12 @@ class RunExists(UserError, FileExistsError):
     """--no-resume on a run directory that already holds checkpoints."""
 
 
-class TrainState:
-    """Counters saved with every checkpoint (as JSON: see `glow.checkpoint.save_trainer_state`)."""
-
-    def __init__(self):
-        self.step = 0
-        self.images_seen = 0
-        self.bad_in_a_row = 0
-        self.skipped_total = 0
-        self.window: list[float] = []  # losses since the last metrics line (so resumed lines match)
-
-    def state_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        vars(self).update(state)
-
-
-def _fault_injection_pause() -> None:
-    """Tests only: sleep between saving the state and writing COMPLETE, so that a test
-    can kill the process in the middle of a checkpoint save."""
-    seconds = float(os.environ.get("GLOW_TEST_PAUSE_BEFORE_COMPLETE", "0"))
-    if seconds > 0:
-        log.warning("GLOW_TEST_PAUSE_BEFORE_COMPLETE: pausing %.1f s before COMPLETE", seconds)
-        time.sleep(seconds)
-
-
-def _fault_injection_step_delay() -> None:
-    """Tests only: sleep after every step, so that a long-lived test run costs no CPU."""
-    seconds = float(os.environ.get("GLOW_TEST_STEP_SECONDS", "0"))
-    if seconds > 0:
-        time.sleep(seconds)
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator, resume: bool = True):
         self.cfg = cfg
         self.acc = accelerator
         self.resume = resume
-        self.run_dir = cfg.run_dir
+        self.run = Run.at(cfg.run.root, cfg.run.name)
         self.state = TrainState()
         self.stop = StopFlag()
         self.tracker: Tracker | None = None
@@ -138,39 +96,33 @@ class Trainer:
                               "gradient_accumulation_steps in the DeepSpeed config instead")
 
     # -- set-up ------------------------------------------------------------------------
-    def _prepare_run_dir(self) -> Path | None:
-        """Create the run dir, clear stale stop markers, pick the checkpoint to resume."""
-        acc, run_dir = self.acc, self.run_dir
-        resume_from = ckpt.latest_checkpoint(run_dir) if self.resume else None
-        if acc.is_main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            clear_stale_markers(run_dir)
-            if not self.resume and ckpt.complete_checkpoints(run_dir):
-                raise RunExists(
-                    f"{run_dir / 'checkpoints'} already holds checkpoints and --no-resume was given: "
-                    "choose another run.name or move that directory away"
-                )
-        acc.wait_for_everyone()
-        setup_logging(run_dir, acc.is_main_process, acc.process_index)
-        if resume_from is not None:
-            meta = ckpt.read_meta(resume_from)
-            if meta["model_hash"] != self.cfg.model.hash():
-                raise CheckpointMismatch(
-                    f"cannot resume {resume_from}: its model config (hash {meta['model_hash']}, "
-                    f"{meta['model_config']}) differs from the requested one (hash {self.cfg.model.hash()}, "
-                    f"{self.cfg.model.to_dict()}); use another run.name, or --no-resume in a fresh run dir"
-                )
-            if meta["config_hash"] != config_hash(self.cfg):
-                log.warning("resuming %s with a changed (model-compatible) config", resume_from)
-        if acc.is_main_process:
-            atomic_write_text(run_dir / "config.yaml", to_yaml(self.cfg))
-        return resume_from
+    def _prepare_run_dir(self) -> Checkpoint | None:
+        """Clear stale stop markers, pick the checkpoint to resume and check it (rank 0 decides)."""
+        acc, run = self.acc, self.run
 
-    def _log_startup(self, resume_from: Path | None) -> None:
+        def decide() -> int | None:
+            run.clear_stale_markers()
+            latest = run.latest()
+            if latest is not None and not self.resume:
+                raise RunExists(f"{run.checkpoints_dir} already holds checkpoints and --no-resume was given: "
+                                "choose another run.name or move that directory away")
+            if latest is not None:
+                meta = latest.meta()
+                ckpt.check_model_hash(meta, self.cfg.model, "cannot resume")
+                if meta["config_hash"] != config_hash(self.cfg):
+                    log.warning("resuming %s with a changed (model-compatible) config", latest.path)
+            atomic_write_text(run.config_path, to_yaml(self.cfg))
+            return None if latest is None else latest.step
+
+        step = on_main(decide, acc.num_processes, acc.process_index)
+        setup_logging(run.path, acc.is_main_process, acc.process_index)
+        return None if step is None else run.checkpoint(step)
+
+    def _log_startup(self, resume_from: Checkpoint | None) -> None:
         c = self.cfg
         log.info(
             "glow-ood train: run %s, git %s, world size %d, device %s, distributed %s",
-            self.run_dir, git_sha(), self.acc.num_processes, self.acc.device, self.acc.distributed_type,
+            self.run.path, git_sha(), self.acc.num_processes, self.acc.device, self.acc.distributed_type,
         )
         if "SLURM_JOB_ID" in os.environ:
             log.info("slurm job %s, restart count %s, node %s", os.environ["SLURM_JOB_ID"],
@@ -179,7 +131,7 @@ class Trainer:
                  self.global_batch, c.train.batch_size, self.acc.num_processes, c.optim.grad_accum)
         log.info("model %s (hash %s), %d parameters", c.model.to_dict(), c.model.hash(),
                  sum(p.numel() for p in self.model_unwrapped.parameters()))
-        log.info("resuming from %s" % resume_from if resume_from else "starting from scratch")
+        log.info("resuming from %s" % resume_from.path if resume_from else "starting from scratch")
         if self.acc.is_main_process:  # readers (ranks x workers) sharing shards: say how to rebuild
             warning = fan_out_warning(c.data.root, c.data.dataset, c.data.split, self.acc.num_processes,
                                       c.data.num_workers)
@@ -191,12 +143,14 @@ class Trainer:
         c = self.cfg
         return c.train.batch_size * self.acc.num_processes * c.optim.grad_accum
 
-    def _build(self, resume_from: Path | None) -> None:
+    def _build(self, resume_from: Checkpoint | None) -> None:
         c, acc = self.cfg, self.acc
         torch.manual_seed(c.train.seed)  # identical initial weights on every rank
         model = Glow(c.model).to(acc.device)
-        if c.run.init_from and resume_from is None:
-            log.info("warm start from %s", ckpt.warm_start(model, c.run.init_from))
+        if c.run.init_from and resume_from is None:  # one checkpoint for every rank, chosen by rank 0
+            source = on_main(lambda: str(resolve_checkpoint(c.run.init_from).path), acc.num_processes,
+                             acc.process_index)
+            log.info("warm start from %s", ckpt.warm_start(model, source).path)
         self.model_unwrapped = model
         if resume_from is None:
             self._init_actnorm(model)
@@ -210,11 +164,12 @@ class Trainer:
         self.model_unwrapped = acc.unwrap_model(self.model)
         self._settle_ddp_buckets()
         if resume_from is not None:
+            state_dir = resume_from.state_dir
             if self.deepspeed:
-                ckpt.check_own_files(resume_from / "state")
-            ckpt.check_rng_state(resume_from / "state", acc.process_index)
-            acc.load_state(str(resume_from / "state"))
-            counters, scheduler, ema = ckpt.load_trainer_state(resume_from / "state", self.ema is not None)
+                ckpt.check_own_files(state_dir)
+            ckpt.check_rng_state(state_dir, acc.process_index)
+            acc.load_state(str(state_dir))
+            counters, scheduler, ema = ckpt.load_trainer_state(state_dir, self.ema is not None)
             self.state.load_state_dict(counters)
             self.scheduler.load_state_dict(scheduler)
             if self.ema is not None:
@@ -298,7 +253,7 @@ class Trainer:
             return self.model(y).float()
 
     def _stop_requested(self) -> bool:
-        return self.stop.requested or (self.acc.is_main_process and stop_requested_by_file(self.run_dir))
+        return self.stop.requested or (self.acc.is_main_process and self.run.stop_requested())
 
     def _grad_norm(self) -> torch.Tensor | None:
         """Clip (DDP) and return the global gradient norm: all-reduced, so equal on every rank.
@@ -374,44 +329,35 @@ class Trainer:
         log.info("parameters identical on %d ranks %s (digest %s)", len(digests), when, digests[0])
         return digests
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Checkpoint:
         acc, step = self.acc, self.state.step
-        directory = ckpt.step_dir(self.run_dir, step)
-        if acc.is_main_process and directory.exists():
-            shutil.rmtree(directory)  # a partial save of an interrupted attempt
+        checkpoint = self.run.checkpoint(step)
+        if acc.is_main_process and checkpoint.path.exists():
+            shutil.rmtree(checkpoint.path)  # a partial save of an interrupted attempt
         acc.wait_for_everyone()
-        acc.save_state(str(directory / "state"))
+        acc.save_state(str(checkpoint.state_dir))
         if acc.is_main_process:
-            ckpt.save_trainer_state(directory / "state", self.state.state_dict(), self.scheduler.state_dict(),
+            ckpt.save_trainer_state(checkpoint.state_dir, self.state.state_dict(), self.scheduler.state_dict(),
                                     None if self.ema is None else self.ema.state_dict())
         digests = self.check_replicas(f"at step {step}")
-        _fault_injection_pause()
+        fault_injection_pause()
         if acc.is_main_process:
-            meta = {
-                "step": step,
-                "images_seen": self.state.images_seen,
-                "model_config": self.cfg.model.to_dict(),
-                "model_hash": self.cfg.model.hash(),
-                "config_hash": config_hash(self.cfg),
-                "data": {"root": self.cfg.data.root, "dataset": self.cfg.data.dataset},
-                "seed": self.cfg.train.seed,
-                "ema": self.ema is not None,
-                "perturb_prob": self.cfg.data.perturb_prob,
-                "replica_digests": digests,
-                "world_size": acc.num_processes,
-            }
-            ckpt.write_export(directory, self._export_model().state_dict(), meta)
-            atomic_write_text(directory / ckpt.COMPLETE, f"{step}\n")
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-            log.info("checkpoint %s", directory)
+            meta = ckpt.checkpoint_meta(self.cfg, step=step, images_seen=self.state.images_seen,
+                                        ema=self.ema is not None, replica_digests=digests,
+                                        world_size=acc.num_processes)
+            ckpt.write_export(checkpoint, self._export_model().state_dict(), meta)
+            atomic_write_text(checkpoint.complete_marker, f"{step}\n")
+            self.run.prune_checkpoints(self.cfg.train.keep_checkpoints)
+            self.run.update_latest_link()
+            log.info("checkpoint %s", checkpoint.path)
         acc.wait_for_everyone()
-        return directory
+        return checkpoint
 
     def save_samples(self) -> None:
         if not self.acc.is_main_process:
             return
         t = self.cfg.train
-        path = self.run_dir / "samples" / f"{step_dir_name(self.state.step)}.png"
+        path = self.run.samples_path(self.state.step)
         model = self._export_model()
         was_training = model.training
         model.eval()
@@ -423,15 +369,16 @@ class Trainer:
     def _mark_stopped(self) -> None:
         reason = self.stop.signal_name or "STOP-file"
         log.info("stop requested (%s): stopped at step %d with a complete checkpoint; exit 0, "
-                 "%s written (resumable)", reason, self.state.step, self.run_dir / STOPPED)
+                 "%s written (resumable)", reason, self.state.step, self.run.stopped_path)
         if self.acc.is_main_process:
-            mark_stopped(self.run_dir, self.state.step, reason)
+            self.run.mark_stopped(self.state.step, reason)
 
     # -- the loop ----------------------------------------------------------------------
     def fit(self) -> int:
         self._check_data()  # before the lock: a refused start leaves no run directory behind
         with contextlib.ExitStack() as stack:
-            lock_run_dir(stack, self.run_dir, self.acc.is_main_process, self.acc.num_processes)
+            on_main(lambda: stack.enter_context(self.run.lock()) and None, self.acc.num_processes,
+                    self.acc.process_index)
             return self._fit()
 
     def _fit(self) -> int:
@@ -441,10 +388,10 @@ class Trainer:
         self._log_startup(resume_from)
         self.check_replicas("after initialization" if resume_from is None else "after resuming")
         self.stop.install()
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        metrics = MetricsLog(self.run.metrics_path)
         if acc.is_main_process:
             metrics.truncate_after(self.state.step)
-            self.tracker = Tracker(c.run.logger, self.run_dir, c.run.wandb_project, c.run.name, to_dict(c))
+            self.tracker = Tracker(c.run.logger, self.run.path, c.run.wandb_project, c.run.name, to_dict(c))
         try:
             return self._loop(metrics)
         finally:
@@ -462,13 +409,13 @@ class Trainer:
         tick = time.perf_counter()
         while state.step < c.train.max_steps:
             loss, grad_norm, stop = self.train_step(batches)
-            _fault_injection_step_delay()
+            fault_injection_step_delay()
             state.window.append(loss)
             timed_steps += 1
             bar.update(1, **({"bits/dim": f"{loss:.3f}"} if math.isfinite(loss) else {}))
             if state.bad_in_a_row >= c.train.max_bad_steps:
                 log.error("%d consecutive non-finite steps: stopping; the last complete checkpoint (%s) is intact",
-                          state.bad_in_a_row, ckpt.latest_checkpoint(self.run_dir))
+                          state.bad_in_a_row, self.run.latest())
                 return EXIT_FAILED
             if state.step % c.train.log_every == 0 or state.step == c.train.max_steps:
                 elapsed = time.perf_counter() - tick
@@ -480,7 +427,7 @@ class Trainer:
                     "lr": self.scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm,
                     "images_per_s": timed_steps * self.global_batch / max(elapsed, 1e-9),
-                    "peak_memory_mb": _peak_memory_mb(acc.device),
+                    "peak_memory_mb": peak_memory_mb(acc.device),
                     "skipped_steps": state.skipped_total,
                 }
                 if acc.is_main_process:
@@ -498,6 +445,6 @@ class Trainer:
                 return 0
         bar.close()
         if acc.is_main_process:
-            (self.run_dir / STOP).unlink(missing_ok=True)  # came too late to matter
+            self.run.stop_path.unlink(missing_ok=True)  # came too late to matter
         log.info("finished: %d steps, %d images", state.step, state.images_seen)
         return 0
