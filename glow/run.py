@@ -358,8 +358,8 @@ def attempt_end(run: Run, *, start_step: int, restarts: int, max_requeues: int, 
     if restarts >= max_requeues:
         return AttemptEnd("cap", f"requeued {restarts} times already (GLOW_MAX_REQUEUES={max_requeues}): not requeued "
                                  f"again; resubmit to continue from step {end_step}")
-    return AttemptEnd("requeue", f"stopped at step {step} ({reason}) with progress {start_step} -> {end_step}: "
-                                 f"requeue {restarts + 1} of at most {max_requeues}")
+    return AttemptEnd("requeue", f"the trainer stopped resumably at step {step} ({reason}), progress {start_step} -> "
+                                 f"{end_step}: requeue {restarts + 1} of at most {max_requeues}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

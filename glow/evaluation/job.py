@@ -14,16 +14,8 @@ import logging
 from pathlib import Path
 
 from glow.errors import CheckpointMismatch, CheckpointMissing
-from glow.evaluation.tasks import (
-    EvalContext,
-    EvalOptions,
-    check_eval_data,
-    requested_results,
-    run_bpd,
-    run_fid,
-    run_latents,
-    run_samples,
-)
+from glow.evaluation import tasks
+from glow.evaluation.tasks import EvalContext, EvalOptions
 from glow.run import Checkpoint, resolve_checkpoint
 
 __all__ = ["check_done", "evaluate", "track_results"]
@@ -36,10 +28,10 @@ def check_done(checkpoint: str | Path, options: EvalOptions) -> tuple[list[str],
     exists under the same settings. Loads no model and starts no process group."""
     ckpt = resolve_checkpoint(checkpoint)
     ctx = EvalContext(checkpoint=ckpt, meta=ckpt.meta(), options=options)
-    check_eval_data(ctx)
+    tasks.check_eval_data(ctx)
     if options.force:
         return ["everything (--force)"], ctx.out_dir
-    return [r.what for r in requested_results(ctx) if not r.done()], ctx.out_dir
+    return [r.what for r in tasks.requested_results(ctx) if not r.done()], ctx.out_dir
 
 
 def _load_on_main(spec: str | Path, options: EvalOptions, accelerator):
@@ -56,7 +48,7 @@ def _load_on_main(spec: str | Path, options: EvalOptions, accelerator):
     def read() -> tuple[str, dict, bytes]:
         ckpt = resolve_checkpoint(spec)
         meta = ckpt.meta()
-        check_eval_data(EvalContext(checkpoint=ckpt, meta=meta, options=options))
+        tasks.check_eval_data(EvalContext(checkpoint=ckpt, meta=meta, options=options))
         try:
             return str(ckpt.path), meta, read_bytes(ckpt.model_path, MAX_WEIGHTS_BYTES)
         except FileNotFoundError:
@@ -89,20 +81,20 @@ def evaluate(checkpoint: str | Path, options: EvalOptions) -> None:
              meta["weights_digest"], world, ", ".join(options.tasks))
 
     def decide() -> set[str]:
-        return {r.what for r in requested_results(ctx) if options.force or not r.done()}
+        return {r.what for r in tasks.requested_results(ctx) if options.force or not r.done()}
 
     ctx.todo = on_main(decide, world, rank)
     for task in options.tasks:
         if task in ("dump", "bpd"):
             for dataset, split in options.specs:
-                run_bpd(ctx, dataset, split, dump=task == "dump")
+                tasks.run_bpd(ctx, dataset, split, dump=task == "dump")
         elif task == "samples":
-            run_samples(ctx)
+            tasks.run_samples(ctx)
         elif task == "fid":
             for dataset, split in options.specs:
-                run_fid(ctx, dataset, split)
+                tasks.run_fid(ctx, dataset, split)
         elif task == "latents":
-            run_latents(ctx)
+            tasks.run_latents(ctx)
     if ctx.is_main:
         detail = " ".join([*options.tasks, *(f"{d}/{s}" for d, s in options.specs)])
         tracker = run_tracker(ckpt.run.path, "eval", ctx.step, detail, enabled=options.use_wandb,

@@ -317,40 +317,40 @@ def run_bpd(ctx: EvalContext, dataset: str, split: str, dump: bool) -> dict | No
 
 
 # -- samples and latents -------------------------------------------------------------------------
-def run_samples(ctx: EvalContext) -> Path | None:
-    """samples.png: one row per temperature, the same noise in every row (rank 0 draws)."""
-    result, path = samples_result(ctx), ctx.out_dir / "samples.png"
+def _run_image(ctx: EvalContext, result: Result, draw) -> Path | None:
+    """``<what>.png`` drawn by rank 0 with ``draw(path)``, and ``<what>.json`` (its settings) beside it."""
+    path = ctx.out_dir / f"{result.what}.png"
     if not ctx.wanted(result):
         log.info("%s exists, skipped", path)
         return None
     if ctx.is_main:
-        o = ctx.options
-        save_sample_grid(ctx.model, path, o.temperatures, o.samples_per_temperature, seed=o.seed)
-        atomic_write_json(ctx.out_dir / "samples.json", result.settings)
-        log.info("wrote %s (rows: temperatures %s)", path, o.temperatures)
+        draw(path)
+        atomic_write_json(ctx.out_dir / f"{result.what}.json", result.settings)
+        log.info("wrote %s", path)
     barrier(ctx.world_size)
     return path
 
 
+def run_samples(ctx: EvalContext) -> Path | None:
+    """samples.png: one row per temperature, the same noise in every row."""
+    o = ctx.options
+    return _run_image(ctx, samples_result(ctx), lambda path: save_sample_grid(
+        ctx.model, path, o.temperatures, o.samples_per_temperature, seed=o.seed))
+
+
 def run_latents(ctx: EvalContext) -> Path | None:
-    """latents.png for the first ``latents_images`` of each split (rank 0 draws)."""
+    """latents.png for the first ``latents_images`` of each split."""
     from glow.evaluation.latents import plot_latents
 
-    result, path = latents_result(ctx), ctx.out_dir / "latents.png"
-    if not ctx.wanted(result):
-        log.info("%s exists, skipped", path)
-        return None
-    if ctx.is_main:
+    def draw(path: Path) -> None:
         n, sets = ctx.options.latents_images, []
         for dataset, split in ctx.options.specs:
             loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=n, rank=0, world_size=1,
                                       **ctx.loader_args())
             sets.append((f"{dataset}/{split}", next(iter(loader))["image"][:n]))
         plot_latents(ctx.model, sets, path, seed=ctx.options.seed)
-        atomic_write_json(ctx.out_dir / "latents.json", result.settings)
-        log.info("wrote %s", path)
-    barrier(ctx.world_size)
-    return path
+
+    return _run_image(ctx, latents_result(ctx), draw)
 
 
 # -- FID -----------------------------------------------------------------------------------
