@@ -11,27 +11,14 @@ from tests.slurm_cluster import slurm_cluster  # noqa: F401
 
 @pytest.fixture(scope="session")
 def random_inception_home(tmp_path_factory):
-    """A torch hub cache holding an Inception state dict with random weights under the exact
-    file name pytorch-fid loads, built by pytorch-fid's own fid_inception_v3 (download disabled)."""
-    from pytorch_fid import inception as fid_inception
+    """A torch hub cache holding an FID Inception state dict with random weights under the exact
+    file name the weights are published as (built by glow's own network: no download, no
+    pytorch-fid needed)."""
+    from glow.evaluation.inception import fid_inception_v3
 
     home = tmp_path_factory.mktemp("torch_home")
-    orig = fid_inception._inception_v3
-
-    def no_load(*args, **kwargs):
-        net = orig(*args, **kwargs)
-        net.load_state_dict = lambda *a, **k: None  # keep the random weights
-        return net
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(fid_inception, "_inception_v3", no_load)
-    mp.setattr(fid_inception, "load_state_dict_from_url", lambda *a, **k: None)
-    try:
-        torch.manual_seed(0)
-        net = fid_inception.fid_inception_v3()
-    finally:
-        mp.undo()
+    torch.manual_seed(0)
     path = home / "hub" / "checkpoints" / FID_WEIGHTS_FILE
     path.parent.mkdir(parents=True)
-    torch.save(net.state_dict(), path)
+    torch.save(fid_inception_v3().state_dict(), path)
     return home

@@ -1,8 +1,10 @@
-"""FID: pytorch-fid's InceptionV3 pool3 features, reference statistics and the Frechet distance.
+"""FID: Inception pool3 features, reference statistics and the Frechet distance.
 
-The Frechet distance is computed here in float64 because pytorch-fid's own passes `disp` to
-scipy's sqrtm (gone in scipy 1.18). The Inception weights are never downloaded (compute
-nodes are offline): they come from a file, found as `inception_weights_path` says.
+The network is the FID Inception (`glow.evaluation.inception`: torchvision's trunk with the
+TensorFlow graph's four blocks, features bitwise equal to pytorch-fid's). The Frechet
+distance is computed here in float64 (scipy's sqrtm). The Inception weights are never
+downloaded (compute nodes are offline): they come from a file, found as
+`inception_weights_path` says, and are read as plain tensors.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def inception_weights_path(weights_path: str | os.PathLike | None = None) -> Pat
         path = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
         where = f"the torch hub cache ({path}; set by $TORCH_HOME, default ~/.cache/torch)"
     if not path.is_file():
-        from pytorch_fid.inception import FID_WEIGHTS_URL
+        from glow.evaluation.inception import FID_WEIGHTS_URL
 
         raise CheckpointMissing(
             f"FID Inception weights not found at {where}. This machine cannot download them: "
@@ -144,52 +146,8 @@ def inception_weights_path(weights_path: str | os.PathLike | None = None) -> Pat
     return path
 
 
-def _fid_inception(state_dict: dict):
-    """pytorch-fid's FID Inception network (its public building blocks) with ``state_dict``.
-
-    The same modules in the same order as ``pytorch_fid.inception.InceptionV3([3])``, so the
-    features are identical; built here so that the weights never go through torch hub's
-    loader, which unpickles (``weights_only=False``) whatever file sits in its cache.
-    """
-    import torch
-    import torch.nn.functional as F
-    from pytorch_fid import inception as fi
-    from torch import nn
-
-    net = fi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    net.Mixed_5b = fi.FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = fi.FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = fi.FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = fi.FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = fi.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = fi.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = fi.FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = fi.FIDInceptionE_1(1280)
-    net.Mixed_7c = fi.FIDInceptionE_2(2048)
-    net.load_state_dict(state_dict)
-
-    class Pool3(nn.Module):
-        """Images in [0, 1] (B, 3, H, W) -> [pool3 features (B, 2048, 1, 1)], as pytorch-fid."""
-
-        def __init__(self):
-            super().__init__()
-            pool = lambda: nn.MaxPool2d(kernel_size=3, stride=2)  # noqa: E731
-            self.blocks = nn.Sequential(
-                net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, pool(),
-                net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, pool(),
-                net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a, net.Mixed_6b, net.Mixed_6c, net.Mixed_6d,
-                net.Mixed_6e, net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, nn.AdaptiveAvgPool2d(output_size=(1, 1)),
-            )
-
-        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            return [self.blocks(2 * x - 1)]
-
-    return Pool3()
-
-
 def load_inception(device="cpu", weights_path: str | os.PathLike | None = None):
-    """pytorch-fid's InceptionV3 returning 2048-d pool3 features, in eval mode on ``device``.
+    """The FID InceptionV3 returning 2048-d pool3 features, in eval mode on ``device``.
 
     The weights file (``weights_path``, or the torch hub cache file; see
     `inception_weights_path`) is always read with ``torch.load(weights_only=True)``: a file
@@ -204,7 +162,11 @@ def load_inception(device="cpu", weights_path: str | os.PathLike | None = None):
     except Exception as err:  # an unpickling refusal or a corrupt file: say which file
         raise CheckpointMismatch(f"cannot load the Inception weights {path} as plain tensors ({err}); "
                          f"replace it with the original {FID_WEIGHTS_FILE}") from None
-    return _fid_inception(state_dict).eval().to(device)
+    from glow.evaluation.inception import Pool3, fid_inception_v3
+
+    net = fid_inception_v3()
+    net.load_state_dict(state_dict)
+    return Pool3(net).eval().to(device)
 
 
 def _iter_batches(images) -> Iterable:
