@@ -1,13 +1,22 @@
 """Typed training configuration: dataclass defaults <- YAML file <- dotted overrides.
 
 OmegaConf structured configs do the merging and validation: an unknown key or a value of
-the wrong type is an error that names the key. The resolved config is written to
-`<run>/config.yaml`; its hash goes into every checkpoint.
+the wrong type is an error that names the key. Interpolation between config keys
+(``run.name: ${data.dataset}_L${model.n_levels}``) works; resolvers (``${oc.env:...}`` and
+any other ``${name:...}``) are refused, so no secret from the environment reaches a file.
+The resolved config is written to `<run>/config.yaml`; its hash goes into every checkpoint.
+
+The shipped configs (``glow/configs/*.yaml``, also at ``train/configs/`` in a checkout) and
+accelerate launch files (``glow/launch/*.yaml``, also ``train/accelerate/``) are package
+data: `config_path` and `launch_config_path` take a path or a shipped name.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import re
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import yaml
@@ -19,7 +28,8 @@ from glow.errors import UserError
 from glow.model import GlowConfig
 from glow.names import check_name
 
-__all__ = ["Config", "ConfigError", "config_hash", "load_config", "to_dict", "to_yaml"]
+__all__ = ["TRACKER_PACKAGES", "Config", "ConfigError", "config_hash", "config_path", "launch_config_path",
+           "launch_configs", "load_config", "shipped_configs", "to_dict", "to_yaml"]
 
 
 class ConfigError(UserError, ValueError):
@@ -30,8 +40,9 @@ class ConfigError(UserError, ValueError):
 class RunConfig:
     name: str = MISSING  # the run directory is <root>/<name>: a requeued job finds itself
     root: str = "runs"
-    logger: str = "wandb"  # wandb | none (wandb is offline unless WANDB_MODE says otherwise)
-    wandb_project: str = "glow-ood"
+    logger: str = "none"  # none | wandb | tensorboard | mlflow (metrics.jsonl is written in every case)
+    wandb_mode: str = "offline"  # offline | online (after `wandb login`); WANDB_MODE in the environment wins
+    wandb_project: str = "glow-ood"  # also the MLflow experiment name
     init_from: str = ""  # warm start: a checkpoint step dir whose model weights are loaded
 
 
@@ -106,8 +117,13 @@ class Config:
         return Path(self.run.root) / self.run.name
 
 
+# run.logger -> (the module accelerate drives, the extra that installs it).
+TRACKER_PACKAGES = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard"),
+                    "mlflow": ("mlflow", "mlflow")}
+
 _CHOICES = {
-    ("run", "logger"): ("wandb", "none"),
+    ("run", "logger"): ("none", *TRACKER_PACKAGES),
+    ("run", "wandb_mode"): ("offline", "online"),
     ("optim", "optimizer"): ("adam", "adamax"),
     ("optim", "schedule"): ("constant", "cosine"),
     ("train", "precision"): ("fp32", "bf16"),
@@ -115,18 +131,26 @@ _CHOICES = {
 }
 
 
-def _refuse_interpolations(value, where: str = "") -> None:
-    """`${...}` values are refused: a resolved `${oc.env:SECRET}` would be written into
-    config.yaml, meta.json, the dumps and the tracker. ``value``: the unresolved container."""
+# A resolver call is `${name:...}` (the colon is mandatory in OmegaConf's grammar); a plain
+# interpolation `${a.b}` names a config key and has none (our keys never hold a colon).
+_RESOLVER = re.compile(r"\$\{\s*[^${}:\s]*\s*:")
+
+
+def _refuse_resolvers(value, where: str = "") -> None:
+    """Resolver interpolations (`${oc.env:...}`, any `${name:...}`) are refused: a resolved
+    `${oc.env:SECRET}` would be written into config.yaml, meta.json, the dumps and the
+    tracker. Plain interpolation between config keys is allowed. ``value``: the unresolved
+    container; the message shows the expression, never what it would resolve to."""
     if isinstance(value, dict):
         for key, item in value.items():
-            _refuse_interpolations(item, f"{where}.{key}" if where else str(key))
+            _refuse_resolvers(item, f"{where}.{key}" if where else str(key))
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            _refuse_interpolations(item, f"{where}[{i}]")
-    elif isinstance(value, str) and "${" in value:
-        raise ConfigError(f"{where}: interpolations (${{...}}) are not allowed in a config, got {value!r}; write "
-                          "the value itself (secrets such as a wandb key belong in the environment, never in a config)")
+            _refuse_resolvers(item, f"{where}[{i}]")
+    elif isinstance(value, str) and _RESOLVER.search(value):
+        raise ConfigError(f"{where}: resolver interpolations (${{name:...}}, e.g. ${{oc.env:...}}) are not allowed in "
+                          f"a config, got {value!r}; write the value itself (secrets such as a wandb key belong in "
+                          "the environment, never in a config). ${other.key} between config keys is fine")
 
 
 def _validate(cfg: Config) -> None:
@@ -166,6 +190,17 @@ def _validate(cfg: Config) -> None:
         cfg.model.validate()
     except ValueError as err:
         raise ConfigError(f"model: {err}") from err
+    check_tracker_installed(cfg.run.logger)
+
+
+def check_tracker_installed(logger: str, key: str = "run.logger") -> None:
+    """Refuse a tracker whose package is missing, before anything starts (exit 2, naming the extra)."""
+    if logger not in TRACKER_PACKAGES:
+        return
+    module, extra = TRACKER_PACKAGES[logger]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{key}={logger} needs the {module} package, which is not installed: "
+                          f"pip install 'glow-ood[{extra}]', or set {key}=none (metrics.jsonl is written either way)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -176,9 +211,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """
     merged = OmegaConf.structured(Config)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (the configs are in train/configs/)")
+        path = config_path(path)
         try:
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         except yaml.YAMLError as err:
@@ -198,7 +231,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if OmegaConf.is_missing(merged.run, "name"):
         raise ConfigError("run.name is not set: give it in the config file or as run.name=<name>")
     try:
-        _refuse_interpolations(OmegaConf.to_container(merged, resolve=False))
+        _refuse_resolvers(OmegaConf.to_container(merged, resolve=False))
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid configuration: {_describe(err)}") from None
@@ -213,6 +246,42 @@ def _describe(err: OmegaConfBaseException) -> str:
     if key and "not in" in first:
         return f"unknown key {key} ({first}); the keys and their meaning are in docs/configuration.md"
     return f"{key}: {first}" if key else first
+
+
+def _shipped(folder: str) -> dict[str, Path]:
+    return {p.name[: -len(".yaml")]: Path(str(p)) for p in files("glow").joinpath(folder).iterdir()
+            if p.name.endswith(".yaml")}
+
+
+def shipped_configs() -> dict[str, Path]:
+    """name -> file of every training config that ships with the package (glow/configs/)."""
+    return dict(sorted(_shipped("configs").items()))
+
+
+def launch_configs() -> dict[str, Path]:
+    """name -> file of every accelerate launch config that ships with the package (glow/launch/)."""
+    return dict(sorted(_shipped("launch").items()))
+
+
+def _by_path_or_name(value: str | Path, shipped: dict[str, Path], what: str) -> Path:
+    """A file path if that file exists, else the name of a shipped file (``celeba32`` or ``celeba32.yaml``)."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if str(value) in (name, path.name) and name in shipped:
+        return shipped[name]
+    raise ConfigError(f"{what} {value} is neither a file nor a shipped name; shipped: {', '.join(shipped)}")
+
+
+def config_path(value: str | Path) -> Path:
+    """The training config file named by ``value``: a path, or a shipped name such as ``celeba32``."""
+    return _by_path_or_name(value, shipped_configs(), "config file")
+
+
+def launch_config_path(value: str | Path) -> Path:
+    """The accelerate launch config named by ``value``: a path, or a shipped name such as ``cpu_2proc``."""
+    return _by_path_or_name(value, launch_configs(), "accelerate config")
 
 
 def to_yaml(cfg: Config) -> str:
