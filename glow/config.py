@@ -28,7 +28,7 @@ from glow.errors import UserError
 from glow.model import GlowConfig
 from glow.names import check_name
 
-__all__ = ["TRACKER_PACKAGES", "Config", "ConfigError", "config_hash", "config_path", "launch_config_path",
+__all__ = ["LOGGERS", "TRACKER_PACKAGES", "Config", "ConfigError", "config_hash", "config_path", "launch_config_path",
            "launch_configs", "load_config", "shipped_configs", "to_dict", "to_yaml"]
 
 
@@ -121,8 +121,10 @@ class Config:
 TRACKER_PACKAGES = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard"),
                     "mlflow": ("mlflow", "mlflow")}
 
+LOGGERS = ("none", *TRACKER_PACKAGES)  # run.logger's choices
+
 _CHOICES = {
-    ("run", "logger"): ("none", *TRACKER_PACKAGES),
+    ("run", "logger"): LOGGERS,
     ("run", "wandb_mode"): ("offline", "online"),
     ("optim", "optimizer"): ("adam", "adamax"),
     ("optim", "schedule"): ("constant", "cosine"),

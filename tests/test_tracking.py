@@ -1,11 +1,13 @@
-"""glow.tracking: evaluation results reach wandb offline (read back from the run's own
-transaction log), and progress suits where the output goes."""
+"""glow.tracking: training, evaluation and figures results reach the tracker the run names,
+read back from the tracker's own files (wandb's offline transaction log, TensorBoard event
+files, MLflow's file store); progress suits where the output goes."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import os
 import struct
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from glow.progress import Progress
 from glow.tracking import run_tracker
@@ -138,6 +141,125 @@ def test_no_tracker_without_a_training_config_or_with_logger_none(tmp_path):
     (tmp_path / "config.yaml").write_text("run:\n  name: r\n  logger: none\n")
     assert run_tracker(tmp_path, "eval", 1).run is None
     assert not (tmp_path / "wandb").exists()
+
+
+def test_wandb_mode_comes_from_the_config_unless_the_environment_says(tmp_path, monkeypatch):
+    """run.wandb_mode is the one default (offline); WANDB_MODE, when set, wins; nothing here
+    writes to the environment."""
+    import wandb
+
+    seen = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: seen.append(kw.get("mode")) or object())
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    before = dict(os.environ)
+    for mode in ("offline", "online"):
+        (tmp_path / "config.yaml").write_text(f"run:\n  name: r\n  logger: wandb\n  wandb_mode: {mode}\n")
+        run_tracker(tmp_path, "eval", 1)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    run_tracker(tmp_path, "eval", 1)
+    assert seen == ["offline", "online", None]  # None: wandb reads WANDB_MODE itself
+    monkeypatch.delenv("WANDB_MODE")
+    assert dict(os.environ) == before
+
+
+def _tensorboard_events(folder: Path):
+    accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason="TensorBoard is not installed: pip install 'glow-ood[tensorboard]'")
+    events = accumulator.EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "histograms": 0,
+                                                                        "tensors": 0})
+    events.Reload()
+    return events
+
+
+def test_training_metrics_read_back_from_tensorboard_and_a_resume_replaces_the_replayed_steps(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard is not installed: pip install 'glow-ood[tensorboard]'")
+    from glow.tracking import Tracker
+
+    config = {"run": {"name": "r", "logger": "tensorboard"}, "train": {"lr": 0.001, "temps": [0.5, 1.0]}}
+    image = tmp_path / "samples.png"
+    Image.new("RGB", (12, 8), (10, 200, 30)).save(image)
+    first = Tracker("tensorboard", tmp_path, "p", "r", config)
+    for step in (2, 4, 6):
+        first.log({"loss": float(step), "bpd": 3.0}, step)
+    first.log_image("samples", image, 6)
+    first.close()
+    # a requeued job resumed from the checkpoint at step 2 replays steps 4 and 6
+    again = Tracker("tensorboard", tmp_path, "p", "r", config)
+    for step in (4, 6, 8):
+        again.log({"loss": 10.0 + step, "bpd": 3.0}, step)
+    again.close()
+    events = _tensorboard_events(tmp_path / "tensorboard" / "train")
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(2, 2.0), (4, 14.0), (6, 16.0), (8, 18.0)]
+    assert not events.Images("samples")  # logged at step 6 by the first attempt: purged with the replay
+    from omegaconf import OmegaConf
+
+    hparams = [OmegaConf.load(p) for p in (tmp_path / "tensorboard" / "train").glob("*/hparams.yml")]
+    assert len(hparams) == 2 and hparams[0]["train.lr"] == 0.001 and hparams[0]["train.temps"] == "[0.5, 1.0]"
+
+
+def test_evaluation_and_figures_results_read_back_from_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard is not installed: pip install 'glow-ood[tensorboard]'")
+    from glow.evaluation.result_tables import add_entries
+    from glow.evaluation.tasks import track_results
+    from tests.test_figures import _cli as figures_cli
+    from tests.test_figures import make_run
+
+    run = make_run(tmp_path)
+    (run / "config.yaml").write_text("run:\n  name: r\n  logger: tensorboard\n")
+    step_dir = run / "eval" / f"step-{STEP:08d}"
+    add_entries(step_dir / "bpd.json", {"celeba/test": {"mean": 3.25, "std": 0.2, "count": 60}})
+    tracker = run_tracker(run, "eval", STEP, "dump celeba/test")
+    track_results(tracker, step_dir, ["dump", "samples"], [("celeba", "test")], STEP)
+    tracker.close()
+    result = CliRunner().invoke(figures_cli(), ["--run", str(run), "--in", "celeba/test", "--ood", "svhn/test"])
+    assert result.exit_code == 0, result.output
+    table = json.loads((run / "figures" / "ood.json").read_text())
+
+    jobs = {p.name.split("-")[0]: p for p in (run / "tensorboard").iterdir()}
+    assert set(jobs) == {"eval", "figures"}
+    ev = _tensorboard_events(jobs["eval"])
+    assert [(e.step, e.value) for e in ev.Scalars("bpd/celeba/test")] == [(STEP, 3.25)]
+    assert ev.Histograms("bpd_per_sample/celeba/test")[0].step == STEP
+    assert ev.Images("samples")[0].width == 20  # the 20x10 samples.png of make_run
+    fig = _tensorboard_events(jobs["figures"])
+    auroc = table["ood"]["svhn/test"]["log_likelihood"]["auroc"]
+    assert fig.Scalars("auroc/svhn/test/log_likelihood")[0].value == pytest.approx(auroc, rel=1e-6)
+    text = fig.Tensors("ood_table/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text.startswith("| ood_set | score | auroc") and text.count("\n") == len(table["ood"]["svhn/test"]) + 1
+    assert {e.step for e in fig.Images("figures/distributions")} == {STEP}
+
+
+def test_training_and_evaluation_read_back_from_mlflow(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="MLflow is not installed: pip install 'glow-ood[mlflow]'")
+    from mlflow.tracking import MlflowClient
+
+    from glow.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = {"run": {"name": "r", "logger": "mlflow"}, "train": {"max_steps": 4}}
+    for attempt, steps in enumerate(((2, 4), (4, 6))):  # the second attempt resumes the same MLflow run
+        tracker = Tracker("mlflow", tmp_path, "proj", "r", {**config, "train": {"max_steps": 4 + 2 * attempt}})
+        for step in steps:
+            tracker.log({"loss": float(10 * attempt + step)}, step)
+        tracker.close()
+    (tmp_path / "config.yaml").write_text("run:\n  name: r\n  logger: mlflow\n  wandb_project: proj\n")
+    evaluation = run_tracker(tmp_path, "eval", STEP, "dump celeba/test")
+    evaluation.log_summary({"bpd/celeba/test": 3.25})
+    evaluation.close()
+
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}")
+    train_id = (tmp_path / "mlflow_ids" / "train").read_text()
+    history = sorted((m.step, m.value) for m in client.get_metric_history(train_id, "loss"))
+    assert history == [(2, 2.0), (4, 4.0), (4, 14.0), (6, 16.0)]  # MLflow keeps both attempts' step 4
+    train = client.get_run(train_id)
+    assert train.data.params["train.max_steps"] == "4"  # logged once, at the first attempt
+    assert train.data.tags["glow.job_type"] == "train" and train.data.tags["glow.group"] == "r"
+    (eval_file,) = (tmp_path / "mlflow_ids").glob("eval-*")
+    ev = client.get_run(eval_file.read_text())
+    assert ev.data.metrics["bpd/celeba/test"] == 3.25 and ev.data.tags["glow.job_type"] == "eval"
+    assert client.get_experiment(ev.info.experiment_id).name == "proj" == \
+        client.get_experiment(train.info.experiment_id).name
 
 
 class _Stream(io.StringIO):

@@ -25,8 +25,11 @@ Tasks and what each writes under runs/<name>/eval/step-N/:
 \b
 A result is skipped when it exists and was computed with the same checkpoint, seed, data
 root and shard build (--force recomputes); --check-done only reports whether anything is
-left. Results also go to wandb (project and group of the training run, job type eval;
-offline in <run>/wandb/ unless WANDB_MODE says otherwise) when the run's run.logger is wandb.
+left. Results also go to the run's tracker (run.logger: wandb, tensorboard or mlflow; job
+type eval, beside the training run); --no-wandb turns that off, --wandb logs to wandb.
+No --config or KEY=VALUE: the model, its data settings and its tracker come from the
+checkpoint and its run (meta.json, config.yaml), and every evaluation setting is an option
+here, recorded with each result so that a rerun with other settings recomputes it.
 Exit codes: 0 done, 2 usage or configuration error, 3 --check-done: work to do, 4 data
 error (shards missing, corrupt or not fitting the model), 5 checkpoint or FID weights error,
 1 internal error (with a traceback).
@@ -35,6 +38,7 @@ error (shards missing, corrupt or not fitting the model), 5 checkpoint or FID we
 
 import click
 
+from glow.cli import use_file_backend
 from glow.errors import exit_on_user_error
 from glow.evaluation.tasks import TASKS
 
@@ -90,8 +94,8 @@ def _parse_spec(spec: str) -> tuple[str, str]:
               help="Score sets of the other modality: grayscale replicated to RGB for an RGB model, RGB to "
                    "luma (ITU-R 601-2) for a grayscale model. Without it a mismatch is an error.")
 @click.option("--wandb/--no-wandb", "use_wandb", default=None,
-              help="Log the results to wandb (job type eval in the training run's project and group). "
-                   "[default: as the training run's run.logger]")
+              help="Log the results to wandb (job type eval in the training run's project and group), or to no "
+                   "tracker. [default: the training run's run.logger: wandb, tensorboard, mlflow or none]")
 @exit_on_user_error
 def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, temperatures,
          samples_per_temperature, fid_samples, fid_temperatures, inception_weights, fid_cache, latents_images,
@@ -111,6 +115,8 @@ def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, 
         todo, out_dir = job.check_done(checkpoint, options)
         click.echo(f"to do: {', '.join(todo)}" if todo else f"done: every result is in {out_dir}")
         raise SystemExit(EXIT_PENDING if todo else 0)
+    if "latents" in tasks:
+        use_file_backend()
     job.evaluate(checkpoint, options)
 
 

@@ -12,14 +12,17 @@ Reads runs/<name>/eval/step-N/dumps/<dataset>-<split>.npz (written by
 `eval/evaluate.py --task dump`) and writes runs/<name>/figures/: distributions.png,
 exp1.png, exp2.png, samples.png, ood.json, ood.md and index.html (the whole result on one
 self-contained page: open it in a browser). The in-distribution training split's dump
-(--train-split) adds the typicality rows. With the run's run.logger wandb, the table and
-figures also go to wandb (job type figures; offline in <run>/wandb/ unless WANDB_MODE says
-otherwise). Several runs side by side, and the benchmark matrix: eval/report.py.
+(--train-split) adds the typicality rows. The table, bits/dim and figures also go to the
+run's tracker (run.logger: wandb, tensorboard or mlflow; job type figures) unless --logger
+says otherwise. Several runs side by side, and the benchmark matrix: eval/report.py.
+No --config or KEY=VALUE: everything comes from files on disk (the dumps and the run's
+config.yaml); the choices left are the options here.
 Exit codes: 0 done, 2 usage error, 4 dumps missing or not matching, 1 internal error (with a traceback).
 """
 
 import click
 
+from glow.cli import LOGGERS, use_file_backend
 from glow.errors import exit_on_user_error
 from glow.logs import setup_logging
 from glow.report.figures import make_figures
@@ -62,22 +65,28 @@ def parse_in_spec(value: str, in_split: str | None) -> tuple[str, str]:
 @click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=16, show_default=True,
               help="Images per panel in exp1/exp2.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the typicality batches.")
-@click.option("--wandb/--no-wandb", "use_wandb", default=None,
-              help="Log the OOD table, bits/dim and figures to wandb (job type figures, in the training run's "
-                   "project and group). [default: as the training run's run.logger]")
+@click.option("--logger", type=click.Choice(LOGGERS), default=None,
+              help="Tracker for the OOD table, bits/dim and figures (job type figures, beside the training run). "
+                   "[default: the training run's run.logger]")
+@click.option("--wandb/--no-wandb", "use_wandb", default=None, hidden=True,
+              help="Same as --logger wandb / --logger none. [default: the training run's run.logger]")
 @exit_on_user_error
-def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root, out_dir, k, seed, use_wandb):
+def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root, out_dir, k, seed, logger,
+         use_wandb):
     from glow.report.figures import track_figures
     from glow.report.tables import text_table
     from glow.tracking import run_tracker
 
     setup_logging()
+    use_file_backend()
+    if logger is None and use_wandb is not None:
+        logger = "wandb" if use_wandb else "none"
     in_dataset, in_split = parse_in_spec(in_dataset, in_split)
     res = make_figures(run_dir, in_dataset, ood_specs, step=step, in_split=in_split, train_split=train_split,
                        out_dir=out_dir, data_root=data_root, k=k, seed=seed)
     # Only a finished result opens a wandb run (a refused command leaves no empty run behind).
     tracker = run_tracker(run_dir, "figures", int(res.table["step"]),
-                          f"{in_dataset}/{in_split} {' '.join(ood_specs)}", enabled=use_wandb)
+                          f"{in_dataset}/{in_split} {' '.join(ood_specs)}", logger=logger)
     try:
         track_figures(tracker, res.table, [p for p in res.files if p.suffix == ".png"])
     finally:

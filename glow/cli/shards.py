@@ -16,6 +16,8 @@ Examples:
 A rerun of the same command resumes an interrupted build (complete shards are kept after
 their sha256 is checked); a build with other settings into the same directory is refused
 unless --overwrite is given. `python shards/build.py COMMAND -h` shows a command's options.
+No --config or KEY=VALUE: a build's settings are its options, recorded in manifest.json
+(which the rerun check compares); a training config does not apply to making shards.
 Exit codes: 0 done, 2 usage error, 4 data error (source missing or unreadable, build refused,
 verification failed), 1 internal error (with a traceback).
 """
