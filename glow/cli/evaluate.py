@@ -38,7 +38,7 @@ error (shards missing, corrupt or not fitting the model), 5 checkpoint or FID we
 
 import click
 
-from glow.cli import use_file_backend
+from glow.cli import EVAL_MODULES, require_extra, use_file_backend
 from glow.errors import exit_on_user_error
 from glow.evaluation.tasks import TASKS
 
@@ -100,6 +100,7 @@ def _parse_spec(spec: str) -> tuple[str, str]:
 def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, temperatures,
          samples_per_temperature, fid_samples, fid_temperatures, inception_weights, fid_cache, latents_images,
          check_done, convert_channels, use_wandb):
+    require_extra("glow-eval", "eval", EVAL_MODULES)
     from glow.evaluation import job
     from glow.evaluation.tasks import EvalOptions
 

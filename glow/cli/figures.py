@@ -22,10 +22,9 @@ Exit codes: 0 done, 2 usage error, 4 dumps missing or not matching, 1 internal e
 
 import click
 
-from glow.cli import LOGGERS, use_file_backend
+from glow.cli import EVAL_MODULES, LOGGERS, require_extra, use_file_backend
 from glow.errors import exit_on_user_error
 from glow.logs import setup_logging
-from glow.report.figures import make_figures
 
 
 def parse_in_spec(value: str, in_split: str | None) -> tuple[str, str]:
@@ -73,7 +72,8 @@ def parse_in_spec(value: str, in_split: str | None) -> tuple[str, str]:
 @exit_on_user_error
 def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root, out_dir, k, seed, logger,
          use_wandb):
-    from glow.report.figures import track_figures
+    require_extra("glow-figures", "eval", EVAL_MODULES)
+    from glow.report.figures import make_figures, track_figures
     from glow.report.tables import text_table
     from glow.tracking import run_tracker
 

@@ -18,7 +18,7 @@ Exit codes: 0 done, 2 usage error, 4 dumps missing or not matching, 1 internal e
 
 import click
 
-from glow.cli import use_file_backend
+from glow.cli import EVAL_MODULES, require_extra, use_file_backend
 from glow.cli.figures import parse_in_spec
 from glow.errors import exit_on_user_error
 from glow.logs import setup_logging
@@ -26,7 +26,9 @@ from glow.report.tables import text_table
 
 
 @click.group(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+@exit_on_user_error
 def main():
+    require_extra("glow-report", "eval", EVAL_MODULES)
     use_file_backend()
 
 

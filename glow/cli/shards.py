@@ -27,6 +27,7 @@ import logging
 
 import click
 
+from glow.cli import require_extra
 from glow.data import shards as S
 from glow.errors import exit_on_user_error
 from glow.logs import setup_logging
@@ -122,6 +123,7 @@ def svhn(root, resolution, splits, **kw):
     Example:
       python shards/build.py svhn --root ~/data/svhn --out data/shards
     """
+    require_extra("glow-shards svhn", "shards", ("scipy",))
     from glow.data.sources.svhn import svhn_sources
 
     _run(_sources(svhn_sources, root, resolution, splits or None), **kw)
@@ -210,6 +212,7 @@ def demo(n_train, n_test, seed, **kw):
     Example:
       python shards/build.py demo --out data/shards
     """
+    require_extra("glow-shards demo", "demo", ("skimage", "sklearn"))
     from glow.data.sources.demo import demo_sources, digits_sources
 
     _run(demo_sources(n_train, n_test, seed) + digits_sources(), **kw)
@@ -224,6 +227,7 @@ def gaussian(n_train, n_test, seed, **kw):
     Example:
       python shards/build.py gaussian --n-train 20000 --n-test 2000
     """
+    require_extra("glow-shards gaussian", "shards", ("scipy",))
     from glow.data.sources.gaussian_field import gaussian_sources
 
     _run(gaussian_sources("gaussian", n_train, n_test, seed) + gaussian_sources("gaussian-smooth", n_train, n_test, seed),
