@@ -1,8 +1,10 @@
-# The two set-up commands: `make demo` and `make test`. Both create .venv when missing.
+# The two set-up commands: `make demo` and `make test`. Both create .venv when missing and install
+# the project (editable) with the extras they use: demo -> .[demo], test -> .[test] (a superset).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,demo,deepspeed
+EXTRAS ?= test          # what `make install` installs, e.g. EXTRAS=eval,wandb,deepspeed on a cluster
+PIP_CONSTRAINTS ?=      # e.g. constraints.txt: the versions behind the README's measured numbers
 PYTEST_ARGS ?=
 
 # The demo: every step skips or resumes what is already done. Override for a quick run, e.g.
@@ -26,17 +28,18 @@ DEMO_EVAL := eval/evaluate.py --checkpoint $(DEMO_RUN_DIR)/checkpoints/latest --
 
 .PHONY: test demo install clean-venv
 
-install: $(VENV)/.installed
-
-$(VENV)/.installed: pyproject.toml
+# One stamp per set of extras ($(VENV)/.installed-demo, -test, ...); pyproject.toml changes reinstall.
+$(VENV)/.installed-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
-	touch $@
+	$(PY) -m pip install --quiet $(if $(strip $(PIP_CONSTRAINTS)),-c $(strip $(PIP_CONSTRAINTS))) -e '.[$*]'
+	touch $@ $(VENV)/.installed
 
-test: install
+install: $(VENV)/.installed-$(strip $(EXTRAS))
+
+test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: install
+demo: $(VENV)/.installed-demo
 	$(PY) shards/build.py demo --out $(DEMO_DATA) --n-train $(DEMO_N_TRAIN) --n-test $(DEMO_N_TEST) --workers 2
 	$(CPU_LAUNCH) train/train.py --config train/configs/demo.yaml run.name=$(DEMO_NAME) \
 		run.root=$(DEMO_RUNS) data.root=$(DEMO_DATA) $(if $(DEMO_STEPS),train.max_steps=$(DEMO_STEPS)) $(DEMO_OVERRIDES)

@@ -6,10 +6,10 @@ torchvision's ``Inception3`` with four blocks patched (``FIDInceptionA``, ``FIDI
 ``FIDInceptionE_1``, ``FIDInceptionE_2``); the weights file
 ``pt_inception-2015-12-05-6726825d.pth`` holds that network's state dict. The trunk and the
 unpatched blocks come from torchvision (kept, public API); the four patched forwards are
-adapted from pytorch-fid 0.3.0 (Copyright Maximilian Seitzer, Apache License 2.0), so the
+written here after pytorch-fid 0.3.0's (Maximilian Seitzer, Apache License 2.0), so the
 network no longer depends on pytorch-fid's private ``_inception_v3``. Same modules, same
 order, same operations: the features are bitwise equal to pytorch-fid's
-(``tests/test_fid.py`` checks it).
+(``tests/test_fid.py`` checks it, with pytorch-fid installed by the test extra).
 """
 
 from __future__ import annotations
