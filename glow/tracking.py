@@ -29,7 +29,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from glow.config import check_tracker_installed
+from glow.config import ConfigError, check_tracker_installed
 from glow.files import atomic_write_text, open_nofollow, read_text
 
 __all__ = ["MetricsLog", "Tracker", "git_sha", "run_tracker"]
@@ -250,7 +250,8 @@ def run_tracker(run_dir: str | Path, job_type: str, step: int, detail: str = "",
 
     Project, logger and config come from ``<run>/config.yaml`` (as written by training);
     ``logger`` overrides its ``run.logger``; so does ``enabled`` (``--wandb/--no-wandb``:
-    True is wandb, False none). The id is a function of (run, job type, checkpoint step,
+    True is wandb, False none). The run's own tracker, when its package is missing here, is
+    skipped with a warning; one asked for explicitly is an error (exit 2). The id is a function of (run, job type, checkpoint step,
     ``detail``), so a requeued job continues its own record.
     """
     from omegaconf import OmegaConf
@@ -261,8 +262,15 @@ def run_tracker(run_dir: str | Path, job_type: str, step: int, detail: str = "",
     run = config.get("run", {})
     name = run.get("name", run_dir.name)
     # A folder without config.yaml was not made by train.py: no tracker unless asked for.
-    if logger is None:
-        logger = run.get("logger", "none") if enabled is None else "wandb" if enabled else "none"
+    if logger is None and enabled is None:
+        logger = run.get("logger", "none")
+        try:
+            check_tracker_installed(logger)
+        except ConfigError as err:  # the results are on disk already; the mirror is what is missing
+            log.warning("%s job: results not sent to the run's tracker: %s", job_type, err)
+            logger = "none"
+    elif logger is None:
+        logger = "wandb" if enabled else "none"
     digest = hashlib.sha256(f"{run_dir.resolve()}|{job_type}|{step}|{detail}".encode()).hexdigest()[:10]
     return Tracker(
         logger, run_dir, run.get("wandb_project", "glow-ood"), name,

@@ -143,6 +143,23 @@ def test_no_tracker_without_a_training_config_or_with_logger_none(tmp_path):
     assert not (tmp_path / "wandb").exists()
 
 
+def test_a_runs_tracker_missing_here_is_skipped_with_a_warning_an_asked_one_refused(tmp_path, monkeypatch, caplog):
+    """An evaluation's results are on disk before the tracker opens: the run's tracker missing
+    on this machine costs the mirror, not the job; --logger naming a missing one is an error."""
+    import importlib.util
+
+    from glow.config import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    (tmp_path / "config.yaml").write_text("run:\n  name: r\n  logger: wandb\n")
+    with caplog.at_level(logging.WARNING, logger="glow.tracking"):
+        assert run_tracker(tmp_path, "eval", 1).run is None
+    assert "glow-ood[wandb]" in caplog.text and not (tmp_path / "wandb").exists()
+    with pytest.raises(ConfigError, match=r"glow-ood\[wandb\]"):
+        run_tracker(tmp_path, "eval", 1, logger="wandb")
+
+
 def test_wandb_mode_comes_from_the_config_unless_the_environment_says(tmp_path, monkeypatch):
     """run.wandb_mode is the one default (offline); WANDB_MODE, when set, wins; nothing here
     writes to the environment."""

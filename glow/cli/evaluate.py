@@ -39,6 +39,7 @@ error (shards missing, corrupt or not fitting the model), 5 checkpoint or FID we
 import click
 
 from glow.cli import EVAL_MODULES, require_extra, use_file_backend
+from glow.config import check_tracker_installed
 from glow.errors import exit_on_user_error
 from glow.evaluation.tasks import TASKS
 
@@ -116,6 +117,8 @@ def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, 
         todo, out_dir = job.check_done(checkpoint, options)
         click.echo(f"to do: {', '.join(todo)}" if todo else f"done: every result is in {out_dir}")
         raise SystemExit(EXIT_PENDING if todo else 0)
+    if use_wandb:
+        check_tracker_installed("wandb", "--wandb")  # before the work, not after it
     if "latents" in tasks:
         use_file_backend()
     job.evaluate(checkpoint, options)

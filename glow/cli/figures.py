@@ -23,6 +23,7 @@ Exit codes: 0 done, 2 usage error, 4 dumps missing or not matching, 1 internal e
 import click
 
 from glow.cli import EVAL_MODULES, LOGGERS, require_extra, use_file_backend
+from glow.config import check_tracker_installed
 from glow.errors import exit_on_user_error
 from glow.logs import setup_logging
 
@@ -81,6 +82,8 @@ def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root,
     use_file_backend()
     if logger is None and use_wandb is not None:
         logger = "wandb" if use_wandb else "none"
+    if logger is not None:
+        check_tracker_installed(logger, "--logger")  # before the work, not after it
     in_dataset, in_split = parse_in_spec(in_dataset, in_split)
     res = make_figures(run_dir, in_dataset, ood_specs, step=step, in_split=in_split, train_split=train_split,
                        out_dir=out_dir, data_root=data_root, k=k, seed=seed)
