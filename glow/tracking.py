@@ -214,12 +214,14 @@ def _start_wandb(run_dir: Path, project: str, name: str, config: dict, job_type:
     import wandb
     from accelerate.tracking import WandBTracker
 
+    # The environment wins when it says something (wandb's convention); else run.wandb_mode.
+    mode = {} if "WANDB_MODE" in os.environ else {"mode": config.get("run", {}).get("wandb_mode", "offline")}
+    quiet = {} if "WANDB_SILENT" in os.environ else {"silent": True}
+    # Set up before the run starts wandb's service: given only to init, the mode comes too late
+    # and an offline run still resolves wandb's host names (a DNS query from an offline node).
+    wandb.setup(settings=wandb.Settings(**mode, **quiet))
     init = {"group": name, "job_type": job_type, "name": display_name, "id": run_id or _wandb_id(run_dir, name),
-            "resume": "allow", "dir": str(run_dir), "config": config}
-    if "WANDB_MODE" not in os.environ:  # the environment wins when it says something
-        init["mode"] = config.get("run", {}).get("wandb_mode", "offline")
-    if "WANDB_SILENT" not in os.environ:
-        init["settings"] = wandb.Settings(silent=True)
+            "resume": "allow", "dir": str(run_dir), "config": config, **mode}
     tracker = WandBTracker(project, **init)
     tracker.start()
     return tracker

@@ -165,8 +165,10 @@ def test_wandb_mode_comes_from_the_config_unless_the_environment_says(tmp_path, 
     writes to the environment."""
     import wandb
 
-    seen = []
+    seen, set_up = [], []
     monkeypatch.setattr(wandb, "init", lambda **kw: seen.append(kw.get("mode")) or object())
+    monkeypatch.setattr(wandb, "setup",
+                        lambda settings: set_up.append(settings.model_dump(exclude_unset=True).get("mode")))
     monkeypatch.delenv("WANDB_MODE", raising=False)
     before = dict(os.environ)
     for mode in ("offline", "online"):
@@ -175,6 +177,7 @@ def test_wandb_mode_comes_from_the_config_unless_the_environment_says(tmp_path, 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     run_tracker(tmp_path, "eval", 1)
     assert seen == ["offline", "online", None]  # None: wandb reads WANDB_MODE itself
+    assert set_up == ["offline", "online", None]  # set before wandb's service starts
     monkeypatch.delenv("WANDB_MODE")
     assert dict(os.environ) == before
 
