@@ -29,10 +29,11 @@ DEMO_EVAL := eval/evaluate.py --checkpoint $(DEMO_RUN_DIR)/checkpoints/latest --
 .PHONY: test demo install clean-venv
 
 # One stamp per set of extras ($(VENV)/.installed-demo, -test, ...); pyproject.toml changes reinstall.
+# The test extra holds the demo's, so it stamps both (the suite runs `make demo`).
 $(VENV)/.installed-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(if $(strip $(PIP_CONSTRAINTS)),-c $(strip $(PIP_CONSTRAINTS))) -e '.[$*]'
-	touch $@ $(VENV)/.installed
+	touch $@ $(VENV)/.installed $(if $(filter test,$*),$(VENV)/.installed-demo)
 
 install: $(VENV)/.installed-$(strip $(EXTRAS))
 
