@@ -195,14 +195,15 @@ def _validate(cfg: Config) -> None:
     check_tracker_installed(cfg.run.logger)
 
 
-def check_tracker_installed(logger: str, key: str = "run.logger") -> None:
-    """Refuse a tracker whose package is missing, before anything starts (exit 2, naming the extra)."""
+def check_tracker_installed(logger: str, key: str = "run.logger=", instead: str = "run.logger=none") -> None:
+    """Refuse a tracker whose package is missing, before anything starts (exit 2, naming the extra).
+    ``key``: how the user asked for it (``run.logger=``, ``--logger ``); ``instead``: how not to."""
     if logger not in TRACKER_PACKAGES:
         return
     module, extra = TRACKER_PACKAGES[logger]
     if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"{key}={logger} needs the {module} package, which is not installed: "
-                          f"pip install 'glow-ood[{extra}]', or set {key}=none (metrics.jsonl is written either way)")
+        raise ConfigError(f"{key}{logger} needs the {module} package, which is not installed: "
+                          f"pip install 'glow-ood[{extra}]', or {instead} (metrics.jsonl is written either way)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -29,7 +29,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from glow.config import ConfigError, check_tracker_installed
+from glow.config import ConfigError, check_tracker_installed, parse_saved_config
 from glow.files import atomic_write_text, open_nofollow, read_text
 
 __all__ = ["MetricsLog", "Tracker", "git_sha", "run_tracker"]
@@ -256,11 +256,9 @@ def run_tracker(run_dir: str | Path, job_type: str, step: int, detail: str = "",
     skipped with a warning; one asked for explicitly is an error (exit 2). The id is a function of (run, job type, checkpoint step,
     ``detail``), so a requeued job continues its own record.
     """
-    from omegaconf import OmegaConf
-
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
-    config = OmegaConf.to_container(OmegaConf.create(read_text(path, SMALL_FILE_CAP))) if path.is_file() else {}
+    config = parse_saved_config(read_text(path, SMALL_FILE_CAP), path) if path.is_file() else {}
     run = config.get("run", {})
     name = run.get("name", run_dir.name)
     # A folder without config.yaml was not made by train.py: no tracker unless asked for.

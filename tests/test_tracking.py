@@ -220,8 +220,10 @@ def test_training_metrics_read_back_from_tensorboard_and_a_resume_replaces_the_r
 
 def test_evaluation_and_figures_results_read_back_from_tensorboard(tmp_path):
     pytest.importorskip("tensorboard", reason="TensorBoard is not installed: pip install 'glow-ood[tensorboard]'")
+    from glow.evaluation.job import track_results
     from glow.evaluation.result_tables import add_entries
-    from glow.evaluation.tasks import track_results
+    from glow.evaluation.tasks import EvalContext, EvalOptions
+    from glow.run import Run
     from tests.test_figures import _cli as figures_cli
     from tests.test_figures import make_run
 
@@ -230,7 +232,9 @@ def test_evaluation_and_figures_results_read_back_from_tensorboard(tmp_path):
     step_dir = run / "eval" / f"step-{STEP:08d}"
     add_entries(step_dir / "bpd.json", {"celeba/test": {"mean": 3.25, "std": 0.2, "count": 60}})
     tracker = run_tracker(run, "eval", STEP, "dump celeba/test")
-    track_results(tracker, step_dir, ["dump", "samples"], [("celeba", "test")], STEP)
+    ctx = EvalContext(checkpoint=Run(run).checkpoint(STEP), meta={"step": STEP},
+                      options=EvalOptions(tasks=["dump", "samples"], specs=[("celeba", "test")]))
+    assert track_results(tracker, ctx) == ["bpd/celeba/test", "bpd_per_sample/celeba/test", "samples"]
     tracker.close()
     result = CliRunner().invoke(figures_cli(), ["--run", str(run), "--in", "celeba/test", "--ood", "svhn/test"])
     assert result.exit_code == 0, result.output

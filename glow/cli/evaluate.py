@@ -118,7 +118,7 @@ def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, 
         click.echo(f"to do: {', '.join(todo)}" if todo else f"done: every result is in {out_dir}")
         raise SystemExit(EXIT_PENDING if todo else 0)
     if use_wandb:
-        check_tracker_installed("wandb", "--wandb")  # before the work, not after it
+        check_tracker_installed("wandb", "--", "--no-wandb")  # before the work, not after it
     if "latents" in tasks:
         use_file_backend()
     job.evaluate(checkpoint, options)

@@ -83,7 +83,7 @@ def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root,
     if logger is None and use_wandb is not None:
         logger = "wandb" if use_wandb else "none"
     if logger is not None:
-        check_tracker_installed(logger, "--logger")  # before the work, not after it
+        check_tracker_installed(logger, "--logger ", "--logger none")  # before the work, not after it
     in_dataset, in_split = parse_in_spec(in_dataset, in_split)
     res = make_figures(run_dir, in_dataset, ood_specs, step=step, in_split=in_split, train_split=train_split,
                        out_dir=out_dir, data_root=data_root, k=k, seed=seed)
