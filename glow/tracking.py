@@ -253,8 +253,9 @@ def run_tracker(run_dir: str | Path, job_type: str, step: int, detail: str = "",
     Project, logger and config come from ``<run>/config.yaml`` (as written by training);
     ``logger`` overrides its ``run.logger``; so does ``enabled`` (``--wandb/--no-wandb``:
     True is wandb, False none). The run's own tracker, when its package is missing here, is
-    skipped with a warning; one asked for explicitly is an error (exit 2). The id is a function of (run, job type, checkpoint step,
-    ``detail``), so a requeued job continues its own record.
+    skipped with a warning; one asked for explicitly is an error (exit 2). The id is a
+    function of (run, job type, checkpoint step, ``detail``), so a requeued job continues its
+    own record.
     """
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
