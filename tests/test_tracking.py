@@ -85,7 +85,9 @@ def offline_runs(run_dir: Path, expected: int, timeout: float = 60.0) -> dict[st
         time.sleep(0.2)
 
 
-def test_evaluation_and_figures_results_read_back_from_the_offline_run(tmp_path, monkeypatch):
+def eval_and_figures_jobs(tmp_path: Path, run_section: str) -> tuple[Path, dict]:
+    """A run whose config.yaml has ``run_section``: an evaluation job reports a dump and the
+    samples to its tracker, then the figures command runs; returns the run and ood.json."""
     from glow.evaluation.job import track_results
     from glow.evaluation.result_tables import add_entries
     from glow.evaluation.tasks import EvalContext, EvalOptions
@@ -93,13 +95,10 @@ def test_evaluation_and_figures_results_read_back_from_the_offline_run(tmp_path,
     from tests.test_figures import _cli as figures_cli
     from tests.test_figures import make_run
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
     run = make_run(tmp_path)
-    (run / "config.yaml").write_text("run:\n  name: r\n  logger: wandb\n  wandb_project: glow-test\n")
+    (run / "config.yaml").write_text(f"run:\n  name: r\n{run_section}")
     step_dir = run / "eval" / f"step-{STEP:08d}"
     add_entries(step_dir / "bpd.json", {"celeba/test": {"mean": 3.25, "std": 0.2, "count": 60}})
-
     tracker = run_tracker(run, "eval", STEP, "dump celeba/test")
     ctx = EvalContext(checkpoint=Run(run).checkpoint(STEP), meta={"step": STEP},
                       options=EvalOptions(tasks=["dump", "samples"], specs=[("celeba", "test")]))
@@ -108,7 +107,13 @@ def test_evaluation_and_figures_results_read_back_from_the_offline_run(tmp_path,
     assert logged == ["bpd/celeba/test", "bpd_per_sample/celeba/test", "samples"]
     result = CliRunner().invoke(figures_cli(), ["--run", str(run), "--in", "celeba/test", "--ood", "svhn/test"])
     assert result.exit_code == 0, result.output
-    table = json.loads((run / "figures" / "ood.json").read_text())
+    return run, json.loads((run / "figures" / "ood.json").read_text())
+
+
+def test_evaluation_and_figures_results_read_back_from_the_offline_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run, table = eval_and_figures_jobs(tmp_path, "  logger: wandb\n  wandb_project: glow-test\n")
 
     runs = offline_runs(run, expected=2)
     assert set(runs) == {"eval", "figures"}
@@ -220,25 +225,7 @@ def test_training_metrics_read_back_from_tensorboard_and_a_resume_replaces_the_r
 
 def test_evaluation_and_figures_results_read_back_from_tensorboard(tmp_path):
     pytest.importorskip("tensorboard", reason="TensorBoard is not installed: pip install 'glow-ood[tensorboard]'")
-    from glow.evaluation.job import track_results
-    from glow.evaluation.result_tables import add_entries
-    from glow.evaluation.tasks import EvalContext, EvalOptions
-    from glow.run import Run
-    from tests.test_figures import _cli as figures_cli
-    from tests.test_figures import make_run
-
-    run = make_run(tmp_path)
-    (run / "config.yaml").write_text("run:\n  name: r\n  logger: tensorboard\n")
-    step_dir = run / "eval" / f"step-{STEP:08d}"
-    add_entries(step_dir / "bpd.json", {"celeba/test": {"mean": 3.25, "std": 0.2, "count": 60}})
-    tracker = run_tracker(run, "eval", STEP, "dump celeba/test")
-    ctx = EvalContext(checkpoint=Run(run).checkpoint(STEP), meta={"step": STEP},
-                      options=EvalOptions(tasks=["dump", "samples"], specs=[("celeba", "test")]))
-    assert track_results(tracker, ctx) == ["bpd/celeba/test", "bpd_per_sample/celeba/test", "samples"]
-    tracker.close()
-    result = CliRunner().invoke(figures_cli(), ["--run", str(run), "--in", "celeba/test", "--ood", "svhn/test"])
-    assert result.exit_code == 0, result.output
-    table = json.loads((run / "figures" / "ood.json").read_text())
+    run, table = eval_and_figures_jobs(tmp_path, "  logger: tensorboard\n")
 
     jobs = {p.name.split("-")[0]: p for p in (run / "tensorboard").iterdir()}
     assert set(jobs) == {"eval", "figures"}
