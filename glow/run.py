@@ -1,7 +1,8 @@
 """The run directory: one object owns every path and every state under ``runs/<name>``.
 
     runs/<name>/
-        config.yaml  log.txt  metrics.jsonl  wandb/  wandb_id    written by training (rank 0)
+        config.yaml  log.txt  metrics.jsonl                     written by training (rank 0)
+        wandb/ wandb_id | tensorboard/ | mlflow.db mlflow_ids/  the tracker's files (run.logger)
         LOCK  STOP  STOPPED                                     control files (below)
         checkpoints/step-NNNNNNNN/  state/ model.safetensors meta.json COMPLETE
         checkpoints/latest -> step-NNNNNNNN                     the newest complete checkpoint
@@ -133,7 +134,10 @@ class Run:
     config_path = property(lambda self: self.path / "config.yaml")
     log_path = property(lambda self: self.path / "log.txt")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
-    wandb_id_path = property(lambda self: self.path / "wandb_id")
+    wandb_id_path = property(lambda self: self.path / "wandb_id")  # wandb itself writes wandb/ here
+    tensorboard_dir = property(lambda self: self.path / "tensorboard")
+    mlflow_db_path = property(lambda self: self.path / "mlflow.db")
+    mlflow_ids_dir = property(lambda self: self.path / "mlflow_ids")
     lock_path = property(lambda self: self.path / "LOCK")
     stop_path = property(lambda self: self.path / "STOP")
     stopped_path = property(lambda self: self.path / "STOPPED")

@@ -29,8 +29,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from glow.config import ConfigError, check_tracker_installed, parse_saved_config
+from glow.config import ConfigError, check_tracker_installed
 from glow.files import atomic_write_text, open_nofollow, read_text
+from glow.run import Run
 
 __all__ = ["MetricsLog", "Tracker", "git_sha", "run_tracker"]
 
@@ -122,7 +123,7 @@ class Tracker:
         elif kind == "tensorboard":
             from accelerate.tracking import TensorBoardTracker
 
-            self.run = TensorBoardTracker(run_id or job_type, run_dir / "tensorboard")
+            self.run = TensorBoardTracker(run_id or job_type, Run(run_dir).tensorboard_dir)
             self._config = _flat(config)
             self._started = False
             if step is not None:
@@ -233,8 +234,8 @@ def _start_mlflow(run_dir: Path, project: str, name: str, config: dict, job_type
     from accelerate.tracking import MLflowTracker
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):  # else MLflow's default would be ./mlflow.db of the cwd
-        mlflow.set_tracking_uri(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
-    id_file = run_dir / "mlflow_ids" / key
+        mlflow.set_tracking_uri(f"sqlite:///{Run(run_dir).mlflow_db_path.resolve()}")
+    id_file = Run(run_dir).mlflow_ids_dir / key
     known = _kept_id(id_file)
     tracker = MLflowTracker(experiment_name=project, run_id=known, run_name=display_name,
                             tags={"glow.group": name, "glow.job_type": job_type})
@@ -258,8 +259,7 @@ def run_tracker(run_dir: str | Path, job_type: str, step: int, detail: str = "",
     own record.
     """
     run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
-    config = parse_saved_config(read_text(path, SMALL_FILE_CAP), path) if path.is_file() else {}
+    config = Run(run_dir).config()
     run = config.get("run", {})
     name = run.get("name", run_dir.name)
     # A folder without config.yaml was not made by train.py: no tracker unless asked for.
@@ -282,7 +282,7 @@ def run_tracker(run_dir: str | Path, job_type: str, step: int, detail: str = "",
 
 def _wandb_id(run_dir: Path, name: str) -> str:
     """A stable id per run directory, so a requeued job continues the same wandb run."""
-    path = run_dir / "wandb_id"
+    path = Run(run_dir).wandb_id_path
     known = _kept_id(path)
     if known:
         return known

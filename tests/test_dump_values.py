@@ -129,7 +129,13 @@ def test_five_bit_fid_references_are_quantized_like_the_samples(shards, tmp_path
 def test_every_result_is_reused_only_under_its_own_settings(shards, tmp_path):
     """The one skip rule: latents.png (once reused whatever --data or --seed) and samples.png are
     recomputed when anything they depend on changes, and reused otherwise."""
-    from glow.evaluation.tasks import latents_result, requested_results, run_latents, run_samples, samples_result
+    from glow.evaluation.tasks import (
+        latents_result,
+        requested_results,
+        run_latents,
+        run_samples,
+        samples_result,
+    )
 
     model = tiny_model(8)
     build_small_shards(shards, n=6, samples_per_shard=3, dataset="other", split="test")

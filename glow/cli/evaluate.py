@@ -38,10 +38,10 @@ error (shards missing, corrupt or not fitting the model), 5 checkpoint or FID we
 
 import click
 
-from glow.cli import EVAL_MODULES, require_extra, use_file_backend
+from glow.cli import EVAL_MODULES, LOGGERS, require_extra, use_file_backend
 from glow.config import check_tracker_installed
 from glow.errors import exit_on_user_error
-from glow.evaluation.tasks import TASKS
+from glow.evaluation import TASKS
 
 EXIT_PENDING = 3  # --check-done: some requested result is missing or stale
 
@@ -94,31 +94,35 @@ def _parse_spec(spec: str) -> tuple[str, str]:
 @click.option("--convert-channels", is_flag=True,
               help="Score sets of the other modality: grayscale replicated to RGB for an RGB model, RGB to "
                    "luma (ITU-R 601-2) for a grayscale model. Without it a mismatch is an error.")
-@click.option("--wandb/--no-wandb", "use_wandb", default=None,
-              help="Log the results to wandb (job type eval in the training run's project and group), or to no "
-                   "tracker. [default: the training run's run.logger: wandb, tensorboard, mlflow or none]")
+@click.option("--logger", type=click.Choice(LOGGERS), default=None,
+              help="Tracker for the results (job type eval, beside the training run). "
+                   "[default: the training run's run.logger]")
+@click.option("--wandb/--no-wandb", "use_wandb", default=None, hidden=True,
+              help="Same as --logger wandb / --logger none. [default: the training run's run.logger]")
 @exit_on_user_error
 def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, temperatures,
          samples_per_temperature, fid_samples, fid_temperatures, inception_weights, fid_cache, latents_images,
-         check_done, convert_channels, use_wandb):
+         check_done, convert_channels, logger, use_wandb):
     require_extra("glow-eval", "eval", EVAL_MODULES)
     from glow.evaluation import job
     from glow.evaluation.tasks import EvalOptions
 
     parsed = [_parse_spec(s) for s in specs]
+    if logger is None and use_wandb is not None:
+        logger = "wandb" if use_wandb else "none"
     if any(t in tasks for t in ("dump", "bpd", "fid", "latents")) and not parsed:
         raise click.UsageError(f"tasks {', '.join(tasks)} need at least one --data DATASET/SPLIT")
     options = EvalOptions(
         tasks=list(tasks), specs=parsed, data_root=data_root, batch_size=batch_size, workers=workers, seed=seed,
         force=force, temperatures=list(temperatures), samples_per_temperature=samples_per_temperature,
         fid_samples=fid_samples, fid_temperatures=list(fid_temperatures), inception_weights=inception_weights,
-        fid_cache=fid_cache, latents_images=latents_images, convert_channels=convert_channels, use_wandb=use_wandb)
+        fid_cache=fid_cache, latents_images=latents_images, convert_channels=convert_channels, logger=logger)
     if check_done:
         todo, out_dir = job.check_done(checkpoint, options)
         click.echo(f"to do: {', '.join(todo)}" if todo else f"done: every result is in {out_dir}")
         raise SystemExit(EXIT_PENDING if todo else 0)
-    if use_wandb:
-        check_tracker_installed("wandb", "--", "--no-wandb")  # before the work, not after it
+    if logger is not None:
+        check_tracker_installed(logger, "--logger ", "--logger none")  # before the work, not after it
     if "latents" in tasks:
         use_file_backend()
     job.evaluate(checkpoint, options)

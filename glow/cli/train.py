@@ -34,7 +34,13 @@ import sys
 
 import click
 
-from glow.config import launch_config_path, launch_configs, load_config, shipped_configs, to_yaml
+from glow.config import (
+    launch_config_path,
+    launch_configs,
+    load_config,
+    shipped_configs,
+    to_yaml,
+)
 from glow.errors import exit_on_user_error
 
 

@@ -97,15 +97,15 @@ def evaluate(checkpoint: str | Path, options: EvalOptions) -> None:
             tasks.run_latents(ctx)
     if ctx.is_main:
         detail = " ".join([*options.tasks, *(f"{d}/{s}" for d, s in options.specs)])
-        tracker = run_tracker(ckpt.run.path, "eval", ctx.step, detail, enabled=options.use_wandb,
+        tracker = run_tracker(ckpt.run.path, "eval", ctx.step, detail, logger=options.logger,
                               extra_config={"checkpoint": str(ckpt.path), "tasks": list(options.tasks)})
-        enabled = tracker.run is not None
+        kind = tracker.kind if tracker.run is not None else None
         try:
             logged = track_results(tracker, ctx)
         finally:
             tracker.close()
-        if logged and enabled:
-            log.info("logged to wandb: %s", ", ".join(logged))
+        if logged and kind:
+            log.info("logged to %s: %s", kind, ", ".join(logged))
     finish(accelerator)
 
 

@@ -27,6 +27,7 @@ from glow.data.streams import (
 )
 from glow.distributed import barrier, gather_objects, on_main
 from glow.errors import DataError
+from glow.evaluation import TASKS
 from glow.evaluation.complexity import png_complexity_bpd_batch
 from glow.evaluation.dumps import dump_settings, write_dump
 from glow.evaluation.records import Result, read_record
@@ -61,7 +62,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-TASKS = ("dump", "bpd", "samples", "fid", "latents")
 SHAPE_TASKS = ("dump", "bpd", "latents")  # tasks that read the splits' images into the model
 
 
@@ -88,7 +88,7 @@ class EvalOptions:
     fid_cache: str | None = None
     latents_images: int = 4
     convert_channels: bool = False
-    use_wandb: bool | None = None  # None: as the training run's run.logger
+    logger: str | None = None  # none | wandb | tensorboard | mlflow; None: as the training run's run.logger
 
 
 @dataclass
