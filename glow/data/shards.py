@@ -17,20 +17,23 @@ A build is resumable and reproducible:
   rewritten atomically after every shard, so a rerun keeps shards whose sha256 matches and
   rebuilds the rest;
 * one build at a time per split directory: a build holds ``<split dir>/BUILD.lock``
-  (:func:`glow.files.hold_lock`) and a second concurrent build refuses, naming the holder;
+  (:func:`glow.files.hold_lock`, which never follows a symlink) and a second concurrent build
+  refuses, naming the holder;
 * the manifest holds a fingerprint of the settings; a build with other settings into the
-  same directory is refused unless ``overwrite=True``.
+  same directory (or whose manifest cannot be read, :func:`glow.data.manifest.read_manifest`)
+  is refused unless ``overwrite=True``.
+
+:func:`verify` checks a split against its manifest through the same bounded reader training
+and evaluation use (:mod:`glow.data.shard_read`), and also decodes every image.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import io
-import json
 import logging
 import multiprocessing
 import os
-import re
 import tarfile
 import uuid
 from pathlib import Path
@@ -40,29 +43,31 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from glow.data.manifest import (  # noqa: F401  (the layout, re-exported for callers of glow.data.shards)
+    MANIFEST,
+    ImageSpec,
+    ShardError,
+    ShardsMissing,
+    check_shard_name,
+    read_manifest,
+    shard_name,
+    split_dir,
+)
+from glow.data.shard_read import MAX_SHARD_BYTES, ShardReadError, decode_png, iter_shard, open_shard
 from glow.digest import canonical_json, json_digest
 from glow.errors import DataError
-from glow.files import LockHeld, atomic_write_json, hold_lock, new_file_mode
+from glow.files import LockHeld, UnsafeFile, atomic_write_json, hold_lock, new_file_mode, open_nofollow
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 PNG_COMPRESS_LEVEL = 6
 KEY_FORMAT = "%08d"
 LOCK = "BUILD.lock"
 # 500 samples a shard: CelebA 32x32 train (162,770) is 326 shards, enough for 256 readers
-# (ranks x loader workers) to read disjoint shards; ~1.8 MB a shard at 32x32 RGB.
+# (ranks x loader workers) to read disjoint shards; ~1.7 MB a shard at 32x32 RGB, ~4.4 MB at
+# 64x64 (docs/cluster.md, "Shards and readers").
 DEFAULT_SAMPLES_PER_SHARD = 500
-SHARD_NAME_RE = r"{dataset}-{split}-\d{{6}}\.tar"
-
-
-class ShardError(DataError, RuntimeError):
-    """A shard set on disk is missing, corrupt, or does not match its manifest (exit code 4)."""
-
-
-class ShardsMissing(ShardError, FileNotFoundError):
-    """No manifest where shards were expected; the message says how to build them."""
 
 
 class BuildRefused(ShardError):
@@ -117,31 +122,21 @@ class Source:
 
 
 # --------------------------------------------------------------------------- helpers
-def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20, expected_bytes: int | None = None) -> str:
+    """sha256 of a shard file opened without following links (:func:`glow.data.shard_read.open_shard`).
+    With ``expected_bytes``, a file of another size, or over :data:`MAX_SHARD_BYTES`, is not
+    hashed: ShardReadError."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_shard(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if expected_bytes is not None and size != expected_bytes:
+            raise ShardReadError(f"{path}: sha256/size differs from the manifest ({size} bytes on disk, the "
+                                 f"manifest says {expected_bytes}): corrupt or replaced")
+        if size > MAX_SHARD_BYTES:
+            raise ShardReadError(f"{path}: {size} bytes, more than the {MAX_SHARD_BYTES} a shard may hold")
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
-
-
-def split_dir(root: str | os.PathLike, dataset: str, split: str) -> Path:
-    return Path(root) / dataset / split
-
-
-def shard_name(dataset: str, split: str, i: int) -> str:
-    return f"{dataset}-{split}-{i:06d}.tar"
-
-
-def check_shard_name(name: str, dataset: str, split: str, where: str | os.PathLike) -> str:
-    """``name`` if it follows the naming scheme (so it lies inside the split directory),
-    else :class:`ShardError` naming the manifest ``where`` it was found: a manifest must not
-    point a reader at any other file (``../``, absolute paths, other sets' shards)."""
-    pattern = SHARD_NAME_RE.format(dataset=re.escape(dataset), split=re.escape(split))
-    if not isinstance(name, str) or not re.fullmatch(pattern, name):
-        raise ShardError(f"{where}: shard name {name!r} does not match the naming scheme "
-                         f"{dataset}-{split}-NNNNNN.tar; the manifest is corrupt or hostile: rebuild the shards")
-    return name
 
 
 def encode_png(img: np.ndarray) -> bytes:
@@ -211,6 +206,17 @@ def _finish(man: dict, src: Source) -> dict:
     return man
 
 
+def _previous_build(root: str | os.PathLike, src: Source) -> tuple[dict | None, str | None]:
+    """(the manifest of a previous build of ``src`` under ``root``, None), (None, None) when there
+    is none, or (None, why it cannot be used) when the one manifest reader refuses it."""
+    try:
+        return read_manifest(root, src.dataset, src.split, require_complete=False), None
+    except ShardsMissing:
+        return None, None
+    except ShardError as exn:
+        return None, f"{split_dir(root, src.dataset, src.split)} holds a manifest that cannot be used ({exn})"
+
+
 def _clear_dir(d: Path, dataset: str, split: str) -> None:
     for p in d.glob(f"{dataset}-{split}-*.tar*"):
         p.unlink()
@@ -219,16 +225,21 @@ def _clear_dir(d: Path, dataset: str, split: str) -> None:
 
 
 def _reusable_shards(d: Path, old: dict, n_shards: int) -> dict[int, dict]:
-    """Shards of a previous build with the same settings whose file matches its sha256."""
+    """Shards of a previous build with the same settings whose file matches its sha256
+    (``old`` comes from :func:`read_manifest`: its shard names are checked)."""
     keep = {}
-    for entry in old.get("shards", []):
+    for entry in old["shards"]:
         i = entry["shard"]
-        if entry.get("name") != shard_name(old.get("dataset", ""), old.get("split", ""), i) or i >= n_shards:
+        if i >= n_shards:
             continue
         path = d / entry["name"]
-        if not path.exists():
+        try:
+            digest = sha256_file(path, expected_bytes=entry["bytes"])
+        except FileNotFoundError:
             continue
-        if path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]:
+        except ShardReadError:  # another size, a symlink, a FIFO: rebuilt (the new shard replaces the entry)
+            digest = None
+        if digest == entry["sha256"]:
             keep[i] = entry
         else:
             logger.warning("shard %s does not match its manifest sha256; rebuilding it", path)
@@ -256,7 +267,7 @@ def build(
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if src.n < 1:
-        raise ValueError(f"source {src.dataset}/{src.split} has no items")
+        raise ShardError(f"source {src.dataset}/{src.split} has no items: nothing to build")
     if not isinstance(src.settings.get("resolution"), int) or src.channels not in (1, 3):
         raise ValueError(f"source {src.dataset}/{src.split} must declare an int resolution and 1 or 3 channels "
                          f"(readers check every image against them), got {src.settings.get('resolution')!r}, "
@@ -265,34 +276,31 @@ def build(
     d.mkdir(parents=True, exist_ok=True)
     try:
         with hold_lock(d / LOCK, {"build": f"{src.dataset}/{src.split}"}):
-            return _build_locked(src, d, samples_per_shard, workers, overwrite, skip_bad, progress, _after_shard)
+            return _build_locked(src, root, samples_per_shard, workers, overwrite, skip_bad, progress, _after_shard)
     except LockHeld as exn:
         who = ", ".join(f"{k}={v}" for k, v in exn.holder.items()) or "unknown holder"
         raise BuildBusy(f"{d} is being written by another shard build ({who}); wait for it to finish "
                         f"(a rerun of the same command then resumes or skips it), or stop it first") from None
+    except UnsafeFile as exn:  # e.g. BUILD.lock planted as a symlink to someone's dotfile: left untouched
+        raise ShardError(f"{exn}; remove it and rerun the build") from None
 
 
-def _build_locked(src: Source, d: Path, samples_per_shard: int, workers: int, overwrite: bool, skip_bad: bool,
-                  progress: bool, _after_shard: Callable[[int], None] | None) -> dict:
+def _build_locked(src: Source, root: str | os.PathLike, samples_per_shard: int, workers: int, overwrite: bool,
+                  skip_bad: bool, progress: bool, _after_shard: Callable[[int], None] | None) -> dict:
     man = _base_manifest(src, samples_per_shard)
     n_shards = -(-src.n // samples_per_shard)
+    d = split_dir(root, src.dataset, src.split)
     mpath = d / MANIFEST
-    old = None
-    if mpath.exists():
-        try:
-            old = json.loads(mpath.read_text())
-        except json.JSONDecodeError:
-            old = {"fingerprint": "<unreadable manifest>"}
-        if old.get("fingerprint") != man["fingerprint"]:
-            if not overwrite:
-                raise BuildRefused(
-                    f"{d} already holds shards built with other settings (fingerprint "
-                    f"{old.get('fingerprint')} != {man['fingerprint']}); use another output "
-                    f"directory or pass --overwrite to replace them"
-                )
-            logger.info("overwriting the previous build in %s", d)
-            _clear_dir(d, src.dataset, src.split)
-            old = None
+    old, refusal = _previous_build(root, src)
+    if old is not None and old.get("fingerprint") != man["fingerprint"]:
+        refusal = (f"{d} already holds shards built with other settings (fingerprint "
+                   f"{old.get('fingerprint')} != {man['fingerprint']})")
+    if refusal is not None:
+        if not overwrite:
+            raise BuildRefused(f"{refusal}; use another output directory or pass --overwrite to replace them")
+        logger.info("overwriting the previous build in %s", d)
+        _clear_dir(d, src.dataset, src.split)
+        old = None
     for p in d.glob(f"{src.dataset}-{src.split}-*.tar*.tmp"):
         p.unlink()  # leftovers of an interrupted build (we hold the lock: no live build owns them)
     keep = _reusable_shards(d, old, n_shards) if old else {}
@@ -335,7 +343,7 @@ def _write_shard(src: Source, d: Path, i: int, start: int, stop: int, pool, skip
     jobs = [(src.process, p) for p in src.payloads(start, stop)]
     results = pool.imap(_worker, jobs, chunksize=16) if pool is not None else map(_worker, jobs)
     count, skipped, metas, shape = 0, [], [], None
-    with open(tmp, "wb") as f:
+    with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for res in results:
                 bar.update(1)
@@ -365,7 +373,10 @@ def _write_shard(src: Source, d: Path, i: int, start: int, stop: int, pool, skip
                 count += 1
         f.flush()
         os.fsync(f.fileno())
-    os.chmod(tmp, new_file_mode())
+        os.fchmod(f.fileno(), new_file_mode())
+        if f.tell() > MAX_SHARD_BYTES:
+            raise ShardError(f"shard {final} would be {f.tell()} bytes, more than the {MAX_SHARD_BYTES} readers "
+                             f"accept: rebuild with a smaller --samples-per-shard (--overwrite)")
     os.replace(tmp, final)
     entry = {  # size and sha256 of the file under its final name: what a reader will check
         "shard": i,
@@ -383,55 +394,36 @@ def _write_shard(src: Source, d: Path, i: int, start: int, stop: int, pool, skip
 
 
 # --------------------------------------------------------------------------- verification
-def load_manifest(root: str | os.PathLike, dataset: str, split: str) -> dict:
-    path = split_dir(root, dataset, split) / MANIFEST
-    if not path.exists():
-        raise ShardsMissing(
-            f"no shard manifest at {path}: build the shards first (python shards/build.py ... --out {root})"
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exn:
-        raise ShardError(f"manifest {path} is not valid JSON ({exn}); rebuild the shards") from exn
-
-
 def verify(root: str | os.PathLike, dataset: str, split: str) -> dict:
     """Check every shard of ``root/dataset/split`` against the manifest.
 
-    Checks: the build is complete, each shard exists, its size and sha256 match, it reads
-    as a tar holding ``count`` samples each with a ``.png`` and a ``.json``.
+    Checks: the manifest passes the one reader (:func:`read_manifest`) and the build is
+    complete; each shard exists as a regular file, its size and sha256 match; read through the
+    bounded reader training and evaluation use (:func:`glow.data.shard_read.iter_shard`) it holds
+    ``count`` samples, each with a ``.json`` and a ``.png`` that decodes at the manifest's size.
     Returns ``{"dataset", "split", "shards", "count"}``; raises :class:`ShardError` listing
     every problem found.
     """
-    man = load_manifest(root, dataset, split)
+    man = read_manifest(root, dataset, split, require_complete=False)
     d = split_dir(root, dataset, split)
+    spec = ImageSpec.of(man)
     problems = []
-    if not man.get("complete"):
+    if man.get("complete") is not True:
         problems.append(f"{d / MANIFEST}: the build is incomplete; rerun the same build command to resume it")
     for entry in man["shards"]:
+        path = d / entry["name"]
         try:
-            path = d / check_shard_name(entry.get("name"), dataset, split, d / MANIFEST)
+            if sha256_file(path, expected_bytes=entry["bytes"]) != entry["sha256"]:
+                raise ShardReadError(f"{path}: sha256/size differs from the manifest (corrupt or replaced)")
+            for sample in iter_shard(str(path), spec, expected_bytes=entry["bytes"], count=entry["count"]):
+                where = f"{sample['__key__']} in {path}"
+                if "json" not in sample or "png" not in sample:
+                    raise ShardReadError(f"sample {where} lacks a .json or a .png member")
+                decode_png(sample["png"], where, spec)
+        except FileNotFoundError:
+            problems.append(f"{path}: missing")
         except ShardError as exn:
             problems.append(str(exn))
-            continue
-        if not path.exists():
-            problems.append(f"{path}: missing")
-            continue
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            problems.append(f"{path}: sha256/size differs from the manifest (corrupt or replaced)")
-            continue
-        try:
-            with tarfile.open(path, "r:") as tar:  # plain tar only: never decompress a hostile stream
-                names = tar.getnames()
-        except (tarfile.TarError, OSError) as exn:
-            problems.append(f"{path}: not a readable tar ({exn})")
-            continue
-        keys = {n.rsplit(".", 1)[0] for n in names}
-        pngs = {n[:-4] for n in names if n.endswith(".png")}
-        jsons = {n[:-5] for n in names if n.endswith(".json")}
-        if len(keys) != entry["count"] or pngs != keys or jsons != keys:
-            problems.append(f"{path}: holds {len(keys)} samples ({len(pngs)} png, {len(jsons)} json), "
-                            f"manifest says {entry['count']}")
     total = sum(e["count"] for e in man["shards"])
     if total != man.get("count"):
         problems.append(f"{d / MANIFEST}: shard counts sum to {total}, manifest count is {man.get('count')}")

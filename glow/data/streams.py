@@ -27,7 +27,11 @@ Evaluation (:func:`make_eval_loader`)
     unequal counts, and the caller gathers unequal lengths and compares the total with the
     manifest. A truncated, corrupt or oversized shard, or one whose sample count differs
     from the manifest, raises :class:`ShardReadError` naming the file (reads are bounded:
-    :mod:`glow.data.shard_read`).
+    :mod:`glow.data.shard_read`); so does a training shard (the counts are checked there too).
+
+Manifests: every constructor reads the split's manifest through the one reader
+(:func:`glow.data.manifest.read_manifest`), or takes the one its caller already read
+(``manifest=``), so a job reads it once.
 
 Channels: a stream yields the manifest's channels (3 = RGB, 1 = grayscale) unless the
 caller asks for a count (the model's ``in_channels``): a mismatch is an error unless the
@@ -49,62 +53,33 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from glow.data.shard_read import (
+from glow.data.manifest import (  # noqa: F401  (read_manifest, manifest_hash: re-exported for callers)
+    BUILD_COMMANDS,
+    MANIFEST,
     ImageSpec,
+    ShardError,
+    check_shard_name,
+    manifest_hash,
+    read_manifest,
+    split_dir,
+)
+from glow.data.shard_read import (
     ShardReadError,
     convert_channels,
     decode_png,
     iter_shard,
 )
-from glow.data.shards import (
-    KEY_FORMAT,
-    MANIFEST,
-    ShardError,
-    ShardsMissing,
-    check_shard_name,
-    split_dir,
-)
-from glow.digest import json_digest
+from glow.data.shards import KEY_FORMAT
 
 __all__ = ["ShardReadError", "check_channels", "decode_png", "fan_out_warning", "load_images", "make_eval_loader",
            "make_train_loader", "manifest_hash", "read_manifest", "shard_paths"]
 
 logger = logging.getLogger(__name__)
-MAX_MANIFEST_BYTES = 64 << 20  # ~200,000 shards: far beyond any split
-BUILD_COMMANDS = ("demo", "gaussian", "svhn", "celeba", "cifar10", "cifar100", "mnist", "fashion-mnist")
 
 
 # --------------------------------------------------------------------------- manifest
-def read_manifest(root: str | os.PathLike, dataset: str, split: str) -> dict:
-    """The manifest of ``root/dataset/split``; FileNotFoundError names the expected path."""
-    path = split_dir(root, dataset, split) / MANIFEST
-    if not path.is_file():
-        raise ShardsMissing(
-            f"no shard manifest at {path}; build the shards first, e.g. "
-            f"`python shards/build.py {dataset if dataset in BUILD_COMMANDS else 'folder'}"
-            f" --out {root}`"
-        )
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ShardError(f"manifest {path} is {path.stat().st_size} bytes, more than the {MAX_MANIFEST_BYTES} any "
-                         f"build writes (~300 bytes a shard); it is corrupt or hostile: rebuild the shards")
-    try:
-        man = json.loads(path.read_text())
-    except json.JSONDecodeError as exn:
-        raise ShardError(f"manifest {path} is not valid JSON ({exn}); rebuild the shards") from None
-    if not man.get("complete"):
-        raise ShardError(f"{path}: the shard build is incomplete; rerun the build command to finish it")
-    for entry in man.get("shards", []):
-        check_shard_name(entry.get("name"), dataset, split, path)
-    ImageSpec.of(man)  # resolution and channels are sane
-    return man
-
-
-def manifest_hash(manifest: dict) -> str:
-    """sha256 of the manifest's canonical JSON, first 16 hex characters."""
-    return json_digest(manifest)
-
-
 def shard_paths(root: str | os.PathLike, dataset: str, split: str, manifest: dict | None = None) -> list[str]:
+    """Paths of the split's shards, in manifest order (``manifest``: as :func:`read_manifest` gave it)."""
     man = manifest or read_manifest(root, dataset, split)
     d = split_dir(root, dataset, split)
     return [str(d / check_shard_name(s["name"], dataset, split, d / MANIFEST)) for s in man["shards"]]
@@ -148,15 +123,17 @@ def check_channels(manifest: dict, where: str | os.PathLike, channels: int | Non
 
 
 def fan_out_warning(root: str | os.PathLike, dataset: str, split: str, world_size: int,
-                    num_workers: int) -> str | None:
+                    num_workers: int, manifest: dict | None = None) -> str | None:
     """A warning when training readers (ranks x loader workers) outnumber the shards of a split,
     since readers then draw the same shards instead of disjoint ones; None when each reader
-    gets its own shards. The message gives the rebuild command."""
-    man = read_manifest(root, dataset, split)
+    gets its own shards. The message gives the rebuild command (a build command name only:
+    never text copied from the manifest)."""
+    man = manifest or read_manifest(root, dataset, split)
     readers, n_shards = world_size * max(1, num_workers), len(man["shards"])
     if readers <= n_shards:
         return None
-    kind = (man.get("source") or {}).get("kind") or dataset
+    kind = (man.get("source") or {}).get("kind") if isinstance(man.get("source"), dict) else None
+    kind = kind if kind in BUILD_COMMANDS or kind == "folder" else {"digits": "demo"}.get(kind, "COMMAND")
     per_shard = max(1, int(man["count"]) // readers)
     return (f"{readers} training readers ({world_size} ranks x {max(1, num_workers)} loader workers) share the "
             f"{n_shards} shard(s) of {split_dir(root, dataset, split)}: readers draw the same shards instead of "
@@ -170,9 +147,10 @@ def _worker_split() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _samples_of(shard: "_Shard", spec: ImageSpec, check_count: bool) -> Iterator[dict]:
-    """Samples of one shard read with bounded memory (glow.data.shard_read); errors name the shard."""
-    return iter_shard(shard.url, spec, expected_bytes=shard.nbytes, count=shard.count if check_count else None)
+def _samples_of(shard: "_Shard", spec: ImageSpec) -> Iterator[dict]:
+    """Samples of one shard read with bounded memory (glow.data.shard_read), size and count as
+    the manifest says; errors name the shard."""
+    return iter_shard(shard.url, spec, expected_bytes=shard.nbytes, count=shard.count)
 
 
 def _decode(s: dict, spec: ImageSpec, channels: int) -> np.ndarray:
@@ -200,7 +178,7 @@ class _ResampledShards:
 
 def _expand(src: Iterable[dict], spec: ImageSpec) -> Iterator[dict]:
     for item in src:
-        yield from _samples_of(item["shard"], spec, check_count=False)
+        yield from _samples_of(item["shard"], spec)
 
 
 def _train_decode(src: Iterable[dict], rng: random.Random, hflip: bool, spec: ImageSpec,
@@ -259,17 +237,23 @@ def make_train_loader(root: str | os.PathLike, dataset: str, split: str, *, batc
                       epoch: int, rank: int, world_size: int, num_workers: int = 0,
                       batches_per_epoch: int, hflip: bool = False, shuffle_buffer: int = 1000,
                       skip_batches: int = 0, channels: int | None = None, convert_channels: bool = False,
-                      resolution: int | None = None) -> Iterable[torch.Tensor]:
+                      resolution: int | None = None, manifest: dict | None = None) -> Iterable[torch.Tensor]:
     """Exactly ``batches_per_epoch - skip_batches`` uint8 batches (B,C,H,W) for this rank,
     a deterministic function of all arguments (see the module docstring). C is the
-    manifest's channels; ``channels`` asks for a given count (see :func:`check_channels`)."""
+    manifest's channels; ``channels`` asks for a given count (see :func:`check_channels`).
+    ``manifest``: the split's manifest as :func:`read_manifest` gave it (read here if None).
+    Shards whose manifest entry holds no sample (every item skipped at build time) are left
+    out: resampling them would yield nothing."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     if batch_size < 1 or batches_per_epoch < 0:
         raise ValueError(f"batch_size must be >= 1 and batches_per_epoch >= 0, got {batch_size}, {batches_per_epoch}")
-    man = read_manifest(root, dataset, split)
+    man = manifest or read_manifest(root, dataset, split)
     channels = check_channels(man, split_dir(root, dataset, split), channels, convert_channels, resolution)
-    ds = TrainStream(_shard_list(root, dataset, split, man), batch_size=batch_size, seed=seed, epoch=epoch,
+    shards = [s for s in _shard_list(root, dataset, split, man) if s.count > 0]
+    if not shards:
+        raise ShardError(f"{split_dir(root, dataset, split) / MANIFEST}: no shard holds a sample; rebuild the shards")
+    ds = TrainStream(shards, batch_size=batch_size, seed=seed, epoch=epoch,
                      rank=rank, world_size=world_size, batches_per_epoch=batches_per_epoch, hflip=hflip,
                      shuffle_buffer=shuffle_buffer, spec=ImageSpec.of(man), channels=channels)
     # An explicit generator: creating the loader must not draw from the global torch RNG,
@@ -318,20 +302,29 @@ class EvalStream(IterableDataset):
         worker, num_workers = _worker_split()
         batch: list[dict] = []
         for shard in self.my_shards(worker, num_workers):
-            for s in _samples_of(shard, self.spec, check_count=True):
-                where = f"{s['__key__']} in {s['__url__']}"
-                if "json" not in s:
-                    raise ShardReadError(f"sample {where} lacks a .json member; rebuild the shard")
-                meta = json.loads(s["json"])
-                label = meta.get("label")
-                batch.append({"key": s["__key__"], "index": int(meta["index"]),
-                              "label": -1 if label is None else int(label),
+            for s in _samples_of(shard, self.spec):
+                index, label = _index_and_label(s)
+                batch.append({"key": s["__key__"], "index": index, "label": -1 if label is None else label,
                               "image": _decode(s, self.spec, self.channels)})
                 if len(batch) == self.batch_size:
                     yield _collate_eval(batch)
                     batch = []
         if batch:
             yield _collate_eval(batch)
+
+
+def _index_and_label(s: dict) -> tuple[int, int | None]:
+    """A sample's index (its key as a number) and label (an integer or None) from its .json."""
+    try:
+        meta = json.loads(s["json"])
+    except (KeyError, ValueError):
+        meta = None
+    label = meta.get("label") if isinstance(meta, dict) else None
+    if (not isinstance(meta, dict) or type(meta.get("index")) is not int or meta["index"] != int(s["__key__"])
+            or not (label is None or type(label) is int)):
+        raise ShardReadError(f"sample {s['__key__']} in {s['__url__']} lacks a .json member with its index and an "
+                             f"integer (or null) label; rebuild the shard")
+    return meta["index"], label
 
 
 def _collate_eval(batch: list[dict]) -> dict:
@@ -345,13 +338,15 @@ def _collate_eval(batch: list[dict]) -> dict:
 
 def make_eval_loader(root: str | os.PathLike, dataset: str, split: str, *, batch_size: int, rank: int,
                      world_size: int, num_workers: int = 0, channels: int | None = None,
-                     convert_channels: bool = False, resolution: int | None = None) -> Iterable[dict]:
+                     convert_channels: bool = False, resolution: int | None = None,
+                     manifest: dict | None = None) -> Iterable[dict]:
     """Batches ``{"key", "index", "label" (-1 = none), "image" uint8 (B,C,H,W)}`` of this
     rank's share; over all ranks every sample comes exactly once (last batch may be short).
-    C is the manifest's channels; ``channels`` asks for a given count (:func:`check_channels`)."""
+    C is the manifest's channels; ``channels`` asks for a given count (:func:`check_channels`).
+    ``manifest``: the split's manifest as :func:`read_manifest` gave it (read here if None)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-    man = read_manifest(root, dataset, split)
+    man = manifest or read_manifest(root, dataset, split)
     channels = check_channels(man, split_dir(root, dataset, split), channels, convert_channels, resolution)
     ds = EvalStream(_shard_list(root, dataset, split, man), batch_size=batch_size, rank=rank,
                     world_size=world_size, spec=ImageSpec.of(man), channels=channels)
@@ -360,10 +355,11 @@ def make_eval_loader(root: str | os.PathLike, dataset: str, split: str, *, batch
 
 
 # --------------------------------------------------------------------------- random access
-def load_images(root: str | os.PathLike, dataset: str, split: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+def load_images(root: str | os.PathLike, dataset: str, split: str, keys: Sequence[str],
+                manifest: dict | None = None) -> dict[str, np.ndarray]:
     """Images (HxWx3 uint8, grayscale replicated, for display) for the given sample keys;
-    reads only the shards that hold them."""
-    man = read_manifest(root, dataset, split)
+    reads only the shards that hold them (``manifest``: as :func:`read_manifest` gave it)."""
+    man = manifest or read_manifest(root, dataset, split)
     spec = ImageSpec.of(man)
     shards = {Path(sh.url).name: sh for sh in _shard_list(root, dataset, split, man)}
     d = split_dir(root, dataset, split)
@@ -381,7 +377,7 @@ def load_images(root: str | os.PathLike, dataset: str, split: str, keys: Sequenc
         by_shard.setdefault(entry["name"], set()).add(KEY_FORMAT % idx)
     out: dict[str, np.ndarray] = {}
     for name, ks in by_shard.items():
-        for s in _samples_of(shards[name], spec, check_count=False):
+        for s in _samples_of(shards[name], spec):
             if s["__key__"] in ks:
                 out[wanted[s["__key__"]]] = _decode(s, spec, 3)
     missing = set(wanted.values()) - set(out)
