@@ -6,7 +6,7 @@ Layout: ``<root>/<dataset>/<split>/<dataset>-<split>-NNNNNN.tar`` plus ``manifes
 A shard root may be writable by a whole group, so a manifest is read as written by someone
 else (:func:`read_manifest`): opened without following a symlink (a FIFO or device refused),
 at most :data:`MAX_MANIFEST_BYTES` and :data:`MAX_MANIFEST_CONTAINERS` JSON objects and lists
-(both constants, so parsing one takes at most ~100 MB whatever the file declares); every shard
+(both constants, so parsing one takes at most ~110 MB whatever the file holds); every shard
 name must follow the naming scheme (no manifest can point a reader outside its split
 directory), every entry's counts and sizes must be non-negative integers, resolution and
 channels must be sane, and the build must be complete unless the caller (a resuming build,
@@ -34,7 +34,8 @@ MANIFEST = "manifest.json"
 SHARD_NAME_RE = r"{dataset}-{split}-\d{{6}}\.tar"
 # A manifest takes ~300 bytes and 2-3 JSON containers a shard: 8 MiB is ~27,000 shards (CelebA
 # train at the default 500 samples a shard is 326). Measured worst case for a hostile file
-# within both caps: ~80 MB to parse (without the container cap, 25x the bytes: ~200 MB).
+# within both caps: ~110 MB to parse (two-character strings; without the container cap, empty
+# objects take 25x the bytes: ~200 MB).
 MAX_MANIFEST_BYTES = 8 << 20
 MAX_MANIFEST_CONTAINERS = 200_000
 BUILD_COMMANDS = ("demo", "gaussian", "svhn", "celeba", "cifar10", "cifar100", "mnist", "fashion-mnist")

@@ -41,7 +41,7 @@ __all__ = ["MAX_SHARD_BYTES", "ImageSpec", "ShardReadError", "convert_channels",
            "member_cap", "open_shard", "shard_cap"]
 
 JSON_CAP = 1 << 16  # a sample's metadata is a few hundred bytes
-# 500 samples (the default) of 64x64 RGB make ~4.5 MB; a build refuses to write a larger shard.
+# 500 samples (the default) of 64x64 RGB make ~4.1 MB; a build refuses to write a larger shard.
 MAX_SHARD_BYTES = 1 << 30
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)

@@ -1,4 +1,9 @@
-"""Any folder of images (notMNIST, LSUN crops, ...), split by a hash of each file's path."""
+"""Any folder of images (notMNIST, LSUN crops, ...), split by a hash of each file's path.
+
+The source stays inside its folder: subfolders that are symlinks are not entered, and an image
+that is a symlink must resolve to a file inside the folder (a link out of it is refused, naming
+it), so a planted link cannot put another file into the shards.
+"""
 from __future__ import annotations
 
 import functools
@@ -29,6 +34,16 @@ def _split_of(rel: str, seed: int, fractions: dict[str, float]) -> str:
     return "train"
 
 
+def _check_inside(root: Path, files: list[Path]) -> None:
+    """Every file resolves to a file inside ``root`` (path.rglob enters no symlinked folder, but
+    lists symlinked files)."""
+    real_root = root.resolve()
+    for p in files:
+        if p.is_symlink() and not p.resolve().is_relative_to(real_root):
+            raise SourceError(f"{p} is a symlink to {p.resolve()}, outside the image folder {root}: refused (the "
+                              f"folder source reads only files inside its folder); copy the file in, or remove the link")
+
+
 def folder_sources(root: str | os.PathLike, name: str | None = None, resolution: int = 32,
                    fractions: dict[str, float] | None = None, seed: int = 0) -> list[Source]:
     """Every image under ``root`` (recursive), resized (short side) and centre-cropped.
@@ -47,6 +62,7 @@ def folder_sources(root: str | os.PathLike, name: str | None = None, resolution:
         raise SourceError(f"split fractions {fractions} must be >= 0 and sum to at most 1 "
                           f"(test=1.0 puts every image in test, e.g. for an OOD-only set)")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    _check_inside(root, files)
     if not files:
         raise SourceError(f"no images under {root}: expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
     name = name or root.resolve().name

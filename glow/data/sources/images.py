@@ -4,11 +4,17 @@ Image transforms follow torchvision's semantics exactly (``Resize(n)`` resizes t
 ``n`` with the long side ``int(n * long / short)``; ``CenterCrop`` rounds the offset), but are
 written on Pillow so that pool workers need not import torch; ``tests/test_shards.py`` checks
 the equality against torchvision.
+
+A source image is decoded only when its header declares at most :data:`MAX_SOURCE_PIXELS`
+(Pillow's own limit, ~89 million pixels, only warns below twice that): a small PNG or JPEG that
+declares a huge canvas (a decompression bomb) is refused, naming the file, before its pixels
+are allocated.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -21,6 +27,8 @@ INTERPOLATION = "bilinear, antialiased (Pillow Image.resize, as torchvision Resi
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+# 50 megapixels (e.g. 8660 x 5773, a full-frame camera photo): ~150 MB decoded as RGB.
+MAX_SOURCE_PIXELS = 50_000_000
 
 
 class SourceError(DataError, ValueError):
@@ -49,12 +57,22 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def open_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB; any failure names the file."""
+    """Open and fully decode an image as RGB; any failure names the file. An image whose header
+    declares more than :data:`MAX_SOURCE_PIXELS` is refused before it is decoded (Pillow's
+    decompression-bomb warning is an error here too)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as exn:  # PIL raises OSError, SyntaxError, ValueError, ...
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                if width * height > MAX_SOURCE_PIXELS:
+                    raise BadSourceImage(path, f"its header declares {width}x{height} pixels, more than the "
+                                               f"{MAX_SOURCE_PIXELS} a source image may have (a decompression bomb?)")
+                im.load()
+                return im.convert("RGB")
+    except BadSourceImage:
+        raise
+    except Exception as exn:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBomb*, ...
         raise BadSourceImage(path, f"{type(exn).__name__}: {exn}") from None
 
 

@@ -2,7 +2,9 @@
 
 ``train-images-idx3-ubyte``, ``t10k-images-idx3-ubyte`` and the ``-labels-idx1-ubyte`` files,
 optionally ``.gz``, under ``<root>/MNIST/raw/`` or ``<root>/FashionMNIST/raw/``. Magic numbers
-(2051 images, 2049 labels), dimensions and lengths are checked. The 28x28 images are padded with
+(2051 images, 2049 labels), dimensions and lengths are checked; the size the dimensions declare
+is at most :data:`MAX_IDX_BYTES` and is checked before anything is read (or inflated), and no
+more than that is ever read. The 28x28 images are padded with
 black (not resized) to the output resolution (32: a 2-pixel border), single channel, as the
 papers do. Every error names the file and what was expected.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +37,8 @@ IDX_FILES = {"train": "train", "test": "t10k"}
 
 
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+# The largest file, train-images-idx3-ubyte, holds 60,000 x 28 x 28 = 47,040,000 bytes.
+MAX_IDX_BYTES = 64 << 20
 
 
 def _open_idx(path: Path):
@@ -53,7 +58,10 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
             if len(head) < 4 + 4 * ndim:
                 raise SourceError(f"{path}: truncated header")
             dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-            n = int(np.prod(dims))
+            n = math.prod(dims)
+            if n > MAX_IDX_BYTES:
+                raise SourceError(f"{path}: header dimensions {dims} declare {n} bytes, more than the {MAX_IDX_BYTES} "
+                                  f"of any MNIST-style file; the file is corrupt or not an IDX file")
             data = f.read(n + 1)
     except (OSError, EOFError, gzip.BadGzipFile) as exn:
         raise SourceError(f"cannot read {path} ({type(exn).__name__}: {exn})") from None
