@@ -1,7 +1,8 @@
 """Fake sources in temp dirs, for data/eval/training tests (import: ``from tests.fakedata import ...``
 or ``from fakedata import ...`` with tests/ on sys.path).
 
-* :func:`make_fake_celeba` - 178x218 JPEGs in ``img_align_celeba/`` + ``list_eval_partition.txt``.
+* :func:`make_fake_celeba` - 178x218 JPEGs in ``img_align_celeba/`` + ``list_eval_partition.txt``
+  (flat, or as torchvision or the official release lay them out: :data:`CELEBA_LAYOUTS`).
 * :func:`make_fake_svhn` - ``train_32x32.mat`` / ``test_32x32.mat`` with SVHN's key layout.
 * :func:`make_fake_folder` - a nested folder of small PNG/JPEG images.
 * :func:`build_small_shards` - a shard set with a given number of shards (gaussian source), fast.
@@ -14,18 +15,26 @@ import numpy as np
 from PIL import Image
 
 CELEBA_SIZE = (178, 218)  # (width, height) of img_align_celeba
+# layout -> (image folder, partition file) under the root passed to ``celeba --root``
+CELEBA_LAYOUTS = {
+    "flat": ("img_align_celeba", "list_eval_partition.txt"),
+    "torchvision": ("celeba/img_align_celeba", "celeba/list_eval_partition.txt"),
+    "official": ("Img/img_align_celeba", "Eval/list_eval_partition.txt"),
+    "official-nested": ("Img/img_align_celeba/img_align_celeba", "Eval/list_eval_partition.txt"),  # zip one level deeper
+}
 
 
 def make_fake_celeba(root: str | Path, n_train: int = 20, n_valid: int = 6, n_test: int = 8,
-                     seed: int = 0, torchvision_layout: bool = False) -> Path:
-    """Write a fake CelebA; returns the root to pass to ``celeba --root``.
+                     seed: int = 0, torchvision_layout: bool = False, layout: str = "flat") -> Path:
+    """Write a fake CelebA in ``layout`` (:data:`CELEBA_LAYOUTS`; ``torchvision_layout`` is
+    ``layout="torchvision"``); returns the root to pass to ``celeba --root``.
 
     Images are smooth random colour gradients plus noise (realistic JPEG sizes), named
     000001.jpg..; the partition file lists them in order as train, valid, test.
     """
     root = Path(root)
-    base = root / "celeba" if torchvision_layout else root
-    img_dir = base / "img_align_celeba"
+    images, partition = CELEBA_LAYOUTS["torchvision" if torchvision_layout else layout]
+    img_dir = root / images
     img_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     w, h = CELEBA_SIZE
@@ -40,7 +49,8 @@ def make_fake_celeba(root: str | Path, n_train: int = 20, n_valid: int = 6, n_te
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(img_dir / name, quality=90)
         part = 0 if i < n_train else (1 if i < n_train + n_valid else 2)
         lines.append(f"{name} {part}")
-    (base / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    (root / partition).parent.mkdir(parents=True, exist_ok=True)
+    (root / partition).write_text("\n".join(lines) + "\n")
     return root
 
 

@@ -23,6 +23,7 @@ from glow.data.sources.svhn import svhn_sources
 from glow.data.streams import manifest_hash, read_manifest
 from glow.errors import EXIT_DATA
 from tests.fakedata import (
+    CELEBA_LAYOUTS,
     make_fake_celeba,
     make_fake_folder,
     make_fake_svhn,
@@ -125,10 +126,33 @@ def test_celeba_transform_matches_torchvision(fake_celeba, preset):
     assert np.array_equal(arr, np.asarray(ref)) and meta["source"] == "000001.jpg"
 
 
-def test_celeba_torchvision_layout(tmp_path):
-    root = make_fake_celeba(tmp_path / "src", n_train=3, n_valid=1, n_test=2, torchvision_layout=True)
-    run_cli("celeba", "--root", str(root), "--out", str(tmp_path / "out"))
-    assert read_manifest(tmp_path / "out", "celeba", "test")["count"] == 2
+def test_celeba_layouts_build_identical_shards(tmp_path):
+    """CelebA as downloaded (official release, also with the zip extracted one level deeper),
+    as torchvision lays it out, and flat: the same files build byte-identical shards."""
+    sha = {}
+    for layout in CELEBA_LAYOUTS:
+        root = make_fake_celeba(tmp_path / layout, n_train=3, n_valid=1, n_test=2, layout=layout)
+        run_cli("celeba", "--root", str(root), "--out", str(tmp_path / "out" / layout), "--samples-per-shard", "2")
+        sha[layout] = {split: [s["sha256"] for s in read_manifest(tmp_path / "out" / layout, "celeba", split)["shards"]]
+                       for split in ("train", "valid", "test")}
+        images = read_manifest(tmp_path / "out" / layout, "celeba", "test")["source"]["images"]
+        assert images == str((root / CELEBA_LAYOUTS[layout][0]).resolve())
+    assert len(sha["flat"]["train"]) == 2
+    assert all(s == sha["flat"] for s in sha.values()), sha
+
+
+def test_celeba_missing_files_list_every_place_looked(tmp_path):
+    res = run_cli("celeba", "--root", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), ok=False)
+    assert res.exit_code == EXIT_DATA
+    for images, _ in CELEBA_LAYOUTS.values():
+        assert str(tmp_path / "empty" / images.removesuffix("/img_align_celeba/img_align_celeba")) in res.output
+    root = make_fake_celeba(tmp_path / "src", n_train=1, n_valid=1, n_test=1, layout="official")
+    (root / "Eval" / "list_eval_partition.txt").unlink()
+    res = run_cli("celeba", "--root", str(root), "--out", str(tmp_path / "o"), ok=False)
+    assert res.exit_code == EXIT_DATA and "partition file missing" in res.output
+    for _, partition in CELEBA_LAYOUTS.values():
+        assert str(root / partition) in res.output
+    assert f"the images are at {root / 'Img' / 'img_align_celeba'}" in res.output
 
 
 # --------------------------------------------------------------------------- SVHN

@@ -41,8 +41,8 @@ def _common(f):
                      help="Shard root; writes OUT/<dataset>/<split>/.")(f)
     f = click.option("--samples-per-shard", default=S.DEFAULT_SAMPLES_PER_SHARD, show_default=True,
                      type=click.IntRange(min=1),
-                     help="Samples per tar (500: ~1.8 MB at 32x32, ~4 MB at 64x64; CelebA train is 326 shards). "
-                          "Keep shards >= training ranks x loader workers (docs/cluster.md).")(f)
+                     help="Samples per tar (500: ~1.7 MB a shard at 32x32 RGB, ~4.1 MB at 64x64; CelebA train is "
+                          "326 shards). Keep shards >= training ranks x loader workers (docs/cluster.md).")(f)
     f = click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
                      help="Worker processes for decoding/resizing (0 = in this process).")(f)
     f = click.option("--overwrite", is_flag=True, help="Replace a previous build made with other settings.")(f)
@@ -89,7 +89,9 @@ def cli(verbose):
 
 
 @cli.command()
-@click.option("--root", required=True, type=click.Path(), help="Holds img_align_celeba/ and list_eval_partition.txt.")
+@click.option("--root", required=True, type=click.Path(),
+              help="CelebA as downloaded: Img/img_align_celeba/ and Eval/list_eval_partition.txt (official release), "
+                   "celeba/img_align_celeba/ and celeba/list_eval_partition.txt (torchvision), or both side by side.")
 @click.option("--preset", type=click.Choice(["kirichenko32", "glow64"]), default="kirichenko32", show_default=True,
               help="kirichenko32: Resize(32)+CenterCrop(32); glow64: CenterCrop(148)+Resize(64).")
 @click.option("--resolution", type=click.IntRange(min=1), default=None,

@@ -65,8 +65,8 @@ PNG_COMPRESS_LEVEL = 6
 KEY_FORMAT = "%08d"
 LOCK = "BUILD.lock"
 # 500 samples a shard: CelebA 32x32 train (162,770) is 326 shards, enough for 256 readers
-# (ranks x loader workers) to read disjoint shards; ~1.7 MB a shard at 32x32 RGB, ~4.4 MB at
-# 64x64 (docs/cluster.md, "Shards and readers").
+# (ranks x loader workers) to read disjoint shards; ~1.7 MB a shard at 32x32 RGB, ~4.1 MB at
+# 64x64 (measured on photo crops; docs/cluster.md, "Shards and readers").
 DEFAULT_SAMPLES_PER_SHARD = 500
 
 
@@ -98,7 +98,7 @@ def tool_version() -> str:
 
 @dataclasses.dataclass
 class Source:
-    """What a builder needs from a data source (see ``glow.data.sources`` / ``glow.data.sources.demo`` / ``glow.data.sources.gaussian_field``).
+    """What a builder needs from a data source (the readers of ``glow.data.sources`` make them).
 
     ``payloads(start, stop)`` runs in the main process and returns picklable payloads for
     items ``start..stop-1``; ``process(payload)`` runs in a worker and returns
