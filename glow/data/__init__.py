@@ -1,2 +1,3 @@
-"""Data: source readers (`glow.data.sources`), shard writing (`shards`), bounded shard
-reading (`shard_read`) and the training / evaluation streams (`streams`)."""
+"""Data: source readers (`glow.data.sources`), the shard layout and manifest reader (`manifest`),
+shard writing (`shards`), bounded shard reading (`shard_read`) and the training / evaluation
+streams (`streams`)."""
