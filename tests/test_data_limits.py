@@ -230,7 +230,12 @@ def test_shard_without_samples_is_an_error_not_a_loop(shards):
         e["count"] = 0
     man["count"] = 0
     mpath.write_text(json.dumps(man))
-    with hang_guard(), pytest.raises(S.ShardError, match="at least 1") as err:
+    with hang_guard(), pytest.raises(S.ShardError, match="holds 0 samples; a split holds at least one") as err:
+        read_train(shards)
+    one_line(err.value, mpath)
+    man["count"] = 40  # the total left as it was: training still finds no shard to draw from
+    mpath.write_text(json.dumps(man))
+    with hang_guard(), pytest.raises(S.ShardError, match="no shard holds a sample") as err:
         read_train(shards)
     one_line(err.value, mpath)
 
