@@ -20,7 +20,8 @@ CELEBA_LAYOUTS = {
     "flat": ("img_align_celeba", "list_eval_partition.txt"),
     "torchvision": ("celeba/img_align_celeba", "celeba/list_eval_partition.txt"),
     "official": ("Img/img_align_celeba", "Eval/list_eval_partition.txt"),
-    "official-nested": ("Img/img_align_celeba/img_align_celeba", "Eval/list_eval_partition.txt"),  # zip one level deeper
+    # the zip extracted one level deeper
+    "official-nested": ("Img/img_align_celeba/img_align_celeba", "Eval/list_eval_partition.txt"),
 }
 
 

@@ -41,7 +41,8 @@ def _check_inside(root: Path, files: list[Path]) -> None:
     for p in files:
         if p.is_symlink() and not p.resolve().is_relative_to(real_root):
             raise SourceError(f"{p} is a symlink to {p.resolve()}, outside the image folder {root}: refused (the "
-                              f"folder source reads only files inside its folder); copy the file in, or remove the link")
+                              f"folder source reads only files inside its folder); copy the file in, or remove "
+                              f"the link")
 
 
 def folder_sources(root: str | os.PathLike, name: str | None = None, resolution: int = 32,
