@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save
 
+from glow import __version__
 from glow.errors import CheckpointError, CheckpointMismatch, CheckpointMissing
 from glow.files import atomic_write_bytes, atomic_write_text, read_bytes, read_json
 from glow.model import Glow, GlowConfig
@@ -63,14 +64,8 @@ def checkpoint_meta(cfg, *, step: int, images_seen: int, ema: bool, replica_dige
         "perturb_prob": cfg.data.perturb_prob,
         "replica_digests": list(replica_digests),
         "world_size": int(world_size),
-        "version": _version(),
+        "version": __version__,
     }
-
-
-def _version() -> str:
-    from glow.data.shards import tool_version
-
-    return tool_version()
 
 
 def check_model_hash(meta: dict, config: GlowConfig, what: str) -> None:

@@ -53,10 +53,23 @@ from glow.data.manifest import (  # noqa: F401  (the layout, re-exported for cal
     shard_name,
     split_dir,
 )
-from glow.data.shard_read import MAX_SHARD_BYTES, ShardReadError, decode_png, iter_shard, open_shard
+from glow.data.shard_read import (
+    MAX_SHARD_BYTES,
+    ShardReadError,
+    decode_png,
+    iter_shard,
+    open_shard,
+)
 from glow.digest import canonical_json, json_digest
 from glow.errors import DataError
-from glow.files import LockHeld, UnsafeFile, atomic_write_json, hold_lock, new_file_mode, open_nofollow
+from glow.files import (
+    LockHeld,
+    UnsafeFile,
+    atomic_write_json,
+    hold_lock,
+    new_file_mode,
+    open_nofollow,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +101,10 @@ class BadSourceImage(DataError, ValueError):
 
 
 def tool_version() -> str:
-    try:
-        import glow
+    """The installed glow-ood's version (package metadata), recorded in manifests and meta.json."""
+    from glow import __version__
 
-        return str(getattr(glow, "__version__", "0.1.0"))
-    except ImportError:  # pragma: no cover
-        return "0.1.0"
+    return __version__
 
 
 @dataclasses.dataclass

@@ -19,12 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glow.data.streams import (
-    check_channels,
-    make_eval_loader,
-    manifest_hash,
-    read_manifest,
-)
+from glow.data.manifest import manifest_hash, read_manifest
+from glow.data.streams import check_channels, make_eval_loader
 from glow.distributed import barrier, gather_objects, on_main
 from glow.errors import DataError
 from glow.evaluation import TASKS
@@ -231,7 +227,8 @@ def score_split(ctx: EvalContext, dataset: str, split: str) -> dict[str, np.ndar
     manifest = ctx.manifest(dataset, split)
     expected = int(manifest["count"])
     loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=o.batch_size, rank=ctx.rank,
-                              world_size=ctx.world_size, num_workers=o.workers, **ctx.loader_args())
+                              world_size=ctx.world_size, num_workers=o.workers, manifest=manifest,
+                              **ctx.loader_args())
     parts: dict[str, list] = {"key": [], "index": [], "label": [], "log_p": [], "bpd": [], "complexity_bpd": []}
     bar = Progress(expected, desc=f"{dataset}/{split}", enabled=ctx.is_main, unit="image", every_s=60.0)
     with fast_eval(ctx.model):  # eval mode, inference mode, 1x1-conv weights computed once
@@ -346,7 +343,7 @@ def run_latents(ctx: EvalContext) -> Path | None:
         n, sets = ctx.options.latents_images, []
         for dataset, split in ctx.options.specs:
             loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=n, rank=0, world_size=1,
-                                      **ctx.loader_args())
+                                      manifest=ctx.manifest(dataset, split), **ctx.loader_args())
             sets.append((f"{dataset}/{split}", next(iter(loader))["image"][:n]))
         plot_latents(ctx.model, sets, path, seed=ctx.options.seed)
 
@@ -395,7 +392,7 @@ def run_fid(ctx: EvalContext, dataset: str, split: str) -> dict | None:
     reference = on_main(lambda: read_cached_statistics(cache, key), ctx.world_size, ctx.rank)
     if reference is None:  # every rank computes its share; rank 0 writes the cache
         loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=o.batch_size, rank=ctx.rank,
-                                  world_size=ctx.world_size, num_workers=o.workers)
+                                  world_size=ctx.world_size, num_workers=o.workers, manifest=manifest)
         moments = FeatureMoments(FID_DIM)
         for batch in loader:  # quantized as the samples are: FID does not count the bit depth
             moments.add(inception_features(requantize(batch["image"], n_bits), ctx.device, model=inception))
