@@ -37,6 +37,7 @@ __all__ = [
     "ResultsMissing",
     "UserError",
     "exit_on_user_error",
+    "report_user_error",
 ]
 
 EXIT_USAGE = 2
@@ -84,17 +85,25 @@ class ResultsInvalid(DataError, ValueError):
     """Evaluation results that cannot be used together or lack fields; rewrite them."""
 
 
+def report_user_error(err: UserError) -> int:
+    """Write ``error: <message>`` to stderr (control characters escaped: always one line) and
+    return the error's exit code."""
+    from glow.logs import escape_control
+
+    sys.stderr.write(f"error: {escape_control(str(err))}\n")
+    sys.stderr.flush()
+    return err.exit_code
+
+
 def exit_on_user_error(func: F) -> F:
-    """Run ``func``; on a :class:`UserError`, write ``error: <message>`` to stderr and exit
-    with its code, without a traceback. Every other exception propagates unchanged."""
+    """Run ``func``; on a :class:`UserError`, end with :func:`report_user_error` and its exit
+    code, without a traceback. Every other exception propagates unchanged."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except UserError as err:
-            sys.stderr.write(f"error: {err}\n")
-            sys.stderr.flush()
-            sys.exit(err.exit_code)
+            sys.exit(report_user_error(err))
 
     return wrapper  # type: ignore[return-value]

@@ -1,10 +1,12 @@
-"""glow.files: atomic writes with the umask's mode, and locks that name their holder."""
+"""glow.files: atomic writes with the umask's mode, no-follow capped reads and appends, and locks that name
+their holder (a heartbeat where flock is node-local)."""
 
 import json
 import os
 import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -111,3 +113,95 @@ def test_lock_through_a_symlink_leaves_the_target_untouched(tmp_path):
             pass
     assert dotfile.read_text() == "export PATH=/usr/bin\n"
     assert stat.S_IMODE(dotfile.stat().st_mode) == 0o600
+
+
+# --------------------------------------------------------------------------- appends, owners, the lock's heartbeat
+
+
+def test_append_never_follows_a_link_and_creates_with_the_umask_mode(tmp_path, umask_002):
+    from glow.files import UnsafeFile, open_append
+
+    keys = tmp_path / "victim_authorized_keys"
+    keys.write_text("ssh-ed25519 AAAA victim\n")
+    keys.chmod(0o600)
+    (tmp_path / "log.txt").symlink_to(keys)
+    with pytest.raises(UnsafeFile, match="log.txt is a symbolic link"):
+        open_append(tmp_path / "log.txt")
+    assert keys.read_text() == "ssh-ed25519 AAAA victim\n" and stat.S_IMODE(keys.stat().st_mode) == 0o600
+    os.mkfifo(tmp_path / "fifo.txt")
+    with pytest.raises(UnsafeFile, match="fifo.txt"):
+        open_append(tmp_path / "fifo.txt")  # refused at once, not blocked
+    for line in (b"one\n", b"two\n"):
+        fd = open_append(tmp_path / "new.txt")
+        os.write(fd, line)
+        os.close(fd)
+    assert (tmp_path / "new.txt").read_bytes() == b"one\ntwo\n"
+    assert stat.S_IMODE((tmp_path / "new.txt").stat().st_mode) == 0o664
+
+
+def test_own_reads_refuse_a_file_another_user_wrote(tmp_path):
+    from glow.files import ForeignFile, read_json
+
+    path = tmp_path / "entry.json"
+    path.write_text('{"mean": 1.0}')
+    assert read_json(path, 64, own=True) == {"mean": 1.0}
+    os.chown(path, 65534, 65534)  # the tests run as root
+    assert read_json(path, 64) == {"mean": 1.0}
+    with pytest.raises(ForeignFile, match=r"entry.json was written by user .* \(uid 65534\), not by you"):
+        read_json(path, 64, own=True)
+
+
+def _plant_holder(path, host: str, age_s: float) -> None:
+    path.write_text(json.dumps({"host": host, "pid": 4242, "slurm_job_id": "77"}) + "\n")
+    then = path.stat().st_mtime - age_s
+    os.utime(path, (then, then))
+
+
+def test_a_lock_held_on_another_host_is_refused_until_its_heartbeat_is_stale(tmp_path):
+    """flock can be node-local (Lustre localflock, NFS nolock): a holder on another node, whose
+    heartbeat is fresh by the filesystem's clock, still holds the lock."""
+    from glow.files import LOCK_STALE_S
+
+    path = tmp_path / "LOCK"
+    _plant_holder(path, "other-node", age_s=5)
+    with pytest.raises(LockHeld) as info:
+        with hold_lock(path):
+            pass
+    assert "host=other-node" in str(info.value) and "pid=4242" in str(info.value) and "heartbeat" in str(info.value)
+    assert "\n" not in str(info.value)
+    _plant_holder(path, "other-node", age_s=LOCK_STALE_S + 5)  # its holder stopped beating: stale
+    with hold_lock(path, {"job": "new"}) as holder:
+        assert json.loads(path.read_text())["job"] == "new" and holder["pid"] == os.getpid()
+    assert path.read_text() == ""  # released: another node may take it at once
+    with hold_lock(path):
+        pass
+
+
+def test_the_holder_refreshes_its_heartbeat(tmp_path):
+    path = tmp_path / "LOCK"
+    with hold_lock(path, heartbeat_s=0.01):
+        os.utime(path, (1000.0, 1000.0))  # as if the last beat were long ago
+        for _ in range(2000):  # a file gate: wait for the next beat (bounded)
+            if path.stat().st_mtime > 1000.0:
+                break
+            threading.Event().wait(0.005)
+        assert path.stat().st_mtime > 1000.0
+
+
+def test_enolck_is_one_line(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from glow.errors import UserError
+    from glow.files import LockUnsupported
+
+    def no_lock_manager(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_lock_manager)
+    with pytest.raises(LockUnsupported) as info:
+        with hold_lock(tmp_path / "LOCK"):
+            pass
+    message = str(info.value)
+    assert isinstance(info.value, UserError) and info.value.exit_code == 2
+    assert "LOCK" in message and "ENOLCK" in message and "flock" in message and "\n" not in message
