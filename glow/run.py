@@ -18,10 +18,18 @@ folders. The ``checkpoints/latest`` link is kept for people and tools (``ls``, `
 completion) and is never followed by glow-ood itself.
 
 Control files:
-    LOCK     flock held by rank 0 for the trainer's life; records host, pid, Slurm job
+    LOCK     flock held by rank 0 for the trainer's life; records host, pid, Slurm job and
+             is refreshed (heartbeat) so that a holder on another node counts where flock is
+             node-local (`glow.files.hold_lock`)
     STOP     a stop request (`touch` it, or the Slurm template's USR1/TERM trap)
     STOPPED  "<step> <reason>", written by the trainer when it stopped on request with a
              complete checkpoint: the Slurm template's requeue signal
+    ATTEMPT  "<slurm job id> <restart count>", written at the start of each Slurm attempt: its
+             modification time, by the filesystem's clock, is when the attempt began (a STOP
+             older than that is stale)
+
+Trust (`glow.trust`): the run directory and its fixed folders must be real folders of the
+user (`check_trusted`, done before anything is written), unless a shared layout is allowed.
 
 Imports no torch: the figures job and the Slurm templates use it too.
 """
@@ -31,16 +39,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from glow.attempts import AttemptEnd, attempt_began, attempt_end, mark_attempt_start
 from glow.errors import CheckpointMissing, ResultsMissing, UserError
 from glow.files import atomic_write_text, hold_lock, read_json, read_text
 from glow.names import STEP_RE, check_name, parse_spec, step_dir_name, step_of
+from glow.trust import not_a_link, own_folder, shared_run_allowed
 
+# AttemptEnd and attempt_end live in glow.attempts; named here for `python -m glow.run attempt-end`
 __all__ = ["COMPLETE", "AttemptEnd", "Checkpoint", "Run", "RunInUse", "attempt_end", "resolve_checkpoint"]
 
 log = logging.getLogger(__name__)
@@ -49,7 +60,10 @@ COMPLETE = "COMPLETE"
 MAX_META_BYTES = 1 << 20  # meta.json: a few KB
 MAX_CONTROL_BYTES = 4096  # STOPPED, wandb_id
 MAX_CONFIG_BYTES = 1 << 20  # config.yaml: a few KB
-_PROCESS_START = time.time()
+# the fixed folders check_trusted checks (besides checkpoints/step-N and eval/step-N)
+RUN_FOLDERS = ("checkpoints", "eval", "logs", "slurm", "figures", "samples", "wandb", "tensorboard", "mlflow_ids")
+EVAL_FOLDERS = ("dumps", "bpd.d", "fid.d")  # of each eval/step-N
+EVAL_FILES = ("bpd.json", "fid.json", "samples.png", "samples.json", "latents.png", "latents.json", "log.txt")
 
 
 class RunInUse(UserError):
@@ -72,25 +86,11 @@ class Checkpoint:
             raise CheckpointMissing(f"{path} is not a checkpoint folder (<run>/checkpoints/step-NNNNNNNN)")
         return cls(Run(path.parent.parent), step)
 
-    @property
-    def path(self) -> Path:
-        return self.run.checkpoints_dir / step_dir_name(self.step)
-
-    @property
-    def state_dir(self) -> Path:
-        return self.path / "state"
-
-    @property
-    def model_path(self) -> Path:
-        return self.path / "model.safetensors"
-
-    @property
-    def meta_path(self) -> Path:
-        return self.path / "meta.json"
-
-    @property
-    def complete_marker(self) -> Path:
-        return self.path / COMPLETE
+    path = property(lambda self: self.run.checkpoints_dir / step_dir_name(self.step))
+    state_dir = property(lambda self: self.path / "state")
+    model_path = property(lambda self: self.path / "model.safetensors")
+    meta_path = property(lambda self: self.path / "meta.json")
+    complete_marker = property(lambda self: self.path / COMPLETE)
 
     def is_complete(self) -> bool:
         return self.complete_marker.is_file()
@@ -107,15 +107,17 @@ class Checkpoint:
 
 
 class Run:
-    """The run directory at ``path`` (it need not exist yet)."""
+    """The run directory at ``path`` (it need not exist yet). ``allow_shared``: the user allowed
+    a shared layout (--allow-shared-run; GLOW_ALLOW_SHARED_RUN=1 in the environment allows it too)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, allow_shared: bool = False):
         self.path = Path(path)
+        self.allow_shared = shared_run_allowed(allow_shared)
 
     @classmethod
-    def at(cls, root: str | os.PathLike, name: str) -> Run:
+    def at(cls, root: str | os.PathLike, name: str, allow_shared: bool = False) -> Run:
         """``<root>/<name>``, the name checked (it is one path component)."""
-        return cls(Path(root) / check_name(name, "run.name"))
+        return cls(Path(root) / check_name(name, "run.name"), allow_shared)
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
@@ -141,11 +143,43 @@ class Run:
     lock_path = property(lambda self: self.path / "LOCK")
     stop_path = property(lambda self: self.path / "STOP")
     stopped_path = property(lambda self: self.path / "STOPPED")
+    attempt_path = property(lambda self: self.path / "ATTEMPT")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     latest_link = property(lambda self: self.path / "checkpoints" / "latest")
     figures_dir = property(lambda self: self.path / "figures")
     logs_dir = property(lambda self: self.path / "logs")
     slurm_dir = property(lambda self: self.path / "slurm")
+
+    def check_trusted(self, allow_shared: bool | None = None) -> None:
+        """UntrustedRun (exit 2, one line naming the path and how to allow it) for a run directory,
+        or a fixed folder in it (RUN_FOLDERS, checkpoints/step-N and state/, eval/step-N and
+        EVAL_FOLDERS), that is a link or another user's, or a fixed file that is a link; unless
+        a shared layout is allowed. Training, evaluation and figures call it before writing."""
+        if shared_run_allowed(self.allow_shared if allow_shared is None else allow_shared):
+            return
+        if not own_folder(self.path):
+            return
+        for name in RUN_FOLDERS:
+            own_folder(self.path / name)
+        for path in (self.config_path, self.log_path, self.metrics_path, self.wandb_id_path, self.mlflow_db_path,
+                     self.lock_path, self.stop_path, self.stopped_path, self.attempt_path):
+            not_a_link(path)
+        for c in self.step_folders():
+            if own_folder(c.path):
+                own_folder(c.state_dir)
+        for step in self.evaluated_steps():
+            if own_folder(self.eval_dir(step)):
+                for name in EVAL_FOLDERS:
+                    own_folder(self.eval_dir(step) / name)
+                for name in EVAL_FILES:
+                    not_a_link(self.eval_dir(step) / name)
+
+    def _check_checkpoints_folder(self) -> None:
+        """Before a checkpoint is written or pruned: the run and checkpoints/ are still real
+        folders of the user (a group member could swap one for a link to another run meanwhile)."""
+        if not self.allow_shared:
+            own_folder(self.path)
+            own_folder(self.checkpoints_dir)
 
     def samples_path(self, step: int) -> Path:
         """The training sample grid of ``step``."""
@@ -190,10 +224,23 @@ class Run:
         latest = self.latest()
         return latest.step if latest else 0
 
+    def new_step_folder(self, step: int) -> Checkpoint:
+        """New empty folders for the checkpoint of ``step`` and its state/ (rank 0; a partial save
+        is removed first), not writable by group or others: nothing is planted while ranks save."""
+        self._check_checkpoints_folder()
+        checkpoint = self.checkpoint(step)
+        if checkpoint.path.is_symlink():
+            checkpoint.path.unlink()
+        elif checkpoint.path.exists():
+            shutil.rmtree(checkpoint.path)  # removes the links inside, never their targets
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (checkpoint.path, checkpoint.state_dir):
+            os.mkdir(folder, 0o755)  # the umask may take more, never add
+        return checkpoint
+
     def prune_checkpoints(self, keep: int) -> None:
         """Keep the newest ``keep`` complete checkpoints; drop older ones and stale partial saves."""
-        import shutil
-
+        self._check_checkpoints_folder()
         complete = self.complete_checkpoints()
         if not complete:
             return
@@ -252,12 +299,13 @@ class Run:
 
     def load_dumps(self, step: int, specs: Sequence[str], optional: Sequence[str] = ()) -> dict:
         """``{spec: Dump}`` of one evaluated step: every spec of ``specs`` (ResultsMissing if absent)
-        and those of ``optional`` that exist; all must come from the same model."""
+        and those of ``optional`` that exist; all must come from the same model, and each must be
+        a file of this user's unless a shared layout is allowed."""
         from glow.evaluation.dumps import check_same_model, load_dump
 
         wanted = list(dict.fromkeys(specs))
         wanted += [s for s in dict.fromkeys(optional) if s not in wanted and self.dump_path(step, s).is_file()]
-        dumps = {s: load_dump(self.dump_path(step, s)) for s in wanted}
+        dumps = {s: load_dump(self.dump_path(step, s), own=not self.allow_shared) for s in wanted}
         if dumps:
             check_same_model(list(dumps.values()))
         return dumps
@@ -265,9 +313,11 @@ class Run:
     # -- control files ----------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self) -> Iterator[dict]:
-        """Hold ``LOCK`` (one trainer per run); RunInUse names the live holder."""
+        """Check the run is the user's (`check_trusted`), then hold ``LOCK`` (one trainer per run);
+        RunInUse names the live holder."""
         from glow.files import LockHeld
 
+        self.check_trusted()
         try:
             with hold_lock(self.lock_path, {"run": str(self.path)}) as holder:
                 yield holder
@@ -279,13 +329,14 @@ class Run:
         """Drop the previous attempt's STOPPED, and a STOP older than this attempt (rank 0).
 
         A STOP written after the attempt began (a preemption signal that reached the batch shell
-        while the trainer was starting; the template exports GLOW_ATTEMPT_START) is kept, and
-        honoured at the first step.
+        while the trainer was starting) is kept, and honoured at the first step. Ages are judged
+        by the filesystem's clock (`glow.attempts.attempt_began`), never by this node's.
         """
         self.stopped_path.unlink(missing_ok=True)
-        began = float(os.environ.get("GLOW_ATTEMPT_START", _PROCESS_START))
+        began = attempt_began(self)
         with contextlib.suppress(FileNotFoundError):
             if self.stop_path.lstat().st_mtime < began:
+                log.info("%s predates this attempt: removed as stale", self.stop_path)
                 self.stop_path.unlink()
 
     def stop_requested(self) -> bool:
@@ -327,59 +378,26 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Checkpoint:
     return latest
 
 
-@dataclass(frozen=True)
-class AttemptEnd:
-    """What the Slurm template does after a training attempt: ``action`` (finished, requeue,
-    term, no-progress, cap) and the line it logs. ``exit_code``: the batch script's status."""
-
-    action: str
-    message: str
-
-    @property
-    def exit_code(self) -> int:
-        return {"finished": 0, "requeue": 0, "term": 75}.get(self.action, 1)
-
-
-def attempt_end(run: Run, *, start_step: int, restarts: int, max_requeues: int, got_term: bool) -> AttemptEnd:
-    """The requeue decision after an attempt whose trainer exited 0 (docs/cluster.md, failure semantics).
-
-    Requeue only after a stop on request (USR1 or STOP: ``STOPPED`` holds a reason other than
-    SIGTERM) that made progress (a newer complete checkpoint than ``start_step``) while the job
-    was requeued fewer than ``max_requeues`` times. TERM (scancel, Slurm's own preemption) never
-    requeues here; no progress or the cap ends the job as failed, saying why.
-    """
-    end_step = run.latest_step()
-    stopped = run.read_stopped()
-    if stopped is None:
-        return AttemptEnd("finished", f"finished at step {end_step}")
-    step, reason = stopped
-    if got_term or reason == "SIGTERM":
-        return AttemptEnd("term", f"stopped at step {step} by SIGTERM (scancel or Slurm preemption): not requeued "
-                                  "by this script; resubmit to continue")
-    if end_step <= start_step:
-        return AttemptEnd("no-progress", f"no progress in this attempt (still at checkpoint step {end_step}): not "
-                                         "requeued; fix the cause (e.g. a time limit shorter than start-up) and resubmit")
-    if restarts >= max_requeues:
-        return AttemptEnd("cap", f"requeued {restarts} times already (GLOW_MAX_REQUEUES={max_requeues}): not requeued "
-                                 f"again; resubmit to continue from step {end_step}")
-    return AttemptEnd("requeue", f"the trainer stopped resumably at step {step} ({reason}), progress {start_step} -> "
-                                 f"{end_step}: requeue {restarts + 1} of at most {max_requeues}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The run directory's facts for shell scripts, so that no script parses a folder name:
 
-    ``python -m glow.run latest-step RUN_DIR``: the newest complete step (0 if none);
-    ``python -m glow.run attempt-end RUN_DIR START_STEP RESTARTS MAX_REQUEUES GOT_TERM``: the
-    requeue decision after an attempt (`attempt_end`): prints the action and a message on one
-    line and exits with the batch script's status (requeue: 0).
+    ``latest-step RUN_DIR``: the newest complete step (0 if none);
+    ``attempt-start RUN_DIR``: write ATTEMPT (the start of this Slurm attempt, by the filesystem's clock);
+    ``attempt-end RUN_DIR START_STEP RESTARTS MAX_REQUEUES GOT_TERM``: the requeue decision after
+    an attempt (`attempt_end`): the action and a message on one line, and the batch script's status;
+    ``check-trust RUN_DIR``: exit 0 when the run is the user's (`Run.check_trusted`; honours
+    GLOW_ALLOW_SHARED_RUN=1), else one ``error: ...`` line on stderr and exit 2.
     """
     import argparse
 
+    from glow.errors import report_user_error
+
     parser = argparse.ArgumentParser(prog="python -m glow.run", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    latest = sub.add_parser("latest-step", help="newest complete checkpoint step (0 if none)")
-    latest.add_argument("run_dir")
+    for name, what in (("latest-step", "newest complete checkpoint step (0 if none)"),
+                       ("attempt-start", "record the start of a Slurm attempt (RUN_DIR/ATTEMPT)"),
+                       ("check-trust", "exit 2 unless the run directory and its folders are yours")):
+        sub.add_parser(name, help=what).add_argument("run_dir")
     end = sub.add_parser("attempt-end", help="requeue decision after a training attempt that exited 0")
     end.add_argument("run_dir")
     for name in ("start_step", "restarts", "max_requeues"):
@@ -387,6 +405,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     end.add_argument("got_term", type=int, choices=(0, 1))
     args = parser.parse_args(argv)
     run = Run(args.run_dir)
+    try:
+        if args.command == "check-trust":
+            run.check_trusted()
+            return 0
+        if args.command == "attempt-start":
+            mark_attempt_start(run)
+            return 0
+    except UserError as err:
+        return report_user_error(err)
     if args.command == "latest-step":
         sys.stdout.write(f"{run.latest_step()}\n")
         return 0

@@ -130,3 +130,139 @@ def test_the_shell_entry_prints_only_numbers_and_words(tmp_path, capsys):
     out = subprocess.run([sys.executable, "-m", "glow.run", "latest-step", str(run.path)], env=cpu_env(),
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert (out.returncode, out.stdout) == (0, "7\n") and not (tmp_path / "pwned").exists()
+
+
+# -- trust (issue 22): the run directory is the user's, or the user said it is shared ------------
+def _one_line_refusal(err: BaseException, path) -> str:
+    message = str(err)
+    assert str(path) in message and "\n" not in message and "--allow-shared-run" in message, message
+    return message
+
+
+@pytest.mark.parametrize("plant", ["run-link", "checkpoints-link", "foreign-step", "foreign-eval", "config-link",
+                                   "lock-link", "samples-link", "file-as-folder"])
+def test_check_trusted_refuses_links_and_other_users_folders(tmp_path, monkeypatch, plant):
+    from glow.trust import UntrustedRun
+
+    monkeypatch.delenv("GLOW_ALLOW_SHARED_RUN", raising=False)
+    secret = tmp_path / "colleague" / ".netrc"
+    secret.parent.mkdir()
+    secret.write_text("machine api.wandb.ai login user password s3cr3t\n")
+    other = Run(tmp_path / "other")
+    fake_checkpoints(other, complete=(5,), partial=())
+    run = Run(tmp_path / "runs" / "r")
+    fake_checkpoints(run, complete=(10,), partial=())
+    run.eval_dir(10).mkdir(parents=True)
+    run.check_trusted()  # all real folders of the user: fine
+    bad = {"run-link": run.path, "checkpoints-link": run.checkpoints_dir, "foreign-step": run.checkpoint(10).path,
+           "foreign-eval": run.eval_dir(10), "config-link": run.config_path, "lock-link": run.lock_path,
+           "samples-link": run.eval_dir(10) / "samples.png", "file-as-folder": run.path / "figures"}[plant]
+    if plant == "run-link":
+        os.rename(run.path, tmp_path / "runs" / "real")
+        run.path.symlink_to(tmp_path / "runs" / "real")
+    elif plant == "checkpoints-link":
+        os.rename(run.checkpoints_dir, run.path / "mine")
+        run.checkpoints_dir.symlink_to(other.checkpoints_dir)
+    elif plant.startswith("foreign"):
+        os.chown(bad, 65534, 65534)
+    elif plant == "file-as-folder":
+        bad.write_text("x")
+    else:
+        bad.symlink_to(secret)
+    with pytest.raises(UntrustedRun) as info:
+        run.check_trusted()
+    if plant in ("config-link", "lock-link", "samples-link"):  # a file: never read through the link anyway
+        message = str(info.value)
+        assert str(bad) in message and "symbolic link" in message and "\n" not in message
+    else:
+        message = _one_line_refusal(info.value, bad)
+    assert "s3cr3t" not in message
+    Run(run.path, allow_shared=True).check_trusted()  # a deliberately shared layout: --allow-shared-run
+    monkeypatch.setenv("GLOW_ALLOW_SHARED_RUN", "1")
+    run.check_trusted()
+    assert secret.read_text() == "machine api.wandb.ai login user password s3cr3t\n"
+
+
+def test_the_shell_preflight_check_trust(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GLOW_ALLOW_SHARED_RUN", raising=False)
+    run = Run(tmp_path / "r")
+    fake_checkpoints(run, complete=(7,), partial=())
+    assert main(["check-trust", str(run.path)]) == 0 and capsys.readouterr().err == ""
+    assert main(["check-trust", str(tmp_path / "not-yet")]) == 0  # a new run: nothing to check
+    os.chown(run.checkpoints_dir, 65534, 65534)
+    assert main(["check-trust", str(run.path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run.checkpoints_dir} belongs to user ") and err.count("\n") == 1
+    assert "--allow-shared-run" in err and "GLOW_ALLOW_SHARED_RUN=1" in err
+    monkeypatch.setenv("GLOW_ALLOW_SHARED_RUN", "1")
+    assert main(["check-trust", str(run.path)]) == 0
+
+
+def test_a_checkpoints_link_to_another_run_is_never_written_or_pruned(tmp_path, monkeypatch):
+    """A group member swaps checkpoints/ for a link to another run while a trainer runs: the next
+    save and prune are refused, and the other run keeps every file."""
+    from glow.trust import UntrustedRun
+
+    monkeypatch.delenv("GLOW_ALLOW_SHARED_RUN", raising=False)
+    other = Run(tmp_path / "other")
+    fake_checkpoints(other, complete=(5, 10, 20), partial=(25,))
+    before = sorted(str(p.relative_to(other.path)) for p in other.path.rglob("*"))
+    run = Run(tmp_path / "r")
+    fake_checkpoints(run, complete=(5,), partial=())
+    os.rename(run.checkpoints_dir, run.path / "moved")
+    run.checkpoints_dir.symlink_to(other.checkpoints_dir)
+    for act in (lambda: run.new_step_folder(30), lambda: run.prune_checkpoints(keep=1), run.lock().__enter__):
+        with pytest.raises(UntrustedRun, match="checkpoints is a symbolic link"):
+            act()
+    assert sorted(str(p.relative_to(other.path)) for p in other.path.rglob("*")) == before
+    assert not run.lock_path.exists()  # refused before the lock was taken
+
+
+def test_new_step_folders_are_not_group_writable(tmp_path):
+    run = Run(tmp_path / "r")
+    old = os.umask(0o002)
+    try:
+        fake_checkpoints(run, complete=(5,), partial=(10,))
+        (run.checkpoint(10).path / "planted").symlink_to(tmp_path / "r" / "config.yaml")
+        checkpoint = run.new_step_folder(10)  # the partial save of an interrupted attempt goes
+    finally:
+        os.umask(old)
+    assert list(checkpoint.path.iterdir()) == [checkpoint.state_dir] and not list(checkpoint.state_dir.iterdir())
+    for folder in (checkpoint.path, checkpoint.state_dir):
+        assert folder.stat().st_mode & 0o777 == 0o755, oct(folder.stat().st_mode)
+
+
+def test_stop_staleness_is_judged_by_the_filesystem_clock(tmp_path, monkeypatch):
+    """This node's clock runs an hour ahead: a STOP the trap wrote 2 s after the attempt began
+    (stamped by the filesystem) is older than GLOW_ATTEMPT_START by the node's clock, yet kept."""
+    import time
+
+    from glow import attempts
+
+    run = Run(tmp_path / "r")
+    run.path.mkdir()
+    real = time.time()
+    monkeypatch.setattr(attempts, "_node_time", lambda: real + 3600 + 5)  # 5 s into the attempt, skewed clock
+    monkeypatch.setenv("GLOW_ATTEMPT_START", str(real + 3600))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    run.stop_path.touch()
+    os.utime(run.stop_path, (real + 2, real + 2))
+    run.clear_stale_markers()
+    assert run.stop_requested()  # the node's clock alone would have dropped it
+    os.utime(run.stop_path, (real - 60, real - 60))  # from the previous attempt
+    run.clear_stale_markers()
+    assert not run.stop_requested()
+    # The Slurm template's ATTEMPT file: its own time stamp dates the attempt.
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert main(["attempt-start", str(run.path)]) == 0
+    assert run.attempt_path.read_text() == "41 2\n"
+    began = run.attempt_path.stat().st_mtime
+    monkeypatch.setattr(attempts, "_node_time", lambda: began + 10**6)  # any node clock: unused
+    for offset, kept in ((1, True), (-1, False)):
+        run.stop_path.touch()
+        os.utime(run.stop_path, (began + offset, began + offset))
+        run.clear_stale_markers()
+        assert run.stop_requested() == kept
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")  # an ATTEMPT of an earlier attempt is not this one's
+    assert abs(attempts.attempt_began(run) - (began - 10**6 + 3600)) < 60  # GLOW_ATTEMPT_START's, moved
