@@ -5,35 +5,51 @@ A step directory holds
     model.safetensors   weights for evaluation (the EMA weights when EMA is enabled)
     meta.json           step, model config and hash, config hash, data, seed
     COMPLETE            written by rank 0 after every rank saved: only then the step counts
+
+DeepSpeed state is unpickled on load, so it is accepted only when nothing in it is a link,
+another user's, or writable by group or others (`check_deepspeed_state`), and it loses group
+and other write permission after each save whatever the umask (`seal_deepspeed_state`). Before
+a save the free space is checked against the size of the last checkpoint, and a disk that fills
+during one is named in one line, in log.txt too (`check_disk_space`, `disk_full_named`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import load, save
 
 from glow import __version__
-from glow.errors import CheckpointError, CheckpointMismatch, CheckpointMissing
+from glow.errors import CheckpointError, CheckpointMismatch, CheckpointMissing, UserError
 from glow.files import atomic_write_bytes, atomic_write_text, read_bytes, read_json
 from glow.model import Glow, GlowConfig
-from glow.run import Checkpoint, resolve_checkpoint
+from glow.run import Checkpoint, Run, resolve_checkpoint
+from glow.trust import check_private_tree, make_private_tree
 
 __all__ = [
     "EMA_WEIGHTS",
     "TRAINER_STATE",
+    "DiskFull",
+    "check_deepspeed_state",
+    "check_disk_space",
     "check_model_hash",
-    "check_own_files",
     "check_rng_state",
     "checkpoint_meta",
+    "disk_full_named",
     "load_model",
-    "load_weights",
     "load_trainer_state",
+    "load_weights",
+    "prepare_save",
     "save_trainer_state",
+    "seal_deepspeed_state",
     "warm_start",
     "write_export",
 ]
@@ -140,22 +156,117 @@ def check_rng_state(state_dir: str | Path, process_index: int) -> None:
                          "exact resume needs it: resume from an earlier checkpoint or start a new run") from None
 
 
-class CheckpointNotOwned(CheckpointError, PermissionError):
-    """A DeepSpeed state directory holding files of another user (DeepSpeed unpickles them)."""
+class DeepSpeedStateRefused(CheckpointError, PermissionError):
+    """DeepSpeed state that someone other than its writer could have changed (DeepSpeed unpickles it)."""
 
 
-def check_own_files(directory: str | Path) -> None:
-    """Refuse a directory holding files of another user (for loaders that unpickle, e.g. DeepSpeed's)."""
-    me = os.getuid()
-    for path in sorted(Path(directory).rglob("*")):
-        owner = path.lstat().st_uid
-        if owner != me:
-            raise CheckpointNotOwned(
-                f"{path} belongs to user id {owner}, not to you ({me}): DeepSpeed resumes by unpickling its state "
-                "files, so glow-ood resumes DeepSpeed runs only from files you wrote. Copy the run (cp -r makes "
-                "the files yours) after checking where it came from, or warm-start from its model.safetensors "
-                "with run.init_from"
-            )
+_DEEPSPEED_ADVICE = ("DeepSpeed resumes by unpickling its state, so glow-ood resumes it only from files you wrote "
+                     "that no one else can change. Copy the run (cp -r makes the files yours) after checking where "
+                     "it came from, or warm-start from its model.safetensors with run.init_from")
+
+
+def check_deepspeed_state(state_dir: str | Path) -> None:
+    """Refuse (exit 5, naming the path) DeepSpeed state holding a link, a file or folder of
+    another user, or anything group- or other-writable (before it is loaded)."""
+    check_private_tree(state_dir, DeepSpeedStateRefused, _DEEPSPEED_ADVICE)
+
+
+def seal_deepspeed_state(state_dir: str | Path) -> None:
+    """After a DeepSpeed save (rank 0, every rank done): no group or other write permission
+    anywhere in the state, whatever the umask."""
+    make_private_tree(state_dir, DeepSpeedStateRefused, _DEEPSPEED_ADVICE)
+
+
+# ------------------------------------------------------------------ a full disk
+DISK_MARGIN = 1.1  # a new checkpoint needs the last one's size plus this margin
+
+
+class DiskFull(CheckpointError, OSError):
+    """No room on the run's filesystem for a checkpoint (exit 5); the last complete one is intact."""
+
+
+def _disk(path: Path) -> str:
+    """The filesystem holding ``path``: its mount point, and its device where /proc/mounts says."""
+    mount = path.resolve()
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    with contextlib.suppress(OSError):
+        with open("/proc/mounts", encoding="utf-8", errors="replace") as table:
+            devices = [line.split()[0] for line in table if line.split()[1:2] == [str(mount)]]
+        if devices:
+            return f"{mount} ({devices[-1]})"
+    return str(mount)
+
+
+def _size(folder: Path) -> int:
+    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(folder) for f in files)
+
+
+def _human(n: float) -> str:
+    unit = 0
+    while n >= 1024 and unit < 4:
+        n, unit = n / 1024, unit + 1
+    return f"{n:.1f} {('B', 'KB', 'MB', 'GB', 'TB')[unit]}"
+
+
+def check_disk_space(run: Run) -> None:
+    """Before a save (rank 0 decides for every rank): DiskFull, in one line naming the disk and
+    its free space, when the filesystem of checkpoints/ has less room than the last complete
+    checkpoint took (with DISK_MARGIN). Nothing to compare with before the first checkpoint."""
+    last = run.latest()
+    if last is None:
+        return
+    need, free = _size(last.path) * DISK_MARGIN, shutil.disk_usage(run.checkpoints_dir).free
+    if free < need:
+        message = (f"not enough space for a checkpoint on {_disk(run.checkpoints_dir)}: {_human(free)} free, the last "
+                   f"checkpoint ({last.path}) took {_human(need / DISK_MARGIN)}; free space there or lower "
+                   "train.keep_checkpoints, then resume (the last checkpoint is intact)")
+        log.error("%s", message)
+        raise DiskFull(message)
+
+
+def prepare_save(run: Run, step: int) -> None:
+    """Before every rank saves the checkpoint of ``step`` (rank 0 decides): room for it
+    (`check_disk_space`) and a fresh folder no one else can write (`glow.run.Run.new_step_folder`)."""
+    check_disk_space(run)
+    run.new_step_folder(step)
+
+
+FULL_BELOW = 1 << 20  # a failed write that leaves less than this free was a full disk
+
+
+def _out_of_space(err: BaseException, free: int) -> bool:
+    """Whether ``err`` came from a full disk: ENOSPC or a quota, or a writer that loses the errno
+    (torch: "basic_ios::clear: iostream error", "unexpected pos"; safetensors: "os error 28")
+    failing while the filesystem has next to nothing left."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(s in str(err) for s in ("No space left", "os error 28", "Disk quota exceeded")) or free < FULL_BELOW
+
+
+@contextlib.contextmanager
+def disk_full_named(run: Run, is_main: bool) -> Iterator[None]:
+    """Training inside: a write that fails for lack of space becomes DiskFull (exit 5), one line
+    naming the disk and its free space, logged (so in log.txt) as well as raised. Rank 0 first
+    removes the partial checkpoint the failed save left (the last complete one is intact), which
+    also makes room for that line. Anything else passes unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        if not _out_of_space(err, shutil.disk_usage(run.path).free):
+            raise
+        if is_main:
+            newest = run.latest_step()
+            for partial in (c for c in run.step_folders() if c.step > newest and not c.is_complete()):
+                shutil.rmtree(partial.path, ignore_errors=True)
+        what = "disk quota exceeded" if isinstance(err, OSError) and err.errno == errno.EDQUOT else "no space left"
+        message = (f"{what} on {_disk(run.path)} ({_human(shutil.disk_usage(run.path).free)} free now) while writing "
+                   f"under {run.path} ({type(err).__name__}: {str(err)[:200]}); the last complete checkpoint is intact: "
+                   "free space there, then resume")
+        log.error("%s", message)
+        raise DiskFull(message) from None
 
 
 def warm_start(model: Glow, spec: str | Path) -> Checkpoint:

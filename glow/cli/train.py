@@ -26,8 +26,9 @@ corrupt or not fitting the model); 5 checkpoint error (resuming or run.init_from
 another model); 1 internal error or too many non-finite steps (with a traceback for a bug).
 A stop on request (SIGUSR1, SIGTERM, <run>/STOP) saves a complete checkpoint, writes
 <run>/STOPPED ("<step> <reason>"), the signal to requeue, and exits 0 (a stop is not a
-failure). 2 also when another live trainer holds <run>/LOCK; 1 also when a peer died or
-hung (dist.timeout_s).
+failure). 2 also when another live trainer holds <run>/LOCK, or when the run directory or a
+fixed folder in it is a link or another user's (--allow-shared-run); 5 also when the disk has
+no room for a checkpoint; 1 also when a peer died or hung (dist.timeout_s).
 """
 
 import sys
@@ -69,6 +70,10 @@ def _print_launch_config(ctx: click.Context, _param, value: str | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the resolved config (file + overrides) and exit.")
 @click.option("--no-resume", is_flag=True,
               help="Refuse to continue an existing run instead of resuming it. [default: resume]")
+@click.option("--allow-shared-run", is_flag=True,
+              help="Work in a run directory (or fixed folders in it) that is a link or another user's: a "
+                   "deliberately shared layout (also GLOW_ALLOW_SHARED_RUN=1; docs/cluster.md, Trust and sharing). "
+                   "[default: refuse]")
 @click.option("--list-configs", is_flag=True, expose_value=False, is_eager=True, callback=_list_configs,
               help="List the shipped training and accelerate launch configs with their files, and exit.")
 @click.option("--launch-config", metavar="NAME", default=None, expose_value=False, is_eager=True,
@@ -77,7 +82,8 @@ def _print_launch_config(ctx: click.Context, _param, value: str | None) -> None:
                    "for `accelerate launch --config_file`, and exit. [default: not printed]")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @exit_on_user_error
-def main(config_path: str | None, dry_run: bool, no_resume: bool, overrides: tuple[str, ...]) -> None:
+def main(config_path: str | None, dry_run: bool, no_resume: bool, allow_shared_run: bool,
+         overrides: tuple[str, ...]) -> None:
     cfg = load_config(config_path, overrides)
     if dry_run:
         click.echo(to_yaml(cfg), nl=False)
@@ -87,7 +93,7 @@ def main(config_path: str | None, dry_run: bool, no_resume: bool, overrides: tup
 
     die_with_launcher()
     accelerator = make_accelerator(cfg.dist.timeout_s)
-    code = Trainer(cfg, accelerator, resume=not no_resume).fit()
+    code = Trainer(cfg, accelerator, resume=not no_resume, allow_shared=allow_shared_run).fit()
     finish(accelerator)
     sys.exit(code)
 

@@ -28,7 +28,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,11 +81,11 @@ class RunExists(UserError, FileExistsError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, accelerator: Accelerator, resume: bool = True):
+    def __init__(self, cfg: Config, accelerator: Accelerator, resume: bool = True, allow_shared: bool = False):
         self.cfg = cfg
         self.acc = accelerator
         self.resume = resume
-        self.run = Run.at(cfg.run.root, cfg.run.name)
+        self.run = Run.at(cfg.run.root, cfg.run.name, allow_shared)  # glow.trust: shared layouts only when allowed
         self.state = TrainState()
         self.stop = StopFlag()
         self.tracker: Tracker | None = None
@@ -165,8 +164,8 @@ class Trainer:
         self._settle_ddp_buckets()
         if resume_from is not None:
             state_dir = resume_from.state_dir
-            if self.deepspeed:
-                ckpt.check_own_files(state_dir)
+            if self.deepspeed:  # it unpickles its state: refused if anyone else could have changed it
+                on_main(lambda: ckpt.check_deepspeed_state(state_dir), acc.num_processes, acc.process_index)
             ckpt.check_rng_state(state_dir, acc.process_index)
             acc.load_state(str(state_dir))
             counters, scheduler, ema = ckpt.load_trainer_state(state_dir, self.ema is not None)
@@ -331,9 +330,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Checkpoint:
         acc, step = self.acc, self.state.step
-        checkpoint = self.run.checkpoint(step)
-        if acc.is_main_process and checkpoint.path.exists():
-            shutil.rmtree(checkpoint.path)  # a partial save of an interrupted attempt
+        checkpoint = self.run.checkpoint(step)  # room for it, and a fresh folder (a partial save goes)
+        on_main(lambda: ckpt.prepare_save(self.run, step), acc.num_processes, acc.process_index)
         acc.wait_for_everyone()
         acc.save_state(str(checkpoint.state_dir))
         if acc.is_main_process:
@@ -346,6 +344,8 @@ class Trainer:
                                         ema=self.ema is not None, replica_digests=digests,
                                         world_size=acc.num_processes)
             ckpt.write_export(checkpoint, self._export_model().state_dict(), meta)
+            if self.deepspeed:
+                ckpt.seal_deepspeed_state(checkpoint.state_dir)
             atomic_write_text(checkpoint.complete_marker, f"{step}\n")
             self.run.prune_checkpoints(self.cfg.train.keep_checkpoints)
             self.run.update_latest_link()
@@ -379,6 +379,7 @@ class Trainer:
         with contextlib.ExitStack() as stack:
             on_main(lambda: stack.enter_context(self.run.lock()) and None, self.acc.num_processes,
                     self.acc.process_index)
+            stack.enter_context(ckpt.disk_full_named(self.run, self.acc.is_main_process))  # one line, in log.txt
             return self._fit()
 
     def _fit(self) -> int:
