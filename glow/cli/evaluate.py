@@ -24,13 +24,14 @@ Tasks and what each writes under runs/<name>/eval/step-N/:
 
 \b
 A result is skipped when it exists and was computed with the same checkpoint, seed, data
-root and shard build (--force recomputes); --check-done only reports whether anything is
-left. Results also go to the run's tracker (run.logger: wandb, tensorboard or mlflow; job
+root and shard build, by you (--force recomputes); --check-done only reports whether anything
+is left. Results also go to the run's tracker (run.logger: wandb, tensorboard or mlflow; job
 type eval, beside the training run); --no-wandb turns that off, --wandb logs to wandb.
 No --config or KEY=VALUE: the model, its data settings and its tracker come from the
 checkpoint and its run (meta.json, config.yaml), and every evaluation setting is an option
 here, recorded with each result so that a rerun with other settings recomputes it.
-Exit codes: 0 done, 2 usage or configuration error, 3 --check-done: work to do, 4 data
+Exit codes: 0 done, 2 usage or configuration error (also: the run directory or a fixed folder
+in it is a link or another user's), 3 --check-done: work to do, 4 data
 error (shards missing, corrupt or not fitting the model), 5 checkpoint or FID weights error,
 1 internal error (with a traceback).
 """
@@ -99,10 +100,14 @@ def _parse_spec(spec: str) -> tuple[str, str]:
                    "[default: the training run's run.logger]")
 @click.option("--wandb/--no-wandb", "use_wandb", default=None, hidden=True,
               help="Same as --logger wandb / --logger none. [default: the training run's run.logger]")
+@click.option("--allow-shared-run", is_flag=True,
+              help="Evaluate a run whose directory (or fixed folders) is a link or another user's, and take results "
+                   "another user wrote as done: a deliberately shared layout (also GLOW_ALLOW_SHARED_RUN=1). "
+                   "[default: refuse them; recompute results you did not write]")
 @exit_on_user_error
 def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, temperatures,
          samples_per_temperature, fid_samples, fid_temperatures, inception_weights, fid_cache, latents_images,
-         check_done, convert_channels, logger, use_wandb):
+         check_done, convert_channels, logger, use_wandb, allow_shared_run):
     require_extra("glow-eval", "eval", EVAL_MODULES)
     from glow.evaluation import job
     from glow.evaluation.tasks import EvalOptions
@@ -116,7 +121,8 @@ def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, 
         tasks=list(tasks), specs=parsed, data_root=data_root, batch_size=batch_size, workers=workers, seed=seed,
         force=force, temperatures=list(temperatures), samples_per_temperature=samples_per_temperature,
         fid_samples=fid_samples, fid_temperatures=list(fid_temperatures), inception_weights=inception_weights,
-        fid_cache=fid_cache, latents_images=latents_images, convert_channels=convert_channels, logger=logger)
+        fid_cache=fid_cache, latents_images=latents_images, convert_channels=convert_channels, logger=logger,
+        allow_shared=allow_shared_run)
     if check_done:
         todo, out_dir = job.check_done(checkpoint, options)
         click.echo(f"to do: {', '.join(todo)}" if todo else f"done: every result is in {out_dir}")

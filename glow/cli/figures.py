@@ -17,7 +17,8 @@ run's tracker (run.logger: wandb, tensorboard or mlflow; job type figures) unles
 says otherwise. Several runs side by side, and the benchmark matrix: eval/report.py.
 No --config or KEY=VALUE: everything comes from files on disk (the dumps and the run's
 config.yaml); the choices left are the options here.
-Exit codes: 0 done, 2 usage error, 4 dumps missing or not matching, 1 internal error (with a traceback).
+Exit codes: 0 done, 2 usage error (also: the run directory, a fixed folder in it or a file read
+is a link or another user's), 4 dumps missing or not matching, 1 internal error (with a traceback).
 """
 
 import click
@@ -70,9 +71,12 @@ def parse_in_spec(value: str, in_split: str | None) -> tuple[str, str]:
                    "[default: the training run's run.logger]")
 @click.option("--wandb/--no-wandb", "use_wandb", default=None, hidden=True,
               help="Same as --logger wandb / --logger none. [default: the training run's run.logger]")
+@click.option("--allow-shared-run", is_flag=True,
+              help="Draw a run whose directory (or fixed folders) is a link or another user's, from dumps another "
+                   "user wrote: a deliberately shared layout (also GLOW_ALLOW_SHARED_RUN=1). [default: refuse]")
 @exit_on_user_error
 def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root, out_dir, k, seed, logger,
-         use_wandb):
+         use_wandb, allow_shared_run):
     require_extra("glow-figures", "eval", EVAL_MODULES)
     from glow.report.figures import make_figures, track_figures
     from glow.report.tables import text_table
@@ -86,7 +90,7 @@ def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root,
         check_tracker_installed(logger, "--logger ", "--logger none")  # before the work, not after it
     in_dataset, in_split = parse_in_spec(in_dataset, in_split)
     res = make_figures(run_dir, in_dataset, ood_specs, step=step, in_split=in_split, train_split=train_split,
-                       out_dir=out_dir, data_root=data_root, k=k, seed=seed)
+                       out_dir=out_dir, data_root=data_root, k=k, seed=seed, allow_shared=allow_shared_run)
     # Only a finished result opens a wandb run (a refused command leaves no empty run behind).
     tracker = run_tracker(run_dir, "figures", int(res.table["step"]),
                           f"{in_dataset}/{in_split} {' '.join(ood_specs)}", logger=logger)

@@ -4,8 +4,10 @@ A dump (where it lives: `glow.run.Run.dump_path`) is an ``.npz`` holding, per sa
 the split (in index order), ``key``, ``index``, ``label``, ``log_p`` (nats), ``bpd`` and
 ``complexity_bpd`` (PNG code length of the image the model scored), plus scalar fields that
 say where the numbers came from (checkpoint, step, model hash, data set, data root, n_bits,
-seed, manifest hash, the digest of the weights every rank scored with). The evaluation jobs write dumps; the figures, OOD tables and run
-comparisons read them. Dumps of different checkpoints are never merged.
+seed, manifest hash, the digest of the weights every rank scored with) and who wrote it
+(``writer_uid``, ``writer_user``). The evaluation jobs write dumps; the figures, OOD tables and
+run comparisons read them, and (``own``, unless a shared layout is allowed) only from files of
+the user's own. Dumps of different checkpoints are never merged.
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ ARRAYS = {"key": str, "index": np.int64, "label": np.int64, "log_p": np.float64,
           "complexity_bpd": np.float64}
 # scalar fields and their Python types
 SCALARS = {"step": int, "model_hash": str, "checkpoint": str, "dataset": str, "split": str, "data_root": str,
-           "n_bits": int, "seed": int, "manifest_hash": str, "weights_digest": str}
-OPTIONAL = ("complexity_bpd", "seed", "manifest_hash", "weights_digest")  # absent in dumps of older versions
+           "n_bits": int, "seed": int, "manifest_hash": str, "weights_digest": str, "writer_uid": int,
+           "writer_user": str}
+# absent in dumps of older versions
+OPTIONAL = ("complexity_bpd", "seed", "manifest_hash", "weights_digest", "writer_uid", "writer_user")
 # what a dump was computed with (glow.evaluation.records compares them before reusing it)
-SETTINGS = ("step", "model_hash", "seed", "data_root", "manifest_hash")
+SETTINGS = ("step", "model_hash", "seed", "data_root", "manifest_hash", "writer_uid")
 MAX_DUMP_BYTES = 4 << 30  # ~60 bytes a sample: far above SVHN extra (531,131 samples) or CelebA
 IDENTITY = ("model_hash", "checkpoint", "step", "n_bits")  # must agree across merged dumps
 
@@ -71,6 +75,8 @@ class Dump:
     seed: int | None = None
     manifest_hash: str | None = None
     weights_digest: str | None = None
+    writer_uid: int | None = None
+    writer_user: str | None = None
 
     @property
     def spec(self) -> str:
@@ -93,10 +99,11 @@ def write_dump(path: str | Path, arrays: Mapping[str, np.ndarray], **scalars) ->
     return Path(path)
 
 
-def _open(path: Path):
-    """The dump's npz, read without following links and with a size cap (ResultsMissing if absent)."""
+def _open(path: Path, own: bool):
+    """The dump's npz, read without following links and with a size cap (ResultsMissing if absent);
+    with ``own``, refused (ForeignFile) when another user wrote it."""
     try:
-        blob = read_bytes(path, MAX_DUMP_BYTES)
+        blob = read_bytes(path, MAX_DUMP_BYTES, own=own)
     except FileNotFoundError:
         raise ResultsMissing(f"dump {path} not found; run `eval/evaluate.py --task dump` for that split") from None
     try:
@@ -106,13 +113,14 @@ def _open(path: Path):
                              "eval/evaluate.py --task dump --force") from None
 
 
-def load_dump(path: str | Path) -> Dump:
-    """Read a dump, checking every field of the schema is there and the lengths agree.
+def load_dump(path: str | Path, own: bool = False) -> Dump:
+    """Read a dump, checking every field of the schema is there and the lengths agree; with
+    ``own``, only a file of the user's own.
 
     Never unpickles (``allow_pickle=False``): a dump is data, wherever it came from.
     """
     path = Path(path)
-    with _open(path) as z:
+    with _open(path, own) as z:
         missing = [k for k in (*ARRAYS, *SCALARS) if k not in z.files and k not in OPTIONAL]
         if missing:
             raise ResultsInvalid(f"dump {path} lacks {missing}; rewrite it with eval/evaluate.py --task dump --force")
@@ -128,14 +136,15 @@ def load_dump(path: str | Path) -> Dump:
     return Dump(path=path, **arrays, **meta)
 
 
-def dump_settings(path: str | Path) -> dict | None:
+def dump_settings(path: str | Path, own: bool = False) -> dict | None:
     """The settings a dump was computed with (its scalar fields of :data:`SETTINGS`), without
-    reading its arrays; None when there is no readable dump (it is then recomputed)."""
+    reading its arrays; None when there is no readable dump, or (``own``) it is another user's
+    file: it is then recomputed."""
     path = Path(path)
     if not os.path.lexists(path):
         return None
     try:
-        with _open(path) as z:
+        with _open(path, own) as z:
             stored = {k: SCALARS[k](z[k].item()) for k in SETTINGS if k in z.files}
     except (ResultsInvalid, ResultsMissing, OSError, ValueError, TypeError) as err:
         log.warning("%s is unreadable (%s): recomputing", path, err)

@@ -27,6 +27,7 @@ def check_done(checkpoint: str | Path, options: EvalOptions) -> tuple[list[str],
     """(what is left to compute, the evaluation folder): empty when every requested result
     exists under the same settings. Loads no model and starts no process group."""
     ckpt = resolve_checkpoint(checkpoint)
+    ckpt.run.check_trusted(options.allow_shared)
     ctx = EvalContext(checkpoint=ckpt, meta=ckpt.meta(), options=options)
     tasks.check_eval_data(ctx)
     if options.force:
@@ -47,6 +48,7 @@ def _load_on_main(spec: str | Path, options: EvalOptions, accelerator):
 
     def read() -> tuple[str, dict, bytes]:
         ckpt = resolve_checkpoint(spec)
+        ckpt.run.check_trusted(options.allow_shared)  # glow.trust: before anything is read or written
         meta = ckpt.meta()
         tasks.check_eval_data(EvalContext(checkpoint=ckpt, meta=meta, options=options))
         try:
@@ -124,7 +126,7 @@ def track_results(tracker, ctx: EvalContext) -> list[str]:
     logged: list[str] = []
     wanted = {f"{d}/{s}" for d, s in specs}
     if {"dump", "bpd"} & set(tasks):
-        for spec, entry in read_table(out / "bpd.json").items():
+        for spec, entry in read_table(out / "bpd.json", ctx.own_results).items():
             if spec in wanted:
                 tracker.log_summary({f"bpd/{spec}": entry["mean"], f"bpd_std/{spec}": entry["std"]})
                 logged.append(f"bpd/{spec}")
@@ -132,10 +134,11 @@ def track_results(tracker, ctx: EvalContext) -> list[str]:
         for dataset, split in specs:
             path = ctx.checkpoint.run.dump_path(step, f"{dataset}/{split}")
             if path.is_file():
-                tracker.log_histogram(f"bpd_per_sample/{dataset}/{split}", load_dump(path).bpd, step=step)
+                tracker.log_histogram(f"bpd_per_sample/{dataset}/{split}", load_dump(path, ctx.own_results).bpd,
+                                      step=step)
                 logged.append(f"bpd_per_sample/{dataset}/{split}")
     if "fid" in tasks:
-        for key, entry in read_table(out / "fid.json").items():
+        for key, entry in read_table(out / "fid.json", ctx.own_results).items():
             if key.split("@")[0] in wanted:
                 tracker.log_summary({f"fid/{key}": entry["fid"]})
                 logged.append(f"fid/{key}")

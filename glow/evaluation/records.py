@@ -4,8 +4,9 @@ Every result of an evaluated checkpoint (a dump, a bpd.json or fid.json entry, s
 latents.png) records the settings it was computed with: the dump in its scalar fields, a table
 entry in its JSON, the images in a ``.json`` beside them. A result is reused only when every
 setting it depends on is the same (checkpoint step and model hash, seed, data root and shard
-build, and what else the kind of result depends on); anything else recomputes, and the log says
-which setting changed. The tasks skip by this rule, and a scheduler asks it before starting any
+build, and what else the kind of result depends on) and, unless a shared layout is allowed, when
+you wrote it: its files are yours and it records your uid (``writer_uid``, one of the settings);
+anything else recomputes, and the log says why. The tasks skip by this rule, and a scheduler asks it before starting any
 process (``eval/evaluate.py --check-done``). Under several processes rank 0 applies it and the
 others follow (`glow.distributed.on_main`).
 """
@@ -13,6 +14,7 @@ others follow (`glow.distributed.on_main`).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,17 +44,19 @@ def up_to_date(stored: Mapping | None, wanted: Mapping, what: str) -> bool:
     return not diff
 
 
-def read_record(path: Path) -> dict | None:
-    """The settings record beside an image result (samples.json, latents.json); None if absent
-    or unreadable (the result is then recomputed)."""
+def read_record(image: Path, record: Path, own: bool = False) -> dict | None:
+    """The settings record beside an image result (samples.json beside samples.png); None when
+    either is absent, unreadable or (with ``own``) another user's: the result is then recomputed."""
     try:
-        record = read_json(path, MAX_RECORD_BYTES)
+        if not image.is_file() or (own and image.lstat().st_uid != os.getuid()):
+            return None
+        stored = read_json(record, MAX_RECORD_BYTES, own=own)
     except FileNotFoundError:
         return None
-    except (ValueError, OSError) as err:
-        log.warning("%s is unreadable (%s): recomputing", path, err)
+    except (ValueError, OSError) as err:  # UnsafeFile (a link, too large, another user's) too
+        log.warning("%s is unreadable (%s): recomputing", record, err)
         return None
-    return record if isinstance(record, dict) else None
+    return stored if isinstance(stored, dict) else None
 
 
 @dataclass

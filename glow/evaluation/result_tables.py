@@ -9,7 +9,12 @@ computed it; :func:`read_table` merges the entries when read. The table file its
 entry is in it once the last writer is done, and readers in the code never depend on it.
 
 An entry records the settings that produced it (step, model hash, seed, data root, manifest
-hash); `glow.evaluation.records` reuses a result only when those settings match.
+hash) and its writer (uid and user name); `glow.evaluation.records` reuses a result only when
+those settings match. With ``own`` (the default of the jobs unless a shared layout is allowed)
+an entry file another user wrote is ignored, whatever it says: a forged entry is never taken
+for a result. The table file is read only where there is no ``.d`` folder (tables of older
+versions, whose entries move into the folder at the next write), so nothing reaches the merged
+view that the entry files would not give.
 """
 
 from __future__ import annotations
@@ -31,42 +36,44 @@ def _entries_dir(table: Path) -> Path:
     return table.with_name(table.name.removesuffix(".json") + ".d")
 
 
-def _read_entry(path: Path) -> dict | None:
+def _read_entry(path: Path, own: bool) -> dict | None:
     try:
-        entry = read_json(path, MAX_ENTRY_BYTES)
+        entry = read_json(path, MAX_ENTRY_BYTES, own=own)
     except FileNotFoundError:
         return None
-    except (ValueError, OSError) as err:  # UnsafeFile (a link, a FIFO, too large) is an OSError too
+    except (ValueError, OSError) as err:  # UnsafeFile (a link, a FIFO, too large, another user's) too
         log.warning("%s is unreadable (%s): ignored", path, err)
         return None
     return entry if isinstance(entry, dict) else None
 
 
-def read_table(table: str | Path) -> dict:
-    """Every entry of ``table``: those in its ``.d`` folder, over any in the file itself.
-
-    Files are read without following links and with a size cap; an unreadable one is ignored
-    (a result it stood for is recomputed)."""
+def read_table(table: str | Path, own: bool = False) -> dict:
+    """Every entry of ``table``: one file each in its ``.d`` folder (the file itself only where
+    there is no folder). Files are read without following links and with a size cap; an
+    unreadable one, or with ``own`` one another user wrote, is ignored (its result is recomputed)."""
     table = Path(table)
-    merged = _read_entry(table) or {}
     folder = _entries_dir(table)
-    if folder.is_dir():
-        for path in sorted(folder.glob("*.json")):
-            entry = _read_entry(path)
-            if entry is not None:
-                merged[unquote(path.stem)] = entry
+    if not folder.is_dir():
+        return _read_entry(table, own) or {}
+    merged = {}
+    for path in sorted(folder.glob("*.json")):
+        entry = _read_entry(path, own)
+        if entry is not None:
+            merged[unquote(path.stem)] = entry
     return merged
 
 
-def add_entries(table: str | Path, entries: Mapping[str, dict]) -> None:
+def add_entries(table: str | Path, entries: Mapping[str, dict], own: bool = False) -> None:
     """Write each entry to its own file, then refresh the merged view ``table``."""
     table = Path(table)
     folder = _entries_dir(table)
+    if not folder.is_dir():  # a table of an older version: its entries move into the folder first
+        entries = {**read_table(table, own), **entries}
     for key, entry in entries.items():
         atomic_write_json(folder / f"{quote(key, safe='')}.json", entry)
-    atomic_write_json(table, read_table(table))
+    atomic_write_json(table, read_table(table, own))
 
 
-def table_entry(table: str | Path, key: str) -> dict | None:
+def table_entry(table: str | Path, key: str, own: bool = False) -> dict | None:
     """The entry ``key`` of ``table`` (None when absent): what `glow.evaluation.records` compares."""
-    return read_table(table).get(key)
+    return read_table(table, own).get(key)

@@ -28,7 +28,7 @@ from glow.evaluation.complexity import png_complexity_bpd_batch
 from glow.evaluation.dumps import dump_settings, write_dump
 from glow.evaluation.records import Result, read_record
 from glow.evaluation.result_tables import add_entries, table_entry
-from glow.files import atomic_write_json
+from glow.files import atomic_write_json, writer
 from glow.model import GlowConfig
 from glow.model.likelihood import (
     bits_per_dim,
@@ -42,6 +42,7 @@ from glow.model.performance import fast_eval
 from glow.model.sampling import sample_seeded, save_sample_grid
 from glow.progress import Progress
 from glow.run import Checkpoint
+from glow.trust import shared_run_allowed
 
 __all__ = [
     "TASKS",
@@ -85,6 +86,7 @@ class EvalOptions:
     latents_images: int = 4
     convert_channels: bool = False
     logger: str | None = None  # none | wandb | tensorboard | mlflow; None: as the training run's run.logger
+    allow_shared: bool = False  # --allow-shared-run: another user's run folders and results are accepted
 
 
 @dataclass
@@ -108,6 +110,15 @@ class EvalContext:
     @property
     def step(self) -> int:
         return int(self.meta["step"])
+
+    @property
+    def own_results(self) -> bool:
+        """Only results this user wrote count (unless a shared layout is allowed: glow.trust)."""
+        return not shared_run_allowed(self.options.allow_shared)
+
+    def writer_setting(self) -> dict:
+        """What every result depends on besides its inputs: that you wrote it (glow.evaluation.records)."""
+        return {"writer_uid": writer()["writer_uid"]} if self.own_results else {}
 
     @property
     def out_dir(self) -> Path:
@@ -159,29 +170,31 @@ def _data_settings(ctx: EvalContext, dataset: str, split: str) -> dict:
     shard build or checkpoint recomputes."""
     return {"step": ctx.step, "model_hash": ctx.meta["model_hash"], "seed": int(ctx.options.seed),
             "data_root": str(Path(ctx.data_root).resolve()),
-            "manifest_hash": manifest_hash(ctx.manifest(dataset, split))}
+            "manifest_hash": manifest_hash(ctx.manifest(dataset, split)), **ctx.writer_setting()}
 
 
 def dump_result(ctx: EvalContext, dataset: str, split: str) -> Result:
     path = ctx.checkpoint.run.dump_path(ctx.step, f"{dataset}/{split}")
-    return Result(f"dump {dataset}/{split}", _data_settings(ctx, dataset, split), lambda: dump_settings(path))
+    return Result(f"dump {dataset}/{split}", _data_settings(ctx, dataset, split),
+                  lambda: dump_settings(path, ctx.own_results))
 
 
 def bpd_result(ctx: EvalContext, dataset: str, split: str) -> Result:
     spec = f"{dataset}/{split}"
     return Result(f"bpd {spec}", _data_settings(ctx, dataset, split),
-                  lambda: table_entry(ctx.out_dir / "bpd.json", spec))
+                  lambda: table_entry(ctx.out_dir / "bpd.json", spec, ctx.own_results))
 
 
 def fid_result(ctx: EvalContext, dataset: str, split: str, temperature: float) -> Result:
     key = f"{dataset}/{split}@T={temperature}"
     settings = {**_data_settings(ctx, dataset, split), "n_samples": int(ctx.options.fid_samples)}
-    return Result(f"fid {dataset}/{split} T={temperature}", settings, lambda: table_entry(ctx.out_dir / "fid.json", key))
+    return Result(f"fid {dataset}/{split} T={temperature}", settings,
+                  lambda: table_entry(ctx.out_dir / "fid.json", key, ctx.own_results))
 
 
 def _image_result(ctx: EvalContext, name: str, settings: dict) -> Result:
     image, record = ctx.out_dir / f"{name}.png", ctx.out_dir / f"{name}.json"
-    return Result(name, settings, lambda: read_record(record) if image.is_file() else None)
+    return Result(name, {**settings, **ctx.writer_setting()}, lambda: read_record(image, record, ctx.own_results))
 
 
 def samples_result(ctx: EvalContext) -> Result:
@@ -298,16 +311,18 @@ def run_bpd(ctx: EvalContext, dataset: str, split: str, dump: bool) -> dict | No
     scores = score_split(ctx, dataset, split)
     cfg, manifest = ctx.model.config, ctx.manifest(dataset, split)
     entry = {"mean": float(scores["bpd"].mean()), "std": float(scores["bpd"].std()), "count": int(len(scores["bpd"])),
-             "n_bits": int(cfg.n_bits), "weights_digest": ctx.meta.get("weights_digest", ""), **result.settings}
+             "n_bits": int(cfg.n_bits), "weights_digest": ctx.meta.get("weights_digest", ""), **writer(),
+             **result.settings}
     if manifest.get("channels", 3) != cfg.in_channels:  # only reachable with --convert-channels
         entry["channels_converted"] = f"{manifest.get('channels', 3)} -> {cfg.in_channels}"
     if ctx.is_main:
         if dump:
             path = ctx.checkpoint.run.dump_path(ctx.step, spec)
             write_dump(path, scores, checkpoint=str(ctx.checkpoint.path), dataset=dataset, split=split,
-                       n_bits=int(cfg.n_bits), weights_digest=entry["weights_digest"], **result.settings)
+                       n_bits=int(cfg.n_bits), weights_digest=entry["weights_digest"],
+                       **{**writer(), **result.settings})
             log.info("wrote %s", path)
-        add_entries(ctx.out_dir / "bpd.json", {spec: entry})
+        add_entries(ctx.out_dir / "bpd.json", {spec: entry}, ctx.own_results)
         log.info("%s: %.4f bits/dim over %d samples (step %d)", spec, entry["mean"], entry["count"], ctx.step)
     barrier(ctx.world_size)
     return entry
@@ -322,7 +337,7 @@ def _run_image(ctx: EvalContext, result: Result, draw) -> Path | None:
         return None
     if ctx.is_main:
         draw(path)
-        atomic_write_json(ctx.out_dir / f"{result.what}.json", result.settings)
+        atomic_write_json(ctx.out_dir / f"{result.what}.json", {**writer(), **result.settings})
         log.info("wrote %s", path)
     barrier(ctx.world_size)
     return path
@@ -411,11 +426,11 @@ def run_fid(ctx: EvalContext, dataset: str, split: str) -> dict | None:
         moments = reduced(moments)
         mu, sigma = moments.statistics()
         results[f"{spec}@T={t}"] = {
-            "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "temperature": t, **result.settings,
+            "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "temperature": t, **writer(), **result.settings,
             "reference": spec, "reference_count": int(manifest["count"]),
         }
         log.info("FID %s T=%s: %.3f (%d samples)", spec, t, results[f"{spec}@T={t}"]["fid"], moments.n)
     if ctx.is_main:
-        add_entries(ctx.out_dir / "fid.json", results)
+        add_entries(ctx.out_dir / "fid.json", results, ctx.own_results)
     barrier(ctx.world_size)
     return results

@@ -29,7 +29,7 @@ from glow.files import (  # noqa: E402
     atomic_write_text,
     read_bytes,
 )
-from glow.report.page import write_index  # noqa: E402
+from glow.report.page import MAX_IMAGE_BYTES, write_index  # noqa: E402
 from glow.report.scores import ood_markdown, ood_table  # noqa: E402
 from glow.run import Run  # noqa: E402
 
@@ -145,15 +145,17 @@ def _extreme_panel(d: Dump, k: int, highest: bool, loader: ImageLoader, data_roo
 def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str], *, step: int | None = None,
                  in_split: str = "test", train_split: str = "train", out_dir: str | Path | None = None,
                  data_root: str | None = None, k: int = 16, seed: int = 0,
-                 image_loader: ImageLoader | None = None, tracker=None) -> FiguresResult:
+                 image_loader: ImageLoader | None = None, tracker=None, allow_shared: bool = False) -> FiguresResult:
     """Write figures/ for one run from the dumps of one evaluated step (newest by default).
 
     Also writes ``index.html``, the one page of results (:mod:`glow.report.page`).
     ``tracker`` (a :class:`glow.tracking.Tracker`, optional) receives the OOD table, the
-    bits/dim per split and the PNG figures.
+    bits/dim per split and the PNG figures. The run must be the user's and so must every file
+    read from it (glow.trust), unless ``allow_shared``; nothing is written before that is known.
     """
     loader = image_loader or default_image_loader
-    run = Run(run_dir)
+    run = Run(run_dir, allow_shared)
+    run.check_trusted()
     step = run.eval_step(step)
     out = Path(out_dir) if out_dir is not None else run.figures_dir
     res = FiguresResult(out_dir=out)
@@ -162,6 +164,7 @@ def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str],
     in_spec, train_spec = f"{in_dataset}/{in_split}", f"{in_dataset}/{train_split}"
     dumps = run.load_dumps(step, [in_spec, *ood_specs], optional=[train_spec])
     in_test, oods, train = dumps[in_spec], [dumps[s] for s in ood_specs], dumps.get(train_spec)
+    own = not run.allow_shared
     if train is None:
         log.warning("no training dump %s: distributions without train, no typicality scores",
                     run.dump_path(step, train_spec))
@@ -191,7 +194,7 @@ def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str],
         log.warning("exp1/exp2 skipped: %s", e)
 
     samples = [run.eval_dir(step) / "samples.png", run.samples_path(in_test.step)]
-    copied = next((blob for p in samples if (blob := _read_image(p)) is not None), None)
+    copied = next((blob for p in samples if (blob := _read_image(p, own)) is not None), None)
     if copied is None:
         res.skipped["samples.png"] = f"none of {[str(p) for p in samples]} is a PNG; run --task samples"
     else:
@@ -199,20 +202,18 @@ def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str],
         res.files.append(out / "samples.png")
     images = [p for p in res.files if p.suffix == ".png"]
     res.files.append(write_index(out, table, images, run_name=run.name, config_text=run.config_text(),
-                                 fid=read_table(run.eval_dir(step) / "fid.json")))
+                                 fid=read_table(run.eval_dir(step) / "fid.json", own)))
     if tracker is not None:
         track_figures(tracker, table, images)
     return res
 
 
-MAX_IMAGE_BYTES = 64 << 20  # a sample grid is a few hundred KB
-
-
-def _read_image(path: Path) -> bytes | None:
-    """A PNG from the run directory (no link followed, capped), or None when there is none.
-    Anything that is not a PNG is refused: the figures folder and index.html copy it."""
+def _read_image(path: Path, own: bool) -> bytes | None:
+    """A PNG from the run directory (no link followed, capped, and with ``own`` the user's own
+    file), or None when there is none. Anything that is not a PNG is refused: the figures folder
+    and index.html copy it."""
     try:
-        blob = read_bytes(path, MAX_IMAGE_BYTES)
+        blob = read_bytes(path, MAX_IMAGE_BYTES, own=own)
     except FileNotFoundError:
         return None
     if not blob.startswith(b"\x89PNG\r\n\x1a\n"):

@@ -13,7 +13,7 @@ import base64
 import html
 from pathlib import Path
 
-from glow.files import atomic_write_text
+from glow.files import atomic_write_text, read_bytes
 from glow.report.scores import (
     METRIC_COLUMNS,
     TYPICALITY_HEADER,
@@ -53,8 +53,11 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out
 
 
+MAX_IMAGE_BYTES = 64 << 20  # a figure or sample grid is a few hundred KB
+
+
 def _image(path: Path) -> list[str]:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    data = base64.b64encode(read_bytes(path, MAX_IMAGE_BYTES)).decode("ascii")  # never through a link
     return [f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(path.name)}">',
             f"<figcaption>{_esc(path.name)}</figcaption></figure>"]
 
