@@ -6,9 +6,11 @@ A step directory holds
     meta.json           step, model config and hash, config hash, data, seed
     COMPLETE            written by rank 0 after every rank saved: only then the step counts
 
-DeepSpeed state is unpickled on load, so it is accepted only when nothing in it is a link,
-another user's, or writable by group or others (`check_deepspeed_state`), and it loses group
-and other write permission after each save whatever the umask (`seal_deepspeed_state`). Before
+A checkpoint is never group-writable: its folders are created without group write
+(`glow.run.Run.new_step_folder`), and after each save the state accelerate and DeepSpeed wrote
+loses group and other write permission whatever the umask (`seal_state`). DeepSpeed state is
+unpickled on load, so it is accepted only when nothing in it is a link, another user's, or
+writable by group or others (`check_deepspeed_state`). Before
 a save the free space is checked against the size of the last checkpoint, and a disk that fills
 during one is named in one line, in log.txt too (`check_disk_space`, `disk_full_named`).
 """
@@ -49,7 +51,7 @@ __all__ = [
     "load_weights",
     "prepare_save",
     "save_trainer_state",
-    "seal_deepspeed_state",
+    "seal_state",
     "warm_start",
     "write_export",
 ]
@@ -171,9 +173,9 @@ def check_deepspeed_state(state_dir: str | Path) -> None:
     check_private_tree(state_dir, DeepSpeedStateRefused, _DEEPSPEED_ADVICE)
 
 
-def seal_deepspeed_state(state_dir: str | Path) -> None:
-    """After a DeepSpeed save (rank 0, every rank done): no group or other write permission
-    anywhere in the state, whatever the umask."""
+def seal_state(state_dir: str | Path) -> None:
+    """After a save (rank 0, every rank done): no group or other write permission anywhere in the
+    state, whatever the umask, so no one else can change it in place before a resume."""
     make_private_tree(state_dir, DeepSpeedStateRefused, _DEEPSPEED_ADVICE)
 
 

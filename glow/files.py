@@ -14,8 +14,11 @@ process created.
 Every single-file output (weights, meta.json, dumps, figures, manifests, result tables) goes
 through :func:`atomic_write_bytes`: a temporary file beside the target, fsync, then
 ``os.replace``, so a reader never sees half a file and a killed writer leaves the old one.
-Files get the mode the user's umask gives a new file (``mkstemp`` alone would make them
-0600, unreadable to the rest of a group that shares a run directory).
+Files are readable as the user's umask allows (``mkstemp`` alone would make them 0600,
+unreadable to the rest of a group that shares a run directory) and writable by their owner
+only (:data:`OUTPUT_MODE`): a group member cannot change a result, a checkpoint or a log in
+place, and replacing one (a rename) makes it theirs, which the readers of results refuse.
+Lock files alone are group-writable where the umask allows, so a stale lock can be taken over.
 
 :func:`hold_lock` takes an exclusive ``flock`` on a lock file that records who holds it
 (host, pid, Slurm job). It refuses at once when another live process holds the lock, naming
@@ -49,6 +52,7 @@ from glow.errors import UserError
 __all__ = [
     "LOCK_HEARTBEAT_S",
     "LOCK_STALE_S",
+    "OUTPUT_MODE",
     "ForeignFile",
     "LockHeld",
     "LockUnsupported",
@@ -172,12 +176,12 @@ def read_json(path: str | os.PathLike, cap: int, *, own: bool = False) -> Any:
 
 def open_append(path: str | os.PathLike) -> int:
     """A descriptor that appends to ``path`` (a log, ``metrics.jsonl``): created with ``O_EXCL``
-    (the umask's mode) when absent, else opened without following a link and only if it is a
+    (:data:`OUTPUT_MODE`) when absent, else opened without following a link and only if it is a
     regular file with one link. Never changes the mode of a file it did not create."""
     path = Path(path)
     flags = os.O_WRONLY | os.O_APPEND
     try:
-        return open_nofollow(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+        return open_nofollow(path, flags | os.O_CREAT | os.O_EXCL, OUTPUT_MODE)
     except FileExistsError:
         return open_nofollow(path, flags)
 
@@ -194,6 +198,9 @@ def filesystem_now(directory: str | os.PathLike) -> float:
         os.unlink(tmp)
 
 
+OUTPUT_MODE = 0o644  # every file glow-ood writes, less what the umask takes: never group- or other-writable
+
+
 def new_file_mode(base: int = 0o666) -> int:
     """The mode a newly created file gets under the process umask (e.g. 0644 or 0664)."""
     with _umask_lock:
@@ -208,7 +215,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, new_file_mode())
+        os.fchmod(fd, new_file_mode(OUTPUT_MODE))
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

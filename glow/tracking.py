@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from glow.config import ConfigError, check_tracker_installed
-from glow.files import atomic_write_text, open_nofollow, read_text
+from glow.files import atomic_write_text, open_append, read_text
 from glow.run import Run
 
 __all__ = ["MetricsLog", "Tracker", "git_sha", "run_tracker"]
@@ -71,7 +71,7 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def write(self, record: dict) -> None:
-        fd = open_nofollow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        fd = open_append(self.path)  # never through a link; O_EXCL when it creates the file
         with os.fdopen(fd, "a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 

@@ -1,4 +1,4 @@
-"""glow.files: atomic writes with the umask's mode, no-follow capped reads and appends, and locks that name
+"""glow.files: atomic writes (group-readable, never group-writable), no-follow capped reads and appends, and locks that name
 their holder (a heartbeat where flock is node-local)."""
 
 import json
@@ -26,11 +26,11 @@ def umask_002():
     os.umask(old)
 
 
-def test_atomic_write_uses_umask_mode(tmp_path, umask_002):
+def test_atomic_write_is_group_readable_never_group_writable(tmp_path, umask_002):
     path = tmp_path / "sub" / "a.bin"
     atomic_write_bytes(path, b"abc")
     assert path.read_bytes() == b"abc"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o664 == new_file_mode()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 == new_file_mode(0o644)  # not mkstemp's 0600, not 0664
     assert [p.name for p in path.parent.iterdir()] == ["a.bin"]  # no temp file left
 
 
@@ -118,7 +118,7 @@ def test_lock_through_a_symlink_leaves_the_target_untouched(tmp_path):
 # --------------------------------------------------------------------------- appends, owners, the lock's heartbeat
 
 
-def test_append_never_follows_a_link_and_creates_with_the_umask_mode(tmp_path, umask_002):
+def test_append_never_follows_a_link_and_creates_no_group_writable_file(tmp_path, umask_002):
     from glow.files import UnsafeFile, open_append
 
     keys = tmp_path / "victim_authorized_keys"
@@ -136,7 +136,7 @@ def test_append_never_follows_a_link_and_creates_with_the_umask_mode(tmp_path, u
         os.write(fd, line)
         os.close(fd)
     assert (tmp_path / "new.txt").read_bytes() == b"one\ntwo\n"
-    assert stat.S_IMODE((tmp_path / "new.txt").stat().st_mode) == 0o664
+    assert stat.S_IMODE((tmp_path / "new.txt").stat().st_mode) == 0o644  # a log no one else can add to
 
 
 def test_own_reads_refuse_a_file_another_user_wrote(tmp_path):

@@ -97,7 +97,7 @@ def test_deepspeed_state_anyone_else_could_change_is_refused(tmp_path, plant):
         os.umask(old)
     with pytest.raises(ckpt.DeepSpeedStateRefused, match="writable by group"):
         ckpt.check_deepspeed_state(state)  # what the umask gave: the state was open to the group
-    ckpt.seal_deepspeed_state(state)  # what the trainer does after each DeepSpeed save
+    ckpt.seal_state(state)  # what the trainer does after each save
     for path in [state, *state.rglob("*")]:
         assert path.stat().st_mode & 0o022 == 0, path
     ckpt.check_deepspeed_state(state)
@@ -118,7 +118,7 @@ def test_deepspeed_state_anyone_else_could_change_is_refused(tmp_path, plant):
     assert info.value.exit_code == EXIT_CHECKPOINT
     if plant == "link":
         with pytest.raises(ckpt.DeepSpeedStateRefused, match="symbolic link"):
-            ckpt.seal_deepspeed_state(state)  # never chmods through a link
+            ckpt.seal_state(state)  # never chmods through a link
         assert not (tmp_path / "planted.pt").exists()
 
 
@@ -320,12 +320,13 @@ def test_resume_never_unpickles_and_no_secret_in_the_run(tmp_path):
         if path.is_file():
             assert b"s3cr3t-key-0123" not in path.read_bytes(), path
     assert json.loads((state / ckpt.TRAINER_STATE).read_text())["counters"]["step"] == 6
-    # outputs get the umask's mode (group-readable under 0022/0002), not mkstemp's 0600
-    from glow.files import new_file_mode
+    # outputs are group-readable where the umask allows (not mkstemp's 0600), never group-writable
+    from glow.files import OUTPUT_MODE, new_file_mode
 
     step6 = Run(run_dir).latest().path
-    for path in (step6 / "model.safetensors", step6 / "meta.json", step6 / "COMPLETE", state / ckpt.TRAINER_STATE):
-        assert path.stat().st_mode & 0o777 == new_file_mode(), path
+    for path in (step6 / "model.safetensors", step6 / "meta.json", step6 / "COMPLETE", state / ckpt.TRAINER_STATE,
+                 *state.iterdir()):
+        assert path.stat().st_mode & 0o777 == new_file_mode(OUTPUT_MODE), path
 
 
 # ------------------------------------------------------------------ the same plants by a second user

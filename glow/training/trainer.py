@@ -344,8 +344,7 @@ class Trainer:
                                         ema=self.ema is not None, replica_digests=digests,
                                         world_size=acc.num_processes)
             ckpt.write_export(checkpoint, self._export_model().state_dict(), meta)
-            if self.deepspeed:
-                ckpt.seal_deepspeed_state(checkpoint.state_dir)
+            ckpt.seal_state(checkpoint.state_dir)  # no one else can change it before a resume
             atomic_write_text(checkpoint.complete_marker, f"{step}\n")
             self.run.prune_checkpoints(self.cfg.train.keep_checkpoints)
             self.run.update_latest_link()
