@@ -324,9 +324,10 @@ def test_resume_never_unpickles_and_no_secret_in_the_run(tmp_path):
     from glow.files import OUTPUT_MODE, new_file_mode
 
     step6 = Run(run_dir).latest().path
-    for path in (step6 / "model.safetensors", step6 / "meta.json", step6 / "COMPLETE", state / ckpt.TRAINER_STATE,
-                 *state.iterdir()):
+    for path in (step6 / "model.safetensors", step6 / "meta.json", step6 / "COMPLETE", state / ckpt.TRAINER_STATE):
         assert path.stat().st_mode & 0o777 == new_file_mode(OUTPUT_MODE), path
+    for path in state.iterdir():  # accelerate's own files: sealed after the save
+        assert path.stat().st_mode & 0o022 == 0, path
 
 
 # ------------------------------------------------------------------ the same plants by a second user
