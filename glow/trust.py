@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 ALLOW_SHARED_ENV = "GLOW_ALLOW_SHARED_RUN"
-ALLOW_SHARED_HINT = f"if this layout is deliberate, pass --allow-shared-run (or set {ALLOW_SHARED_ENV}=1)"
+ALLOW_SHARED_HINT = f"if this layout is deliberate, pass --allow-shared-run or set {ALLOW_SHARED_ENV}=1"
 
 
 class UntrustedRun(UserError):
@@ -64,8 +64,8 @@ def own_folder(path: Path) -> bool:
         why = f"belongs to {_whose(st)}"
     else:
         return True
-    raise UntrustedRun(f"{path} {why}: refused; glow-ood works in a run only through real folders you own "
-                       f"({ALLOW_SHARED_HINT})")
+    raise UntrustedRun(f"{path} {why}: refused; glow-ood works in a run only through real folders you own; "
+                       f"{ALLOW_SHARED_HINT}")
 
 
 def not_a_link(path: Path) -> None:
