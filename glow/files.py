@@ -267,6 +267,7 @@ def _holder_info() -> dict:
     info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if os.environ.get("SLURM_JOB_ID"):
         info["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+        info["slurm_restart_count"] = os.environ.get("SLURM_RESTART_COUNT", "0")
     return info
 
 
@@ -315,10 +316,15 @@ def _flock(fd: int, path: Path) -> None:
 
 def _refuse_live_remote_holder(fd: int, path: Path) -> None:
     """flock succeeded, but it may be node-local: a holder recorded by another host whose
-    heartbeat is fresh by the filesystem's clock is still alive there."""
+    heartbeat is fresh by the filesystem's clock is still alive there, unless it was an earlier
+    attempt of this same Slurm job (Slurm ends an attempt before it starts the next)."""
     holder = _read_holder(fd)
     host = holder.get("host")
     if not host or host == socket.gethostname():  # on this host flock is authoritative
+        return
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and holder.get("slurm_job_id") == job and \
+            holder.get("slurm_restart_count") != os.environ.get("SLURM_RESTART_COUNT", "0"):
         return
     age = filesystem_now(path.parent) - os.fstat(fd).st_mtime
     if age < LOCK_STALE_S:

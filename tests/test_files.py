@@ -152,23 +152,33 @@ def test_own_reads_refuse_a_file_another_user_wrote(tmp_path):
 
 
 def _plant_holder(path, host: str, age_s: float) -> None:
-    path.write_text(json.dumps({"host": host, "pid": 4242, "slurm_job_id": "77"}) + "\n")
+    path.write_text(json.dumps({"host": host, "pid": 4242, "slurm_job_id": "77", "slurm_restart_count": "0"}) + "\n")
     then = path.stat().st_mtime - age_s
     os.utime(path, (then, then))
 
 
-def test_a_lock_held_on_another_host_is_refused_until_its_heartbeat_is_stale(tmp_path):
+def test_a_lock_held_on_another_host_is_refused_until_its_heartbeat_is_stale(tmp_path, monkeypatch):
     """flock can be node-local (Lustre localflock, NFS nolock): a holder on another node, whose
     heartbeat is fresh by the filesystem's clock, still holds the lock."""
     from glow.files import LOCK_STALE_S
 
     path = tmp_path / "LOCK"
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     _plant_holder(path, "other-node", age_s=5)
     with pytest.raises(LockHeld) as info:
         with hold_lock(path):
             pass
     assert "host=other-node" in str(info.value) and "pid=4242" in str(info.value) and "heartbeat" in str(info.value)
     assert "\n" not in str(info.value)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # a requeued attempt of the holder's own job (killed, not released)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with hold_lock(path) as holder:
+        assert holder["slurm_restart_count"] == "1"
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    _plant_holder(path, "other-node", age_s=5)
+    with pytest.raises(LockHeld):
+        with hold_lock(path):
+            pass
     _plant_holder(path, "other-node", age_s=LOCK_STALE_S + 5)  # its holder stopped beating: stale
     with hold_lock(path, {"job": "new"}) as holder:
         assert json.loads(path.read_text())["job"] == "new" and holder["pid"] == os.getpid()
