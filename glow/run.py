@@ -313,13 +313,14 @@ class Run:
     # -- control files ----------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self) -> Iterator[dict]:
-        """Check the run is the user's (`check_trusted`), then hold ``LOCK`` (one trainer per run);
-        RunInUse names the live holder."""
+        """Check the run is the user's (`check_trusted`), hold ``LOCK`` (one trainer per run; RunInUse
+        names the live holder), and check again (a new run's folder was made in between)."""
         from glow.files import LockHeld
 
         self.check_trusted()
         try:
             with hold_lock(self.lock_path, {"run": str(self.path)}) as holder:
+                self.check_trusted()
                 yield holder
         except LockHeld as err:
             raise RunInUse(f"{err}: another trainer is writing this run. Wait for it to end, stop it "
