@@ -208,7 +208,7 @@ def _human(n: float) -> str:
     unit = 0
     while n >= 1024 and unit < 4:
         n, unit = n / 1024, unit + 1
-    return f"{n:.1f} {('B', 'KB', 'MB', 'GB', 'TB')[unit]}"
+    return f"{n:.1f} {('B', 'KB', 'MB', 'GB', 'TB')[unit]}" if unit else f"{int(n)} B"
 
 
 def check_disk_space(run: Run) -> None:
