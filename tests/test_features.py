@@ -15,7 +15,12 @@ import torch
 
 from glow.data.shards import build
 from glow.data.sources.images import array_source
-from glow.errors import EXIT_CHECKPOINT, EXIT_DATA, CheckpointMismatch, CheckpointMissing
+from glow.errors import (
+    EXIT_CHECKPOINT,
+    EXIT_DATA,
+    CheckpointMismatch,
+    CheckpointMissing,
+)
 from glow.evaluation import fid
 from glow.features import extractors
 from glow.features.extract import DONE_SUFFIX, extract_features
@@ -29,22 +34,12 @@ from glow.features.vector_shards import (
     record_dtype,
 )
 from glow.files import UnsafeFile
+from tests.test_fid import _smooth_images as smooth_images
 from tests.toydata import spawn_gloo
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def smooth_images(n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:32, 0:32] / 31.0
-    out = []
-    for _ in range(n):
-        c, f = rng.uniform(40, 200, 3), rng.uniform(0.5, 2.0, 2)
-        img = c + 50 * np.sin(2 * np.pi * (f[0] * xx + f[1] * yy))[..., None]
-        out.append(np.clip(img, 0, 255).astype(np.uint8))
-    return np.stack(out)
 
 
 def build_pictures(root: Path, n: int, per_shard: int) -> np.ndarray:

@@ -8,7 +8,12 @@ from scipy.stats import norm
 
 from glow.errors import ResultsInvalid
 from glow.report import intervals
-from glow.report.intervals import INTERVAL_METRICS, format_interval, ood_intervals, weighted_ood_metrics
+from glow.report.intervals import (
+    INTERVAL_METRICS,
+    format_interval,
+    ood_intervals,
+    weighted_ood_metrics,
+)
 from glow.report.scores import ood_metrics
 
 

@@ -36,7 +36,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glow.data.shards import KEY_FORMAT, LOCK, MANIFEST, BuildBusy, BuildRefused, split_dir, tool_version
+from glow.data.shards import (
+    KEY_FORMAT,
+    LOCK,
+    MANIFEST,
+    BuildBusy,
+    BuildRefused,
+    split_dir,
+    tool_version,
+)
 from glow.data.streams import make_eval_loader, manifest_hash, read_manifest
 from glow.digest import json_digest
 from glow.distributed import gather_objects

@@ -70,7 +70,9 @@ class ExtractorSpec:
 
 # --------------------------------------------------------------------------- the two networks
 def _build_inception(state_dict: dict) -> nn.Module:
-    from glow.evaluation.fid import _fid_inception  # the one construction of FID's network
+    from glow.evaluation.fid import (
+        _fid_inception,  # the one construction of FID's network
+    )
 
     return _fid_inception(state_dict)
 

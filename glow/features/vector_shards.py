@@ -34,9 +34,23 @@ from glow.data.shards import KEY_FORMAT, MANIFEST, split_dir
 from glow.errors import DataError
 from glow.files import atomic_write_bytes, read_bytes, read_json
 
-__all__ = ["FORMAT_VERSION", "KIND", "MAX_MANIFEST_BYTES", "MAX_SHARD_BYTES", "Vectors", "VectorShardError",
-           "VectorsMissing", "encode_vector_shard", "load_vectors", "read_vector_manifest", "read_vector_shard",
-           "record_dtype", "record_format", "vector_shard_name", "write_vector_shard"]
+__all__ = [
+    "FORMAT_VERSION",
+    "KIND",
+    "MAX_MANIFEST_BYTES",
+    "MAX_SHARD_BYTES",
+    "VectorShardError",
+    "Vectors",
+    "VectorsMissing",
+    "encode_vector_shard",
+    "load_vectors",
+    "read_vector_manifest",
+    "read_vector_shard",
+    "record_dtype",
+    "record_format",
+    "vector_shard_name",
+    "write_vector_shard",
+]
 
 FORMAT_VERSION = 1
 KIND = "vectors"
