@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,8 +14,10 @@ from scipy import stats
 from torch.autograd.functional import jacobian
 
 from glow.model import GlowConfig
-from glow.model.tabular import TabularFlow, TabularFlowConfig, continuous_bits_per_dim
+from glow.model.tabular import TabularFlow
+from glow.model.tabular_config import TabularFlowConfig, continuous_bits_per_dim
 from tests.test_flows import randomize
+from tests.toydata import REPO
 
 
 def random_flow(dim: int, seed: int = 0, **overrides) -> TabularFlow:
@@ -223,3 +228,10 @@ def test_log_prob_is_per_sample_and_batch_independent():
     batch = model.log_prob(x)
     assert batch.shape == (32,)
     assert model.log_prob(x[7:8]).item() == pytest.approx(batch[7].item(), rel=1e-5)
+
+
+def test_config_imports_without_torch():
+    """Config files, run directories and reports read the config where torch is not installed."""
+    code = ("import sys; import glow.model.tabular_config as c; c.TabularFlowConfig().hash(); "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -47,7 +47,7 @@ from glow.data.shards import (
 )
 from glow.data.streams import make_eval_loader, manifest_hash, read_manifest
 from glow.digest import json_digest
-from glow.distributed import gather_objects
+from glow.distributed import gather_objects, on_main
 from glow.errors import DataError, UserError
 from glow.features.extractors import FeatureExtractor
 from glow.features.vector_shards import (
@@ -78,42 +78,13 @@ def extract_features(source_root: str | os.PathLike, dataset: str, split: str, o
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out_dir = split_dir(out_root, dataset, split)
-    with contextlib.ExitStack() as stack:
-        plan: dict = {}
-        if rank == 0:
-            try:
-                plan = _plan(stack, source_root, dataset, split, out_dir, extractor, batch_size, overwrite)
-            except Exception as err:  # the other ranks fail at once instead of waiting for a timeout
-                _broadcast({"error": str(err)}, world_size)
-                raise
-        plan = _broadcast(plan, world_size)
-        if "error" in plan:
-            raise DataError(f"rank 0 refused the feature extraction: {plan['error']}")
+    with contextlib.ExitStack() as stack:  # rank 0 holds the directory's lock until the manifest is complete
+        plan = on_main(lambda: _plan(stack, source_root, dataset, split, out_dir, extractor, batch_size, overwrite),
+                       world_size, rank)
         mine = _extract_my_shards(plan, source_root, dataset, split, out_dir, extractor, rank, world_size,
                                   batch_size, num_workers, progress)
         gathered = gather_objects(mine, world_size)
-        result: dict = {}
-        if rank == 0:
-            try:
-                result = {"manifest": _finish(plan, [e for part in gathered for e in part], out_dir)}
-            except Exception as err:
-                _broadcast({"error": str(err)}, world_size)
-                raise
-        result = _broadcast(result, world_size)
-        if "error" in result:
-            raise DataError(f"rank 0 could not complete the vector manifest: {result['error']}")
-        return result["manifest"]
-
-
-def _broadcast(obj: dict, world_size: int) -> dict:
-    """Rank 0's ``obj`` on every rank (no-op for one process)."""
-    if world_size == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return on_main(lambda: _finish(plan, [e for part in gathered for e in part], out_dir), world_size, rank)
 
 
 # --------------------------------------------------------------------------- rank 0: settings and resume
