@@ -28,12 +28,12 @@ from glow.report.intervals import DEFAULT_RESAMPLES, format_interval, ood_interv
 from glow.report.scores import ood_metrics
 
 
-@click.command()
+@click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--n-in", default=19_962, show_default=True, help="in-distribution scores (CelebA test)")
 @click.option("--n-out", default=26_032, show_default=True, help="OOD scores (SVHN test)")
-@click.option("--resamples", default=DEFAULT_RESAMPLES, show_default=True)
+@click.option("--resamples", default=DEFAULT_RESAMPLES, show_default=True, help="bootstrap resamples per call")
 @click.option("--repeats", default=3, show_default=True, help="timed calls (median reported)")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the results as JSON")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the results as JSON [default: printed only]")
 def main(n_in: int, n_out: int, resamples: int, repeats: int, out: str | None) -> None:
     rng = np.random.default_rng(0)
     s_in = rng.normal(-3.6, 0.3, n_in).astype(np.float32).astype(np.float64)
