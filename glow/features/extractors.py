@@ -37,6 +37,8 @@ import torch
 from torch import nn
 
 from glow.errors import CheckpointMismatch, CheckpointMissing
+from glow.evaluation.fid import FID_WEIGHTS_FILE, inception_features
+from glow.evaluation.inception import FID_WEIGHTS_URL, Pool3, fid_inception_v3
 from glow.files import read_bytes
 
 __all__ = ["EXTRACTORS", "ExtractorSpec", "FeatureExtractor", "WeightsMismatch", "load_extractor", "weights_path"]
@@ -70,16 +72,12 @@ class ExtractorSpec:
 
 # --------------------------------------------------------------------------- the two networks
 def _build_inception(state_dict: dict) -> nn.Module:
-    from glow.evaluation.fid import (
-        _fid_inception,  # the one construction of FID's network
-    )
-
-    return _fid_inception(state_dict)
+    net = fid_inception_v3()  # the network FID uses (glow.evaluation.inception)
+    net.load_state_dict(state_dict)
+    return Pool3(net)
 
 
 def _inception_features(net: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    from glow.evaluation.fid import inception_features
-
     feats = inception_features(images, device, batch_size=images.shape[0], model=net)
     return torch.from_numpy(feats.astype(np.float32))  # float32 values in float64: exact
 
@@ -103,9 +101,7 @@ def _efficientnet_features(net: nn.Module, images: torch.Tensor, device: torch.d
 
 EXTRACTORS = {
     "inception": ExtractorSpec(
-        name="inception", dim=2048, weights_file="pt_inception-2015-12-05-6726825d.pth",
-        weights_url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                    "pt_inception-2015-12-05-6726825d.pth",
+        name="inception", dim=2048, weights_file=FID_WEIGHTS_FILE, weights_url=FID_WEIGHTS_URL,
         preprocessing="pytorch-fid Inception-v3 pool3: x/255, bilinear resize to 299x299 (align_corners=False), "
                       "2x-1; grayscale replicated to RGB",
         build=_build_inception, features=_inception_features),
