@@ -21,7 +21,9 @@ DEMO_NAME ?= demo$(DEMO_SIZE_TAG)$(if $(DEMO_STEPS),-steps$(DEMO_STEPS))
 DEMO_FID ?= 0
 DEMO_FID_SAMPLES ?= 1000
 DEMO_OVERRIDES ?=
-CPU_LAUNCH := ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch \
+# glow's launcher: the arguments of `accelerate launch`, and a user error keeps its exit code
+# (2 usage, 4 data, 5 checkpoint) and its one-line message instead of a launcher traceback.
+CPU_LAUNCH := ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 $(PY) -m glow.cli.launch \
 	--config_file train/accelerate/cpu_2proc.yaml
 DEMO_RUN_DIR := $(DEMO_RUNS)/$(DEMO_NAME)
 DEMO_EVAL := eval/evaluate.py --checkpoint $(DEMO_RUN_DIR)/checkpoints/latest --data-root $(DEMO_DATA)

@@ -97,13 +97,19 @@ def report_user_error(err: UserError) -> int:
 
 def exit_on_user_error(func: F) -> F:
     """Run ``func``; on a :class:`UserError`, end with :func:`report_user_error` and its exit
-    code, without a traceback. Every other exception propagates unchanged."""
+    code, without a traceback (under ``python -m glow.cli.launch`` the message goes to the
+    launcher instead, which prints it once, last: :mod:`glow.exit_reports`). Every other
+    exception propagates unchanged."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except UserError as err:
+            from glow.exit_reports import write_report
+
+            if write_report(err.exit_code, str(err)):  # glow's launcher prints it and ends with the code
+                sys.exit(err.exit_code)
             sys.exit(report_user_error(err))
 
     return wrapper  # type: ignore[return-value]
