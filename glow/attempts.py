@@ -20,9 +20,10 @@ from glow.files import atomic_write_text, filesystem_now, read_text
 if TYPE_CHECKING:
     from glow.run import Run
 
-__all__ = ["AttemptEnd", "attempt_began", "attempt_end", "mark_attempt_start"]
+__all__ = ["FINISH_REASON", "AttemptEnd", "attempt_began", "attempt_end", "mark_attempt_start"]
 
 MAX_ATTEMPT_BYTES = 4096  # "<job id> <restart count>"
+FINISH_REASON = "FINISH"  # the STOPPED reason of a finish on request (<run>/FINISH)
 _node_time = time.time  # this node's clock (tests stand in a skewed one)
 _PROCESS_START = _node_time()
 
@@ -48,30 +49,36 @@ def attempt_began(run: Run) -> float:
 
 @dataclass(frozen=True)
 class AttemptEnd:
-    """What the Slurm template does after a training attempt: ``action`` (finished, requeue,
-    term, no-progress, cap) and the line it logs. ``exit_code``: the batch script's status."""
+    """What the Slurm template does after a training attempt: ``action`` (finished,
+    finished-early, requeue, term, no-progress, cap) and the line it logs. ``exit_code``: the
+    batch script's status."""
 
     action: str
     message: str
 
     @property
     def exit_code(self) -> int:
-        return {"finished": 0, "requeue": 0, "term": 75}.get(self.action, 1)
+        return {"finished": 0, "finished-early": 0, "requeue": 0, "term": 75}.get(self.action, 1)
 
 
 def attempt_end(run: Run, *, start_step: int, restarts: int, max_requeues: int, got_term: bool) -> AttemptEnd:
     """The requeue decision after an attempt whose trainer exited 0 (docs/cluster.md, failure semantics).
 
     Requeue only after a stop on request (USR1 or STOP: ``STOPPED`` holds a reason other than
-    SIGTERM) that made progress (a newer complete checkpoint than ``start_step``) while the job
-    was requeued fewer than ``max_requeues`` times. TERM (scancel, Slurm's own preemption) never
-    requeues here; no progress or the cap ends the job as failed, saying why.
+    SIGTERM or FINISH) that made progress (a newer complete checkpoint than ``start_step``) while
+    the job was requeued fewer than ``max_requeues`` times. A finish on request (FINISH) ends the
+    job as done, so the evaluation and figures jobs chained after it run on its checkpoint. TERM
+    (scancel, Slurm's own preemption) never requeues here; no progress or the cap ends the job as
+    failed, saying why.
     """
     end_step = run.latest_step()
     stopped = run.read_stopped()
     if stopped is None:
         return AttemptEnd("finished", f"finished at step {end_step}")
     step, reason = stopped
+    if reason == FINISH_REASON and not got_term:
+        return AttemptEnd("finished-early", f"finished early at step {step} on request ({run.finish_path}): "
+                                            "not requeued; evaluation and figures run on this checkpoint")
     if got_term or reason == "SIGTERM":
         return AttemptEnd("term", f"stopped at step {step} by SIGTERM (scancel or Slurm preemption): not requeued "
                                   "by this script; resubmit to continue")

@@ -3,7 +3,7 @@
     runs/<name>/
         config.yaml  log.txt  metrics.jsonl                     written by training (rank 0)
         wandb/ wandb_id | tensorboard/ | mlflow.db mlflow_ids/  the tracker's files (run.logger)
-        LOCK  STOP  STOPPED                                     control files (below)
+        LOCK  STOP  FINISH  STOPPED  ATTEMPT                    control files (below)
         checkpoints/step-NNNNNNNN/  state/ model.safetensors meta.json COMPLETE
         checkpoints/latest -> step-NNNNNNNN                     the newest complete checkpoint
         samples/step-NNNNNNNN.png                               training sample grids
@@ -21,9 +21,13 @@ Control files:
     LOCK     flock held by rank 0 for the trainer's life; records host, pid, Slurm job and
              is refreshed (heartbeat) so that a holder on another node counts where flock is
              node-local (`glow.files.hold_lock`)
-    STOP     a stop request (`touch` it, or the Slurm template's USR1/TERM trap)
+    STOP     a stop request (`touch` it, or the Slurm template's USR1/TERM trap): checkpoint,
+             stop, and (under Slurm) requeue
+    FINISH   a finish request (`touch` it, or `slurm/submit.sh --finish NAME`): checkpoint at the
+             next step and end for good; evaluation and figures then run on that checkpoint
     STOPPED  "<step> <reason>", written by the trainer when it stopped on request with a
-             complete checkpoint: the Slurm template's requeue signal
+             complete checkpoint (reason SIGUSR1, SIGTERM, STOP-file or FINISH): what the Slurm
+             template's requeue decision reads (`glow.attempts.attempt_end`)
     ATTEMPT  "<slurm job id> <restart count>", written at the start of each Slurm attempt: its
              modification time, by the filesystem's clock, is when the attempt began (a STOP
              older than that is stale)
@@ -45,14 +49,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from glow.attempts import AttemptEnd, attempt_began, attempt_end, mark_attempt_start
+from glow.attempts import FINISH_REASON, AttemptEnd, attempt_began, attempt_end, mark_attempt_start
 from glow.errors import CheckpointMissing, ResultsMissing, UserError
 from glow.files import atomic_write_text, hold_lock, read_json, read_text
 from glow.names import STEP_RE, check_name, parse_spec, step_dir_name, step_of
 from glow.trust import not_a_link, own_folder, shared_run_allowed
 
 # AttemptEnd and attempt_end live in glow.attempts; named here for `python -m glow.run attempt-end`
-__all__ = ["COMPLETE", "AttemptEnd", "Checkpoint", "Run", "RunInUse", "attempt_end", "resolve_checkpoint"]
+__all__ = ["COMPLETE", "FINISH_REASON", "AttemptEnd", "Checkpoint", "Run", "RunInUse", "attempt_end",
+           "resolve_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +147,7 @@ class Run:
     mlflow_ids_dir = property(lambda self: self.path / "mlflow_ids")
     lock_path = property(lambda self: self.path / "LOCK")
     stop_path = property(lambda self: self.path / "STOP")
+    finish_path = property(lambda self: self.path / "FINISH")
     stopped_path = property(lambda self: self.path / "STOPPED")
     attempt_path = property(lambda self: self.path / "ATTEMPT")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
@@ -343,10 +349,15 @@ class Run:
     def stop_requested(self) -> bool:
         return os.path.lexists(self.stop_path)
 
+    def finish_requested(self) -> bool:
+        """FINISH exists: end training at the next step, for good (never stale: only a user writes it)."""
+        return os.path.lexists(self.finish_path)
+
     def mark_stopped(self, step: int, reason: str) -> None:
-        """Write STOPPED ("<step> <reason>") and consume STOP (rank 0)."""
+        """Write STOPPED ("<step> <reason>") and consume STOP and FINISH (rank 0)."""
         atomic_write_text(self.stopped_path, f"{int(step)} {reason}\n")
         self.stop_path.unlink(missing_ok=True)
+        self.finish_path.unlink(missing_ok=True)
 
     def read_stopped(self) -> tuple[int, str] | None:
         """(step, reason) of the last stop on request; None when there is none or it is not ours."""

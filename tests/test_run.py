@@ -98,6 +98,19 @@ def test_stop_markers(tmp_path, monkeypatch):
     assert run.read_stopped() is None  # not ours: never acted on
 
 
+def test_a_finish_request_is_consumed_with_any_stop_request(tmp_path, monkeypatch):
+    run = Run(tmp_path / "r")
+    run.path.mkdir()
+    run.finish_path.touch()
+    os.utime(run.finish_path, (0, 0))  # touched while the job waited in the queue
+    monkeypatch.setenv("GLOW_ATTEMPT_START", "1000")
+    run.clear_stale_markers()
+    assert run.finish_requested()  # only a person writes FINISH: never dropped as stale
+    run.stop_path.touch()
+    run.mark_stopped(7, "FINISH")
+    assert run.read_stopped() == (7, "FINISH") and not run.finish_requested() and not run.stop_requested()
+
+
 @pytest.mark.parametrize("stopped, start, restarts, got_term, action, code", [
     (None, 0, 0, False, "finished", 0),
     ("20 SIGUSR1", 10, 0, False, "requeue", 0),
@@ -106,6 +119,9 @@ def test_stop_markers(tmp_path, monkeypatch):
     ("20 SIGUSR1", 10, 50, False, "cap", 1),
     ("20 SIGTERM", 10, 0, False, "term", 75),
     ("20 SIGUSR1", 10, 0, True, "term", 75),
+    ("20 FINISH", 10, 0, False, "finished-early", 0),
+    ("20 FINISH", 10, 50, False, "finished-early", 0),  # the cap does not matter: nothing to requeue
+    ("20 FINISH", 10, 0, True, "term", 75),  # scancel'd as well: the job is cancelled anyway
 ])
 def test_the_requeue_decision(tmp_path, stopped, start, restarts, got_term, action, code):
     run = Run(tmp_path / "r")
@@ -266,3 +282,26 @@ def test_stop_staleness_is_judged_by_the_filesystem_clock(tmp_path, monkeypatch)
         assert run.stop_requested() == kept
     monkeypatch.setenv("SLURM_RESTART_COUNT", "3")  # an ATTEMPT of an earlier attempt is not this one's
     assert abs(attempts.attempt_began(run) - (began - 10**6 + 3600)) < 60  # GLOW_ATTEMPT_START's, moved
+
+
+@pytest.mark.slow
+def test_the_trainer_finishes_early_on_request_with_a_checkpoint(tmp_path):
+    """FINISH: the trainer saves a complete checkpoint at its next step, writes STOPPED
+    ("<step> FINISH"), consumes FINISH and returns 0; the decision is finished-early."""
+    from accelerate import Accelerator
+
+    from glow.config import load_config
+    from glow.training.trainer import Trainer
+    from tests.toydata import TINY, build_toy_shards
+
+    shards = build_toy_shards(tmp_path / "shards", n_train=40, n_test=10, n_ood=10)
+    cfg = load_config(TINY, [f"run.root={tmp_path}", f"data.root={shards}", "data.dataset=toy",
+                             "train.max_steps=50", "train.checkpoint_every=20"])
+    run = Run.at(tmp_path, cfg.run.name)
+    run.path.mkdir()
+    run.finish_path.touch()
+    assert Trainer(cfg, Accelerator(cpu=True)).fit() == 0
+    assert run.read_stopped() == (1, "FINISH") and not run.finish_requested()
+    assert run.latest_step() == 1  # a checkpoint at the next step, not at checkpoint_every
+    decision = attempt_end(run, start_step=0, restarts=0, max_requeues=50, got_term=False)
+    assert (decision.action, decision.exit_code) == ("finished-early", 0)

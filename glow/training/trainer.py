@@ -1,9 +1,10 @@
 """The training loop: distributed-correct, exactly resumable, preemptible, fail-fast.
 
 `Trainer(cfg, accelerator).fit()` returns a process exit code:
-    0            finished (`train.max_steps` reached), or stopped on request (SIGUSR1,
-                 SIGTERM or `<run>/STOP`) with a complete checkpoint saved and
-                 `<run>/STOPPED` written ("<step> <reason>"): resumable. A stop is not a
+    0            finished (`train.max_steps` reached), finished early on request
+                 (`<run>/FINISH`), or stopped on request (SIGUSR1, SIGTERM or `<run>/STOP`);
+                 each with a complete checkpoint saved and `<run>/STOPPED` written
+                 ("<step> <reason>", reason FINISH for a finish). A stop is not a
                  failure, so a launcher never mistakes it for one (torchrun would turn a
                  non-zero code into a traceback and SIGTERM the other local ranks); the
                  Slurm template reads STOPPED and the reason to decide on a requeue.
@@ -60,7 +61,7 @@ from glow.model.likelihood import bits_per_dim, perturb_pixels, preprocess
 from glow.model.performance import apply_train_config
 from glow.model.sampling import save_sample_grid
 from glow.progress import Progress
-from glow.run import Checkpoint, Run, RunInUse, resolve_checkpoint
+from glow.run import FINISH_REASON, Checkpoint, Run, RunInUse, resolve_checkpoint
 from glow.tracking import MetricsLog, Tracker, git_sha
 from glow.training.optim import make_ema, make_optimizer, make_scheduler
 from glow.training.state import (
@@ -251,8 +252,12 @@ class Trainer:
         with torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
             return self.model(y).float()
 
-    def _stop_requested(self) -> bool:
-        return self.stop.requested or (self.acc.is_main_process and self.run.stop_requested())
+    def _stop_votes(self) -> list[float]:
+        """This rank's votes (stop, finish): a signal or STOP asks to stop (and be requeued);
+        FINISH, seen by rank 0, asks to end for good."""
+        main = self.acc.is_main_process
+        return [float(self.stop.requested or (main and self.run.stop_requested())),
+                float(main and self.run.finish_requested())]
 
     def _grad_norm(self) -> torch.Tensor | None:
         """Clip (DDP) and return the global gradient norm: all-reduced, so equal on every rank.
@@ -266,18 +271,21 @@ class Trainer:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         return self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
 
-    def _agree(self, losses: list[torch.Tensor], norm: torch.Tensor | None) -> tuple[float, bool, float | None]:
-        """One small all-reduce (mean loss, stop votes) and one host read per optimizer step."""
+    def _agree(self, losses: list[torch.Tensor], norm: torch.Tensor | None) -> tuple[float, str, float | None]:
+        """One small all-reduce (mean loss, stop and finish votes) and one host read per optimizer
+        step -> (mean loss, "finish" | "stop" | "", grad norm)."""
         device = losses[0].device
-        vote = torch.tensor(float(self._stop_requested()), device=device)
-        packed = self.acc.reduce(torch.stack([torch.stack(losses).float().mean(), vote]), reduction="sum")
+        votes = torch.tensor(self._stop_votes(), device=device)
+        packed = self.acc.reduce(torch.cat([torch.stack(losses).float().mean().reshape(1), votes]), reduction="sum")
         known = norm is not None
         norm = norm.detach().float().reshape(1).to(device) if known else torch.zeros(1, device=device)
-        loss, votes, norm_value = torch.cat([packed.float(), norm]).tolist()
-        return loss / self.acc.num_processes, votes > 0, (norm_value if known else None)
+        loss, stops, finishes, norm_value = torch.cat([packed.float(), norm]).tolist()
+        stop = "finish" if finishes > 0 else "stop" if stops > 0 else ""
+        return loss / self.acc.num_processes, stop, (norm_value if known else None)
 
-    def train_step(self, batches: Iterator[torch.Tensor]) -> tuple[float, float | None, bool]:
-        """One optimizer step over `grad_accum` micro-batches -> (loss, grad norm, stop).
+    def train_step(self, batches: Iterator[torch.Tensor]) -> tuple[float, float | None, str]:
+        """One optimizer step over `grad_accum` micro-batches -> (loss, grad norm, stop), stop
+        being "finish", "stop" or "" (every rank gets the same).
 
         No host sync per micro-batch: every micro-batch goes through backward, and a
         non-finite one (on any rank) makes the all-reduced gradient norm non-finite on every
@@ -365,10 +373,15 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.log_image("samples", path, self.state.step)
 
-    def _mark_stopped(self) -> None:
-        reason = self.stop.signal_name or "STOP-file"
-        log.info("stop requested (%s): stopped at step %d with a complete checkpoint; exit 0, "
-                 "%s written (resumable)", reason, self.state.step, self.run.stopped_path)
+    def _mark_stopped(self, finish: bool) -> None:
+        reason = FINISH_REASON if finish else self.stop.signal_name or "STOP-file"
+        if finish:
+            log.info("finish requested (%s): finished early at step %d with a complete checkpoint; exit 0, "
+                     "%s written (evaluation uses this checkpoint)", self.run.finish_path, self.state.step,
+                     self.run.stopped_path)
+        else:
+            log.info("stop requested (%s): stopped at step %d with a complete checkpoint; exit 0, "
+                     "%s written (resumable)", reason, self.state.step, self.run.stopped_path)
         if self.acc.is_main_process:
             self.run.mark_stopped(self.state.step, reason)
 
@@ -441,10 +454,11 @@ class Trainer:
                 self.save_checkpoint()
             if stop and state.step < c.train.max_steps:
                 bar.close()
-                self._mark_stopped()
+                self._mark_stopped(finish=stop == "finish")
                 return 0
         bar.close()
-        if acc.is_main_process:
-            self.run.stop_path.unlink(missing_ok=True)  # came too late to matter
+        if acc.is_main_process:  # came too late to matter
+            self.run.stop_path.unlink(missing_ok=True)
+            self.run.finish_path.unlink(missing_ok=True)
         log.info("finished: %d steps, %d images", state.step, state.images_seen)
         return 0
