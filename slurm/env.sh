@@ -4,7 +4,8 @@
 # Sourced by slurm/submit.sh (submission defaults) and by every slurm/*.sbatch at the
 # start of a job (software environment). Every value uses `: "${VAR:=default}"`, so a
 # value already in the environment wins: `GLOW_CPU=1 slurm/submit.sh ...` needs no edit.
-# See docs/cluster.md.
+# submit.sh checks these values before it submits (names, paths, numbers; the venv and the
+# scripts exist). See docs/cluster.md ("Adapting to a site") and README ("On a cluster").
 
 # --- Where the code is ---------------------------------------------------------------
 # Jobs run from the repository root. submit.sh exports GLOW_REPO; a plain `sbatch`
@@ -16,7 +17,8 @@
 # Either load modules ...
 # module purge
 # module load python/3.11 cuda/12.4
-# ... or activate a virtualenv (default: the repository's .venv, made by `make install`).
+# ... or activate a virtualenv (default: the repository's .venv, made by `make install`),
+# on storage every node sees. Using modules only: set GLOW_VENV="" here.
 : "${GLOW_VENV:=$GLOW_REPO/.venv}"
 if [[ -n "$GLOW_VENV" && -f "$GLOW_VENV/bin/activate" && "${VIRTUAL_ENV:-}" != "$GLOW_VENV" ]]; then
     # shellcheck disable=SC1091
@@ -42,12 +44,25 @@ if [[ "$GLOW_CPU" == 1 ]]; then
     : "${GLOW_PROCS_PER_NODE:=1}"
     : "${GLOW_EVAL_PROCS:=1}"
 fi
-# GLOW_PROCS_PER_NODE unset in GPU mode = the GPUs Slurm gave the node.
+# GLOW_PROCS_PER_NODE / GLOW_EVAL_PROCS, when set, win over the GPUs Slurm gave the node
+# (SLURM_GPUS_ON_NODE); unset in GPU mode = one process per GPU.
+
+# --- Entry scripts (relative to GLOW_REPO; tests swap in stand-ins) -------------------
+: "${GLOW_TRAIN_SCRIPT:=train/train.py}"
+: "${GLOW_EVAL_SCRIPT:=eval/evaluate.py}"
+: "${GLOW_FIGURES_SCRIPT:=eval/figures.py}"
 
 # --- Launcher ------------------------------------------------------------------------
 : "${GLOW_ACCELERATE_ARGS:=--mixed_precision no --dynamo_backend no}"
+: "${GLOW_ACCELERATE_CONFIG:=}"     # training launch config, e.g. train/accelerate/deepspeed_zero2.yaml
+                                    # (submit.sh --accelerate-config); empty: DDP (--multi_gpu)
 : "${GLOW_PORT_BASE:=15000}"        # rendezvous port = base + job id % 15000 (below the
-                                    # Linux ephemeral range); MASTER_PORT overrides it.
+                                    # Linux ephemeral range)
+# MASTER_PORT=29500                 # a fixed rendezvous port instead (unset: the formula above)
+: "${GLOW_MAX_REQUEUES:=50}"        # train.sbatch requeues itself at most this many times
+# GLOW_ALLOW_SHARED_RUN=1           # accept a run directory owned by another user or reached
+                                    # through a symlink (a deliberate shared layout; submit.sh
+                                    # --allow-shared-run); see docs/cluster.md "Trust and sharing"
 export WANDB_MODE="${WANDB_MODE:-offline}"   # no network needed; `wandb sync` later
 
 # --- NCCL (GPU mode; uncomment what your interconnect needs) -------------------------
