@@ -289,11 +289,11 @@ if ((DRY)); then
         echo "# evaluation: ${#JOBS[@]} array tasks (also written to $JOBLIST); task i runs"
         echo "#   python -m glow.cli.launch ... $GLOW_EVAL_SCRIPT <item i>, i.e."
         for i in "${!JOBS[@]}"; do printf '#   task %d: %s %s\n' "$i" "$GLOW_EVAL_SCRIPT" "${JOBS[$i]}"; done
-        eval_command "$(has train && echo TRAIN_JOB_ID || true)"
+        if has train; then eval_command TRAIN_JOB_ID; else eval_command ""; fi
         show "${EVAL_CMD[@]}"
     fi
     if has figures; then
-        figures_command "$(has eval && echo EVAL_JOB_ID || true)"
+        if has eval; then figures_command EVAL_JOB_ID; else figures_command ""; fi
         show "${FIG_CMD[@]}"
         echo "# figures job runs: $(show python "$GLOW_FIGURES_SCRIPT" "${FIG[@]}")"
     fi
