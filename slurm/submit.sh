@@ -27,7 +27,8 @@
 #
 # Options:
 #   --name NAME          run name: the run directory is $GLOW_RUN_ROOT/NAME (required)
-#   --config YAML        training config, e.g. train/configs/celeba32.yaml (required with training)
+#   --config YAML|NAME   training config: a file or a shipped config's name, e.g. celeba32 or
+#                        train/configs/celeba32.yaml (required with training)
 #   --in DATASET[/SPLIT] in-distribution held-out split for the OOD table (default split: test;
 #                        required with evaluation or figures)
 #   --ood DATASET/SPLIT  OOD split, repeatable (at least one with figures)
@@ -156,7 +157,8 @@ valid_name "$NAME" || die "--name '$NAME' is not a valid run name: use 1-128 $NA
     die "--data-root '$DATA_ROOT' must be a path without spaces, quotes or glob characters, not starting with '-'"
 if has train; then
     [[ -n "$CONFIG" ]] || die "--config is required (e.g. train/configs/tiny.yaml)"
-    [[ -f "$CONFIG" ]] || die "config '$CONFIG' not found (paths are relative to $REPO)"
+    # A file, or the name of a shipped config (e.g. celeba32; the preflight checks that it exists).
+    [[ -f "$CONFIG" ]] || valid_name "$CONFIG" || die "config '$CONFIG' not found (paths are relative to $REPO)"
     [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "--nodes '$NODES' must be a positive integer"
     [[ -z "$ACC_CONFIG" || -f "$ACC_CONFIG" ]] ||
         die "--accelerate-config '$ACC_CONFIG' not found (e.g. train/accelerate/deepspeed_zero2.yaml; paths are relative to $REPO)"

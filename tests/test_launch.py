@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -23,7 +22,7 @@ CPU_2PROC = str(REPO / "train" / "accelerate" / "cpu_2proc.yaml")
 
 def launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "glow.cli.launch", *args], env=env or cpu_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def last_line(text: str) -> str:

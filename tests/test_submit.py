@@ -213,8 +213,8 @@ def test_the_job_list_replaces_a_planted_link_and_the_array_gets_its_items_as_ar
 
 
 def test_only_eval_and_figures_submits_no_training(tmp_path, shards):
-    from tests.test_run import fake_checkpoints
     from glow.run import Run
+    from tests.test_run import fake_checkpoints
 
     run = Run(tmp_path / "runs" / "done")
     fake_checkpoints(run, complete=(8,), partial=())
@@ -297,7 +297,7 @@ def test_shellcheck_finds_nothing_at_warning_level():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (Debian: apt-get install shellcheck)")
     result = subprocess.run(["shellcheck", "-S", "warning", *map(str, SHELL_FILES)], capture_output=True,
-                            text=True, cwd=REPO)
+                            text=True, cwd=REPO, check=False)
     assert result.returncode == 0, result.stdout
 
 

@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[EXIT_DIR_ENV] = str(directory)
         try:
             launch_command(args)
-        except (Exception, SystemExit) as err:  # noqa: BLE001 - re-raised unless a worker explained it
+        except (Exception, SystemExit) as err:  # re-raised unless a worker explained it
             reports = read_reports(directory)
             if reports:
                 return _end(f"error: {reports[0].message}", reports[0].exit_code, given)
