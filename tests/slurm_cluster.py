@@ -1,8 +1,12 @@
 """A throw-away two-node Slurm cluster on this machine, for tests.
 
 `SlurmCluster` installs Slurm and munge from Debian when they are missing, writes a
-config into a temporary directory and starts `munged`, `slurmctld` and two `slurmd`
-(nodes `n1` and `n2` on 127.0.0.1, different ports). All daemons run in one private
+config into a temporary directory and starts `munged`, `slurmctld` and three `slurmd`
+on 127.0.0.1 (different ports): `n1` and `n2` form the default partition `debug`; `n3` is
+the preemption node, shared by partition `low` and partition `high` (a higher PriorityTier,
+`PreemptType=preempt/partition_prio`, `PreemptMode=REQUEUE`, no `GraceTime`): a `high` job that
+needs `n3` preempts the `low` jobs there: Slurm signals them (TERM, then KILL after `KillWait`)
+and requeues them. All daemons run in one private
 mount namespace (held by a `sleep` process) in which `/etc/hosts` and `/etc/resolv.conf`
 are replaced by files that resolve every name locally and point the resolver at
 127.0.0.1: nothing leaves the loopback interface. Jobs inherit that namespace, which is
@@ -35,7 +39,9 @@ log = logging.getLogger(__name__)
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "munged")
-NODES = ("n1", "n2")
+NODES = ("n1", "n2")  # the default partition
+PREEMPT_NODE = "n3"  # partitions low (preemptable, requeued) and high
+ALL_NODES = (*NODES, PREEMPT_NODE)
 # Advertised, not real (SlurmdParameters=config_overrides): tests run several 1-CPU jobs per
 # node at once on a 2-core machine.
 CPUS_PER_NODE = 8
@@ -136,14 +142,14 @@ class SlurmCluster:
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o400)
         self.munge_socket = r / "munge" / "munge.socket"
-        names = " ".join([self.hostname, *NODES])
+        names = " ".join([self.hostname, *ALL_NODES])
         (r / "etc" / "hosts").write_text(f"127.0.0.1 localhost {names}\n::1 localhost\n")
         (r / "etc" / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
-        ctl_port, *node_ports = _free_ports(1 + len(NODES))
+        ctl_port, *node_ports = _free_ports(1 + len(ALL_NODES))
         nodes = "\n".join(
             f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={self.hostname} Port={p} "
             f"CPUs={CPUS_PER_NODE} RealMemory=1000 State=UNKNOWN"
-            for n, p in zip(NODES, node_ports))
+            for n, p in zip(ALL_NODES, node_ports))
         self.conf.write_text(f"""\
 # Throw-away test cluster written by tests/slurm_cluster.py
 ClusterName=glowtest
@@ -162,6 +168,8 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MpiDefault=none
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 SchedulerParameters=sched_interval=2,bf_interval=1
 ReturnToService=2
 SlurmdParameters=config_overrides
@@ -180,6 +188,8 @@ SlurmdDebug=info
 MailProg=/bin/true
 {nodes}
 PartitionName={PARTITION} Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=low Nodes={PREEMPT_NODE} PriorityTier=1 PreemptMode=REQUEUE State=UP
+PartitionName=high Nodes={PREEMPT_NODE} PriorityTier=2 PreemptMode=OFF State=UP
 """)
 
     def _spawn(self, name: str, argv: Sequence[str]) -> None:
@@ -213,9 +223,9 @@ PartitionName={PARTITION} Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE S
         self._wait(lambda: self.run(["scontrol", "ping"], check=False).returncode == 0
                    and "UP" in self.run(["scontrol", "ping"], check=False).stdout,
                    20, "slurmctld to answer `scontrol ping`")
-        for n in NODES:
+        for n in ALL_NODES:
             self._spawn(f"slurmd-{n}", ["slurmd", "-D", "-N", n, "-f", str(self.conf)])
-        self._wait(self._nodes_idle, 30, f"nodes {NODES} to be idle in sinfo")
+        self._wait(self._nodes_idle, 30, f"nodes {ALL_NODES} to be idle in sinfo")
 
     def _ns_ready(self) -> bool:
         assert self._holder is not None
@@ -231,7 +241,7 @@ PartitionName={PARTITION} Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE S
     def _nodes_idle(self) -> bool:
         out = self.run(["sinfo", "-h", "-N", "-o", "%N %t"], check=False).stdout.split()
         states = dict(zip(out[::2], out[1::2]))
-        return all(states.get(n) == "idle" for n in NODES)
+        return all(states.get(n) == "idle" for n in ALL_NODES)
 
     def _wait(self, cond, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -330,7 +340,7 @@ PartitionName={PARTITION} Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE S
                 self.run(["scancel", *self.job_ids], check=False, timeout=10)
             except Exception:  # noqa: BLE001 - best effort on the way down
                 pass
-        order = ["slurmd-n2", "slurmd-n1", "slurmctld", "munged"]
+        order = [*(f"slurmd-{n}" for n in reversed(ALL_NODES)), "slurmctld", "munged"]
         for name in order:
             p = self._procs.get(name)
             if p is not None and p.poll() is None:

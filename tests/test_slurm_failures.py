@@ -9,7 +9,12 @@
 (e)     an attempt that makes no progress is not requeued (stand-in trainer: the sbatch logic);
 (f)     DeepSpeed ZeRO-2 through slurm/train.sbatch on 2 nodes with one USR1 preemption,
         equal to an uninterrupted DeepSpeed run;
-(g)     a second launch on a live run refuses, naming the holder, and the live run goes on.
+(g)     a second launch on a live run refuses (exit 2), naming the holder, and the live run goes on;
+(h)     a config error inside the job (1 node x 2 processes): FAILED with exit status 2, no
+        traceback, the one-line message last in the log;
+(i)     Slurm's own preemption (PreemptMode=REQUEUE, partition low preempted by high): TERM to the
+        job, the script does not requeue, Slurm does, and the run resumes from a checkpoint;
+(j)     the requeue cap: with GLOW_MAX_REQUEUES=0 a preempted job that made progress ends FAILED.
 
 Every scenario is one Slurm job (or two) driven by its own thread, all started together by
 the module fixture, so the module costs about as long as its slowest scenario. Jobs ask for
@@ -45,7 +50,7 @@ class Scenario:
         self.cluster, self.root, self.shards = cluster, root, shards
 
     def submit(self, name, *overrides, nodes=2, procs=1, env=(), script=None, config=CONFIG,
-               standin=False):
+               standin=False, extra=()):
         run_dir = self.root / "runs" / name
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         full_env = {"GLOW_REPO": str(REPO), "GLOW_CPU": "1", "GLOW_PROCS_PER_NODE": str(procs),
@@ -57,7 +62,7 @@ class Scenario:
             full_env["GLOW_TRAIN_SCRIPT"] = "tests/slurm_standin/train.py"
         job = self.cluster.sbatch(script or REPO / "slurm" / "train.sbatch", *args, env=full_env, cwd=REPO,
                                   sbatch_args=[f"--nodes={nodes}", "--cpus-per-task=1",
-                                               f"--output={run_dir}/logs/train-%j.out"])
+                                               f"--output={run_dir}/logs/train-%j.out", *extra])
         return job, run_dir
 
     def state(self, job):
@@ -204,6 +209,42 @@ def deepspeed_preempted(s: Scenario) -> dict:
     return {"rec": s.wait_end(job, 600), "run_dir": run_dir, "ref": s.wait_end(ref, 600), "ref_dir": ref_dir}
 
 
+def config_error(s: Scenario) -> dict:
+    """(h): an override typo inside a Slurm job of 2 processes."""
+    job, run_dir = s.submit("typo", "train.max_stepz=3", nodes=1, procs=2)
+    return {"rec": s.wait_end(job), "run_dir": run_dir}
+
+
+def standin_config(tmp: Path) -> str:
+    cfg = tmp / "standin.yaml"
+    cfg.write_text("run: {}\n")
+    return str(cfg)
+
+
+def slurm_preemption(s: Scenario, tmp: Path) -> dict:
+    """(i): a job of partition low, preempted by a job of partition high on the same node."""
+    job, run_dir = s.submit("preempted", "train.steps=60", "train.step_seconds=0.1", "train.ckpt_every=5",
+                            nodes=1, config=standin_config(tmp), standin=True, extra=["--partition=low"])
+    s.wait_until(job, run_dir, lambda: (run_dir / "running-0").exists() and complete_steps(run_dir),
+                 what="the stand-in training in partition low")
+    urgent = tmp / "urgent.sh"
+    urgent.write_text("#!/bin/bash\nsleep 2\n")
+    high = s.cluster.sbatch(urgent, sbatch_args=["--partition=high", "--exclusive", f"--output={tmp}/urgent.out"])
+    s.wait_until(job, run_dir, lambda: restarts(s.state(job)) >= 1, what="Slurm's requeue of the preempted job")
+    return {"rec": s.wait_end(job), "run_dir": run_dir, "high": s.wait_end(high)}
+
+
+def requeue_cap(s: Scenario, tmp: Path) -> dict:
+    """(j): the cap reached (GLOW_MAX_REQUEUES=0, so at once): a USR1 stop with progress ends the job."""
+    job, run_dir = s.submit("capped", "train.steps=100000", "train.step_seconds=0.05", "train.ckpt_every=100000",
+                            nodes=1, config=standin_config(tmp), standin=True, env={"GLOW_MAX_REQUEUES": "0"})
+    s.wait_until(job, run_dir, lambda: (run_dir / "running-0").exists(), what="the stand-in training")
+    s.cluster.run(["scancel", "--signal=USR1", "--batch", job])
+    rec = s.wait_end(job)
+    time.sleep(2)  # a requeued job would show up as PENDING again
+    return {"rec": rec, "after": s.state(job), "run_dir": run_dir}
+
+
 @pytest.fixture(scope="module")
 def scenarios(slurm_cluster, tmp_path_factory) -> dict[str, Future]:
     from tests.toydata import build_toy_shards
@@ -212,7 +253,7 @@ def scenarios(slurm_cluster, tmp_path_factory) -> dict[str, Future]:
         pytest.skip("train/train.py does not exist yet")
     root = tmp_path_factory.mktemp("failures")
     s = Scenario(slurm_cluster, root, build_toy_shards(root / "shards"))
-    pool = ThreadPoolExecutor(max_workers=6)
+    pool = ThreadPoolExecutor(max_workers=9)
     futures = {
         "deepspeed": pool.submit(deepspeed_preempted, s),  # slowest first (DeepSpeed start-up)
         "preempt": pool.submit(preempt_three_times, s),
@@ -220,6 +261,9 @@ def scenarios(slurm_cluster, tmp_path_factory) -> dict[str, Future]:
         "kill": pool.submit(freeze_or_kill, s, "kill"),
         "cancel": pool.submit(scancel_run, s),
         "no_progress": pool.submit(no_progress, s, root),
+        "config_error": pool.submit(config_error, s),
+        "preemption": pool.submit(slurm_preemption, s, root),
+        "cap": pool.submit(requeue_cap, s, root),
     }
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
@@ -287,8 +331,35 @@ def test_f_deepspeed_zero2_two_nodes_preempted_resumes_and_finishes(scenarios):
 def test_g_second_launch_on_a_live_run_refuses(scenarios):
     r = scenarios["stop"].result()
     second = r["second"]
-    assert second["JobState"] == "FAILED" and restarts(second) == 0, second
+    assert second["JobState"] == "FAILED" and second["ExitCode"] == "2:0" and restarts(second) == 0, second
     text = "\n".join(p.read_text() for p in (r["run_dir"] / "logs").glob(f"train-{second['JobId']}.out"))
     assert "is held by another process" in text and f"slurm_job_id={r['job']}" in text, text
     assert r["alive_after_second"] == "RUNNING"
     assert r["lock"]["slurm_job_id"] == r["job"]
+
+
+def test_h_a_config_error_ends_the_job_with_2_and_no_traceback(scenarios):
+    r = scenarios["config_error"].result()
+    log = log_of(r["run_dir"])
+    assert r["rec"]["JobState"] == "FAILED" and r["rec"]["ExitCode"] == "2:0" and restarts(r["rec"]) == 0, log
+    assert "Traceback" not in log and "ChildFailedError" not in log, log
+    last = log.rstrip("\n").rsplit("\n", 1)[-1]
+    assert last.startswith("error: override 'train.max_stepz=3': unknown key train.max_stepz"), log
+
+
+def test_i_slurm_preemption_requeue_mode_is_slurms_requeue(scenarios):
+    r = scenarios["preemption"].result()
+    log = log_of(r["run_dir"], tail=0)
+    assert r["high"]["JobState"] == "COMPLETED", r["high"]
+    assert r["rec"]["JobState"] == "COMPLETED" and restarts(r["rec"]) == 1, log
+    assert "got SIGTERM" in log and "requeueing job" not in log, log  # Slurm requeued it, not the script
+    rank0 = json.loads((r["run_dir"] / "rank-0.json").read_text())
+    assert rank0["restart"] == "1" and 0 < rank0["start"] < 60, rank0  # resumed from a checkpoint
+
+
+def test_j_the_requeue_cap_ends_the_job(scenarios):
+    r = scenarios["cap"].result()
+    log = log_of(r["run_dir"], tail=0)
+    assert r["rec"]["JobState"] == "FAILED" and r["rec"]["ExitCode"] == "1:0" and restarts(r["after"]) == 0, log
+    assert "requeueing job" not in log and "requeued 0 times already (GLOW_MAX_REQUEUES=0)" in log, log
+    assert complete_steps(r["run_dir"]), log  # it had made progress: the cap, not "no progress", ended it

@@ -8,7 +8,8 @@ makes no progress). A tiny DDP linear model trained on data drawn from (seed, st
 so a resumed run ends with the same weights as an uninterrupted one. Checkpoints:
 <run>/checkpoints/step-%08d/{state.pt, COMPLETE}. On SIGUSR1/SIGTERM or <run>/STOP it saves a
 checkpoint, writes <run>/STOPPED ("<step> <reason>"), removes STOP and exits 0, as the real
-trainer does. Rank r writes <run>/rank-r.json at the end.
+trainer does. Rank r writes <run>/rank-r.json at the end. RUNNING and running-<restart> mark
+that an attempt reached its training loop.
 """
 
 import json
@@ -57,7 +58,11 @@ def main(argv):
 
     if acc.is_main_process:
         (run_dir / "STOPPED").unlink(missing_ok=True)
+        stop = run_dir / "STOP"  # as the real trainer: a STOP older than this attempt is stale
+        if stop.exists() and stop.stat().st_mtime < float(os.environ.get("GLOW_ATTEMPT_START", "0")):
+            stop.unlink()
         (run_dir / "RUNNING").touch()
+        (run_dir / f"running-{os.environ.get('SLURM_RESTART_COUNT', '0')}").touch()  # a gate per attempt
     save_on_stop = cfg.get("train.save_on_stop", "1") == "1"
     step = start
     while step < steps:
