@@ -3,11 +3,11 @@
 \b
 Examples:
   # per-sample dumps of the demo's in-distribution train/test and OOD sets, 2 CPU processes
-  ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --config_file train/accelerate/cpu_2proc.yaml \\
+  ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 python -m glow.cli.launch --config_file train/accelerate/cpu_2proc.yaml \\
       eval/evaluate.py --checkpoint runs/demo/checkpoints/latest --task dump \\
       --data demo/train --data demo/test --data digits/test
   # CelebA test bits/dim and SVHN dump on all GPUs of a node
-  accelerate launch eval/evaluate.py --checkpoint runs/celeba32/checkpoints/latest \\
+  python -m glow.cli.launch eval/evaluate.py --checkpoint runs/celeba32/checkpoints/latest \\
       --task dump --data celeba/test --data svhn/test
   # samples at temperatures, FID against CelebA train (needs the Inception weights file)
   python eval/evaluate.py --checkpoint runs/celeba32 --task samples --task fid --data celeba/train \\

@@ -3,10 +3,10 @@
 \b
 Examples:
   # the CPU demo, 2 processes (real DDP over gloo); installed: glow-train, or -m glow.cli.train
-  ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --config_file "$(glow-train --launch-config cpu_2proc)" \\
+  ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 python -m glow.cli.launch --config_file "$(glow-train --launch-config cpu_2proc)" \\
       -m glow.cli.train --config demo
   # CelebA 32x32 (Kirichenko et al. 2020) on all GPUs of a machine, from a checkout
-  accelerate launch --config_file train/accelerate/multi_gpu.yaml train/train.py \\
+  python -m glow.cli.launch --config_file train/accelerate/multi_gpu.yaml train/train.py \\
       --config train/configs/celeba32.yaml data.root=/data/shards run.name=celeba32
   # print the resolved config and exit (interpolation between keys works)
   python -m glow.cli.train --config tiny --dry-run train.max_steps=10 'run.name=${data.dataset}_L${model.n_levels}'
@@ -26,9 +26,12 @@ corrupt or not fitting the model); 5 checkpoint error (resuming or run.init_from
 another model); 1 internal error or too many non-finite steps (with a traceback for a bug).
 A stop on request (SIGUSR1, SIGTERM, <run>/STOP) saves a complete checkpoint, writes
 <run>/STOPPED ("<step> <reason>"), the signal to requeue, and exits 0 (a stop is not a
-failure). 2 also when another live trainer holds <run>/LOCK, or when the run directory or a
-fixed folder in it is a link or another user's (--allow-shared-run); 5 also when the disk has
-no room for a checkpoint; 1 also when a peer died or hung (dist.timeout_s).
+failure); <run>/FINISH does the same at the next step but ends for good (reason FINISH: no
+requeue, evaluation follows). 2 also when another live trainer holds <run>/LOCK, or when the
+run directory or a fixed folder in it is a link or another user's (--allow-shared-run); 5 also
+when the disk has no room for a checkpoint; 1 also when a peer died or hung (dist.timeout_s).
+Several processes: launch with python -m glow.cli.launch to keep these codes (accelerate
+launch alone reports 1).
 """
 
 import sys

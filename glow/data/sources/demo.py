@@ -6,7 +6,7 @@ demo
     the cells of every (photo, scale) are held out for ``test`` and every crop lies inside
     one cell, so no test pixel is ever seen in training. Each (photo, scale) contributes the
     same number of crops. (This design reproduces Kirichenko et al.'s effect on a CPU:
-    likelihood AUROC ~0.33, PNG-complexity AUROC ~0.9 against ``digits``; see README.)
+    likelihood AUROC ~0.33, complexity-corrected AUROC ~0.9 against ``digits``; see README.)
 digits
     scikit-learn's 1,797 8x8 digits (values 0..16), grey range mapped linearly to 64..191,
     upscaled bilinearly to 32x32 and replicated to RGB: a house-number stand-in.
