@@ -319,6 +319,7 @@ PLANTS = {
                             "FID Inception weights not found"),
     "unreachable time limit": ([], {"GLOW_TIME": "5:00"}, EXIT_USAGE, "no attempt could reach a checkpoint"),
     "missing venv": ([], {"GLOW_VENV": "{tmp}/no-venv"}, EXIT_USAGE, "has no bin/activate"),
+    "run directory is a link": ([], {}, EXIT_USAGE, "link"),
 }
 
 
@@ -335,7 +336,12 @@ def test_each_planted_mistake_is_refused_before_the_queue(slurm_cluster, tmp_pat
     good = toy(name, shards)
     if "--config" in args:
         good[good.index("--config"):good.index("--config") + 2] = []
-    full_env = {"GLOW_RUN_ROOT": str(tmp_path / "runs"), "GLOW_CPU": "1", "GLOW_PROCS_PER_NODE": "1", **env}
+    root = tmp_path / "runs"
+    if plant == "run directory is a link":  # another run (or a colleague's folder) planted at this name
+        (tmp_path / "elsewhere").mkdir()
+        root.mkdir()
+        (root / name).symlink_to(tmp_path / "elsewhere")
+    full_env = {"GLOW_RUN_ROOT": str(root), "GLOW_CPU": "1", "GLOW_PROCS_PER_NODE": "1", **env}
     started = time.monotonic()
     result = slurm_cluster.run(["slurm/submit.sh", *good, *args], env=full_env, cwd=REPO, check=False)
     took = time.monotonic() - started
@@ -347,7 +353,9 @@ def test_each_planted_mistake_is_refused_before_the_queue(slurm_cluster, tmp_pat
     assert result.stdout == ""
     queued = slurm_cluster.run(["squeue", "-h", "-o", "%j"]).stdout.split()
     assert not [j for j in queued if j.endswith(name)], queued
-    assert not (tmp_path / "runs").exists()  # nothing written under the run (nor its root)
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "runs" in p.parts or
+                     "elsewhere" in p.parts)
+    assert written == (["elsewhere", "runs", f"runs/{name}"] if root.exists() else []), written  # nothing written
 
 
 AUTOMATION_ONLY = ("--parsable", "--kill-on-invalid-dep=", "--chdir=", "--export=", "--job-name=", "--dependency=")
