@@ -63,7 +63,8 @@ fi
 # GLOW_ALLOW_SHARED_RUN=1           # accept a run directory owned by another user or reached
                                     # through a symlink (a deliberate shared layout; submit.sh
                                     # --allow-shared-run); see docs/cluster.md "Trust and sharing"
-export WANDB_MODE="${WANDB_MODE:-offline}"   # no network needed; `wandb sync` later
+# wandb (run.logger=wandb) is offline by default through the config (run.wandb_mode); a
+# WANDB_MODE exported here would override every run's choice, so none is set.
 
 # --- NCCL (GPU mode; uncomment what your interconnect needs) -------------------------
 # export NCCL_SOCKET_IFNAME=ib0          # interface for bootstrap/TCP traffic (not lo/docker)
