@@ -79,7 +79,7 @@ def test_fid_features_of_gray_images_are_those_of_the_gray_replicated_to_rgb():
 def test_submit_passes_convert_channels_to_every_scoring_job():
     out = subprocess.run(["bash", "slurm/submit.sh", "--name", "g", "--config", "train/configs/tiny_gray.yaml",
                           "--in", "mnist/test", "--ood", "cifar10/test", "--ood", "svhn/test", "--convert-channels",
-                          "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=60)
+                          "--skip-preflight", "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     jobs = [line for line in out.stdout.splitlines() if line.startswith("#   task ")]
     scoring = [j for j in jobs if "--task dump" in j or "--task bpd" in j]  # dump writes bpd.json too
