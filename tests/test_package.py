@@ -19,7 +19,7 @@ from tests.toydata import REPO, build_toy_shards, cpu_env
 # Packages that only the extras install (eval, shards, demo, trackers, tests): training needs none.
 EXTRAS_ONLY = {"matplotlib", "sklearn", "scipy", "skimage", "wandb", "tensorboard", "mlflow", "pytorch_fid"}
 COMMANDS = {"glow-train": "train", "glow-eval": "evaluate", "glow-figures": "figures", "glow-report": "report",
-            "glow-shards": "shards"}
+            "glow-shards": "shards", "glow-launch": "launch"}
 
 
 def _python(code: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
