@@ -17,6 +17,7 @@ from glow.config import Config, ConfigError
 from glow.data.streams import check_channels, fan_out_warning, read_manifest
 from glow.distributed import check_launcher_precision
 from glow.tracking import git_sha
+from glow.training.resume import ResumePoint
 from glow.training.shape import BatchShape, batch_shape, layout_changes
 
 __all__ = ["check_data", "check_launch", "log_startup"]
@@ -44,7 +45,7 @@ def check_data(cfg: Config) -> None:
 
 
 def log_startup(cfg: Config, accelerator, shape: BatchShape, *, run_path: Path, n_parameters: int,
-                resumed_from: Path | None, saved_layout: dict) -> None:
+                resumed: ResumePoint | None, resumed_from: Path | None) -> None:
     """The first lines of the training log (every rank; rank 0's reach log.txt)."""
     acc = accelerator
     log.info("glow-ood train: run %s, git %s, world size %d, device %s, distributed %s",
@@ -54,7 +55,9 @@ def log_startup(cfg: Config, accelerator, shape: BatchShape, *, run_path: Path, 
                  os.environ.get("SLURM_RESTART_COUNT", "0"), os.environ.get("SLURMD_NODENAME", "?"))
     log.info("recipe: %s (train.global_batch_size=%d, train.micro_batch_size=%d), precision %s",
              shape.describe(), cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.precision)
-    for note in layout_changes(saved_layout, shape) if resumed_from else ():
+    if resumed is not None and resumed.config_changed:
+        log.warning("resuming step %d with a changed (model-compatible) config", resumed.step)
+    for note in layout_changes(resumed.layout, shape) if resumed is not None else ():
         log.warning(note)
     log.info("model %s (hash %s), %d parameters", cfg.model.to_dict(), cfg.model.hash(), n_parameters)
     if resumed_from:

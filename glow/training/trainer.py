@@ -108,11 +108,7 @@ class Trainer:
 
         self.resumed = on_main(decide, acc.num_processes, acc.process_index)
         setup_logging(run.path, acc.is_main_process, acc.process_index)
-        if self.resumed is None:
-            return None
-        if self.resumed.config_changed:
-            log.warning("resuming step %d with a changed (model-compatible) config", self.resumed.step)
-        return run.checkpoint(self.resumed.step)
+        return None if self.resumed is None else run.checkpoint(self.resumed.step)
 
     def _build(self, resume_from: Checkpoint | None) -> None:
         c, acc = self.cfg, self.acc
@@ -333,8 +329,8 @@ class Trainer:
         c, acc = self.cfg, self.acc
         resume_from = self._prepare_run_dir()
         self._build(resume_from)
-        log_startup(c, acc, self.shape, run_path=self.run.path, resumed_from=resume_from and resume_from.path,
-                    saved_layout=self.resumed.layout if self.resumed else {},
+        log_startup(c, acc, self.shape, run_path=self.run.path, resumed=self.resumed,
+                    resumed_from=resume_from and resume_from.path,
                     n_parameters=sum(p.numel() for p in self.model_unwrapped.parameters()))
         self.check_replicas("after initialization" if resume_from is None else "after resuming")
         self.stop.install()
