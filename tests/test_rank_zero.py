@@ -116,7 +116,7 @@ def _appearing_results_worker(rank: int, world: int, port: int, out: str) -> Non
     join_process_group(rank, world, port, timeout_s=30)
     evaluate(plan["checkpoint"], EvalOptions(tasks=["bpd", "fid"], specs=[("gaussian", "test")], batch_size=5,
                                              fid_samples=4, fid_temperatures=[1.0], fid_cache=plan["cache"],
-                                             use_wandb=False))
+                                             logger="none"))
     Path(out, f"rank{rank}.done").touch()
 
 
@@ -168,7 +168,7 @@ def _eval_while_training_worker(rank: int, world: int, port: int, out: str) -> N
 
     job._load_on_main, job.resolve_checkpoint = recording, resolving
     join_process_group(rank, world, port)
-    job.evaluate(plan["latest"], EvalOptions(tasks=["dump"], specs=[("toy", "test")], batch_size=25, use_wandb=False))
+    job.evaluate(plan["latest"], EvalOptions(tasks=["dump"], specs=[("toy", "test")], batch_size=25, logger="none"))
 
 
 @pytest.mark.slow  # 4 spawned ranks training and evaluating side by side, ~10 s
