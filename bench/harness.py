@@ -63,7 +63,7 @@ class BenchSpec:
 
 
 def preset(name: str, repo: Path) -> tuple[dict, int]:
-    """(GlowConfig fields, batch size) of a named benchmark configuration.
+    """(GlowConfig fields, images per forward on one process) of a named benchmark configuration.
 
     demo, celeba32, celeba64 come from train/configs/*.yaml; celeba32-reduced is celeba32
     with hidden_channels=128 and steps_per_level=8 (a CPU-sized model of the same shape).
@@ -78,7 +78,8 @@ def preset(name: str, repo: Path) -> tuple[dict, int]:
     model = dict(raw.get("model", {}))
     if name == "celeba32-reduced":
         model.update(hidden_channels=128, steps_per_level=8)
-    return model, int(raw.get("train", {}).get("batch_size", 64))
+    train = raw.get("train", {})  # one process's batch: the micro-batch cap, else the whole global batch
+    return model, int(train.get("micro_batch_size") or train.get("global_batch_size", 64))
 
 
 def conv_flops_per_image(config: GlowConfig) -> dict[str, float]:

@@ -3,7 +3,7 @@
 A step directory holds
     state/              accelerate state (model, optimizer, RNG per rank, registered objects)
     model.safetensors   weights for evaluation (the EMA weights when EMA is enabled)
-    meta.json           step, model config and hash, config hash, data, seed
+    meta.json           step, model config and hash, config hash, data, seed, batch layout, precision
     COMPLETE            written by rank 0 after every rank saved: only then the step counts
 
 A checkpoint is never group-writable: its folders are created without group write
@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -66,11 +66,15 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_meta(cfg, *, step: int, images_seen: int, ema: bool, replica_digests: list[str],
-                    world_size: int) -> dict:
-    """meta.json of a training checkpoint: what evaluation needs to rebuild and describe the model."""
+                    layout: Mapping[str, int]) -> dict:
+    """meta.json of a training checkpoint: what evaluation needs to rebuild and describe the model,
+    and how the step was taken: ``layout`` (world_size, micro_batch_size, accumulation_steps,
+    global_batch_size: `glow.training.shape.BatchShape.as_meta`) and the precision."""
     from glow.config import config_hash
 
     return {
+        **{key: int(value) for key, value in layout.items()},
+        "precision": cfg.train.precision,
         "step": int(step),
         "images_seen": int(images_seen),
         "model_config": cfg.model.to_dict(),
@@ -81,7 +85,6 @@ def checkpoint_meta(cfg, *, step: int, images_seen: int, ema: bool, replica_dige
         "ema": bool(ema),
         "perturb_prob": cfg.data.perturb_prob,
         "replica_digests": list(replica_digests),
-        "world_size": int(world_size),
         "version": __version__,
     }
 

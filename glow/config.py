@@ -68,14 +68,17 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine (after warm-up)
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
     grad_clip: float = 50.0  # max global grad norm; 0 disables
-    grad_accum: int = 1
     ema_decay: float = 0.0  # 0 disables; the EMA weights are sampled from and exported
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0
-    batch_size: int = 64  # per process
+    # Images per optimizer step over all processes and accumulated micro-batches: the recipe.
+    # Each process's micro-batch and the accumulation follow from the world size
+    # (glow.training.shape); a process count that does not divide it is refused.
+    global_batch_size: int = 64
+    micro_batch_size: int = 0  # memory cap: most images per process per forward (0: none)
     max_steps: int = 1000
     precision: str = "fp32"  # fp32 | bf16 (coupling networks only)
     log_every: int = 10
@@ -155,6 +158,30 @@ def _refuse_resolvers(value, where: str = "") -> None:
                           "the environment, never in a config). ${other.key} between config keys is fine")
 
 
+# Keys of earlier versions that would change the recipe if read the old way: refused with what to write.
+_RETIRED = {
+    "train.batch_size": (
+        "train.batch_size (images per process) is no longer read: write train.global_batch_size, the images per "
+        "optimizer step over all processes (the old batch_size x processes x optim.grad_accum, e.g. 64 for 64 on "
+        "one process), and train.micro_batch_size=<old batch_size> to keep a process from taking more at once "
+        "(docs/configuration.md)"),
+    "optim.grad_accum": (
+        "optim.grad_accum is no longer read: accumulation follows from train.global_batch_size, the number of "
+        "processes and train.micro_batch_size; write train.global_batch_size=<batch_size x processes x grad_accum> "
+        "and train.micro_batch_size=<batch_size> instead (docs/configuration.md)"),
+}
+
+
+def _refuse_retired(layer: dict, where: str) -> None:
+    """A retired key in one layer (a file's mapping) is a ConfigError that says what to write instead."""
+    if not isinstance(layer, dict):
+        return  # not a mapping: the merge says so
+    for dotted, message in _RETIRED.items():
+        section, key = dotted.split(".")
+        if isinstance(layer.get(section), dict) and key in layer[section]:
+            raise ConfigError(f"{where}: {message}")
+
+
 def _validate(cfg: Config) -> None:
     try:
         check_name(cfg.run.name, "run.name")
@@ -167,20 +194,21 @@ def _validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"{section}.{key} must be one of {allowed}, got {value!r}")
     positive = {
-        "train.batch_size": cfg.train.batch_size,
+        "train.global_batch_size": cfg.train.global_batch_size,
         "train.max_steps": cfg.train.max_steps,
         "train.log_every": cfg.train.log_every,
         "train.sample_every": cfg.train.sample_every,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "train.max_bad_steps": cfg.train.max_bad_steps,
-        "optim.grad_accum": cfg.optim.grad_accum,
         "data.batches_per_epoch": cfg.data.batches_per_epoch,
         "dist.timeout_s": cfg.dist.timeout_s,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.train.micro_batch_size < 0:
+        raise ConfigError(f"train.micro_batch_size must be >= 0 (0: no cap), got {cfg.train.micro_batch_size}")
     if cfg.train.progress_every_s <= 0:
         raise ConfigError("train.progress_every_s must be > 0 (seconds between progress lines), "
                           f"got {cfg.train.progress_every_s}")
@@ -216,7 +244,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = config_path(path)
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            layer = OmegaConf.load(path)
+            _refuse_retired(OmegaConf.to_container(layer, resolve=False), f"config file {path}")
+            merged = OmegaConf.merge(merged, layer)
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         except OmegaConfBaseException as err:
@@ -225,6 +255,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, sep, _ = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
+        if key in _RETIRED:
+            raise ConfigError(f"override {item!r}: {_RETIRED[key]}")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except yaml.YAMLError as err:

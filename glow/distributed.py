@@ -1,7 +1,8 @@
 """Process-group helpers shared by training and evaluation.
 
 `make_accelerator` picks GPUs or CPU/gloo (and keeps DeepSpeed on CPU working) with a
-bounded collective timeout; `die_with_launcher` ties a worker's life to its launcher's;
+bounded collective timeout; `check_launcher_precision` refuses a launcher's mixed precision that
+the config does not ask for; `die_with_launcher` ties a worker's life to its launcher's;
 `all_reduce_mean` is the ActNorm statistics reducer; `gather_objects` and `barrier` serve
 the evaluation jobs, whose ranks see unequal numbers of samples; `StopFlag` records a
 stop request (SIGUSR1 / SIGTERM) for the training loop to act on at a step boundary;
@@ -26,8 +27,9 @@ from accelerate import Accelerator
 
 from glow.errors import UserError
 
-__all__ = ["StopFlag", "all_reduce_mean", "all_reduce_sum", "barrier", "die_with_launcher", "finish", "gather_objects",
-           "make_accelerator", "on_main", "replica_digests", "settle_ddp_buckets"]
+__all__ = ["StopFlag", "all_reduce_mean", "all_reduce_sum", "barrier", "check_launcher_precision", "die_with_launcher",
+           "finish", "gather_objects", "launcher_precision", "make_accelerator", "on_main", "replica_digests",
+           "settle_ddp_buckets", "state_digest"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,6 +55,32 @@ def make_accelerator(timeout_s: float = DEFAULT_TIMEOUT_S) -> Accelerator:
         kwargs = InitProcessGroupKwargs(backend="gloo", timeout=timeout)
         return Accelerator(mixed_precision="no", kwargs_handlers=[kwargs])
     return Accelerator(cpu=True, mixed_precision="no", kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+
+
+def launcher_precision() -> str:
+    """The mixed precision the launcher asked for: `accelerate launch --mixed_precision`, or the
+    accelerate config it read (a user's default config included); "no" when nothing asked."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower() or "no"
+
+
+def check_launcher_precision(precision: str) -> None:
+    """Refuse a launcher's mixed precision that differs from ``precision`` (`train.precision`).
+
+    The Accelerator is always built with ``mixed_precision="no"``: the trainer applies
+    `train.precision` itself (bf16 autocast of the coupling networks; log-determinants, priors
+    and 1x1 weights stay fp32), which accelerate's autocast of the whole model would break. So a
+    launcher saying bf16 to a fp32 config would otherwise be ignored without a word. "no" states
+    nothing (it is the launcher's default) and leaves `train.precision` in charge.
+    """
+    from glow.config import ConfigError
+
+    asked = launcher_precision()
+    if asked in ("no", precision):
+        return
+    fix = "add train.precision=bf16 to train in bf16, or " if asked == "bf16" else ""
+    raise ConfigError(f"the launcher asks for mixed precision {asked!r} (accelerate launch --mixed_precision or "
+                      f"the accelerate config it read) but train.precision={precision}: {fix}launch with "
+                      "--mixed_precision no (glow-ood trains at train.precision: fp32 or bf16)")
 
 
 def die_with_launcher() -> None:
@@ -105,13 +133,18 @@ def all_reduce_sum(array, world_size: int, device: torch.device | str = "cpu"):
     return tensor.cpu().numpy()
 
 
-def replica_digests(state_dict: dict, accelerator: Accelerator) -> list[str]:
-    """A 16-hex-digit digest of `state_dict` (names and exact bytes) from every rank."""
+def state_digest(state_dict: dict) -> str:
+    """A 16-hex-digit digest of `state_dict`: names and exact bytes, in its order."""
     digest = hashlib.sha256()
     for name, tensor in state_dict.items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    local = digest.hexdigest()[:16]
+    return digest.hexdigest()[:16]
+
+
+def replica_digests(state_dict: dict, accelerator: Accelerator) -> list[str]:
+    """`state_digest` of `state_dict` from every rank."""
+    local = state_digest(state_dict)
     codes = torch.tensor([int(local[i : i + 4], 16) for i in range(0, 16, 4)], device=accelerator.device)
     gathered = accelerator.gather(codes).view(-1, 4).tolist()
     return ["".join(f"{v:04x}" for v in row) for row in gathered]
@@ -197,8 +230,19 @@ def on_main(decide: Callable[[], T], world_size: int, rank: int) -> T:
         dist.broadcast_object_list(box, src=0)
         result, error = box[0]
     if error is not None:
-        cls, message = error
-        raised = cls.__new__(cls)
-        raised.args = (message,)
-        raise raised
+        raise _rebuilt(*error)
     return result
+
+
+def _rebuilt(cls: type[BaseException], message: str) -> BaseException:
+    """An exception of class ``cls`` saying ``message``, without calling its ``__init__`` (whose
+    signature may differ). The first ``__new__`` along its bases that accepts it (a class that
+    is also an OSError, such as ShardsMissing, needs OSError's)."""
+    for base in cls.__mro__:
+        try:
+            raised = base.__new__(cls)
+        except TypeError:
+            continue
+        raised.args = (message,)
+        return raised
+    raise TypeError(f"cannot rebuild {cls.__name__}")

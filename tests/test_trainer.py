@@ -25,6 +25,7 @@ from tests.toydata import (
     run,
     spawn_gloo,
     train_command,
+    train_on_gloo,
 )
 
 pytestmark = pytest.mark.slow
@@ -85,8 +86,9 @@ def test_two_processes_stay_identical_and_learn(shards, tmp_path):
     assert all(map(lambda v: v == v and abs(v) < 1e3, losses))
     assert losses[-1] < losses[0] - 0.2
     assert (tmp_path / "tiny" / "samples" / "step-00000010.png").is_file()
-    # The global batch counts both processes.
-    assert metrics(tmp_path / "tiny")[-1]["images_seen"] == 20 * 8 * 2
+    # The global batch (tiny.yaml: 8) is split over both processes.
+    assert "recipe: global batch 8 = 2 process(es) x 1 micro-batch(es) of 4" in log
+    assert metrics(tmp_path / "tiny")[-1]["images_seen"] == 20 * 8
 
 
 def _actnorm_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -282,19 +284,41 @@ def test_deepspeed_zero2_trains_saves_and_resumes(shards, tmp_path):
               "--dynamo_backend", "no", "--gradient_accumulation_steps", "1")
     env = cpu_env()
     env.pop("ACCELERATE_USE_CPU")  # with cpu=True accelerate silently drops DeepSpeed
-    first = run(train_command(tmp_path, shards, "train.max_steps=6", nproc=2, launcher_args=launch), env=env)
+    # tiny.yaml's global batch 8 over 2 processes, capped at 2 images: accumulation 2, derived for the
+    # engine as for DDP (the launcher's --gradient_accumulation_steps 1 is accelerate's default).
+    layout = ("train.micro_batch_size=2", "train.log_every=1")
+    first = run(train_command(tmp_path, shards, "train.max_steps=6", *layout, nproc=2, launcher_args=launch), env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     log = (tmp_path / "tiny" / "log.txt").read_text()
     assert "DistributedType.DEEPSPEED" in log and "world size 2" in log
-    second = run(train_command(tmp_path, shards, "train.max_steps=10", nproc=2, launcher_args=launch), env=env)
+    assert "recipe: global batch 8 = 2 process(es) x 2 micro-batch(es) of 2" in log
+    assert "train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2, train_batch_size=8" in log
+    # The same steps as DDP with the same layout (2 gloo ranks in-process): loss and gradient norm.
+    train_on_gloo(2, tmp_path / "ddp-plan", [[f"run.root={tmp_path / 'ddp'}", f"data.root={shards}",
+                                              "data.dataset=toy", "train.max_steps=6", *layout]])
+    for ds, ddp in zip(metrics(tmp_path / "tiny"), metrics(tmp_path / "ddp" / "tiny"), strict=True):
+        assert ds["images_seen"] == ddp["images_seen"]
+        assert ds["loss"] == pytest.approx(ddp["loss"], rel=1e-5) and ds["grad_norm"] == pytest.approx(ddp["grad_norm"], rel=1e-4)
+    second = run(train_command(tmp_path, shards, "train.max_steps=10", *layout, nproc=2, launcher_args=launch),
+                 env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed at step 6" in (tmp_path / "tiny" / "log.txt").read_text()
     assert Run(tmp_path / "tiny").complete_checkpoints()[-1].step == 10
 
 
+def test_a_launcher_asking_for_bf16_is_refused_when_the_config_says_fp32(shards, tmp_path):
+    """accelerate launch --mixed_precision bf16 with train.precision=fp32: refused before training
+    (docs/configuration.md: the launcher's precision must agree with the config's), never ignored."""
+    launch = ("--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no")
+    result = run(train_command(tmp_path, shards, "train.precision=fp32", launcher_args=launch))
+    assert result.returncode != 0
+    assert "error: the launcher asks for mixed precision 'bf16'" in result.stderr and "train.precision=fp32" in result.stderr
+    assert not (tmp_path / "tiny" / "checkpoints").exists()
+
+
 # -- issue 12: one sync per step, one writer per run, workers die with their launcher ------
 def _nan_worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
-    """Two trainers on 2 ranks with grad_accum=2: one clean, one with a NaN micro-batch on
+    """Two trainers on 2 ranks with accumulation 2: one clean, one with a NaN micro-batch on
     rank 1 only (step 3, first micro-batch). Records each micro-batch's digest and each
     step's parameter digest."""
     import hashlib
@@ -322,7 +346,8 @@ def _nan_worker(rank: int, world: int, port: int, shards: str, out: str) -> None
     for poison in (False, True):
         cfg = load_config(REPO / "train" / "configs" / "tiny.yaml", [
             f"run.root={out}/{poison}", f"data.root={shards}", "data.dataset=toy", "train.max_steps=6",
-            "optim.grad_accum=2", "train.log_every=1", "train.checkpoint_every=100"])
+            "train.global_batch_size=32", "train.micro_batch_size=8", "train.log_every=1",
+            "train.checkpoint_every=100"])
         trainer = Recording(cfg, Accelerator(cpu=True))
         trainer.seen, trainer.params, trainer.poison = [], [], poison
         assert trainer.fit() == 0

@@ -18,7 +18,7 @@ from glow.run import Run
 from glow.training.trainer import Trainer
 from tests.toydata import REPO, build_toy_shards
 
-SMALL = ("model.steps_per_level=1", "model.hidden_channels=4", "train.batch_size=4", "train.log_every=1",
+SMALL = ("model.steps_per_level=1", "model.hidden_channels=4", "train.global_batch_size=4", "train.log_every=1",
          "train.sample_every=1000", "data.num_workers=0", "data.batches_per_epoch=50", "optim.warmup_steps=1")
 
 
@@ -85,8 +85,9 @@ def test_init_from_and_grad_accum(shards, tmp_path):
     start = train(tmp_path / "start", shards, f"run.init_from={init}", "train.max_steps=1", "optim.lr=1e-30")
     for k, v in weights(base, 2).items():
         assert torch.allclose(weights(start, 1)[k], v, rtol=0, atol=1e-12), k
-    accum = train(tmp_path / "accum", shards, f"run.init_from={init}", "train.max_steps=2", "optim.grad_accum=2")
-    big = train(tmp_path / "big", shards, f"run.init_from={init}", "train.max_steps=2", "train.batch_size=8")
+    accum = train(tmp_path / "accum", shards, f"run.init_from={init}", "train.max_steps=2",
+                  "train.global_batch_size=8", "train.micro_batch_size=4")
+    big = train(tmp_path / "big", shards, f"run.init_from={init}", "train.max_steps=2", "train.global_batch_size=8")
     rows_a, rows_b = metrics(accum), metrics(big)
     assert [r["step"] for r in rows_a] == [1, 2] and [r["images_seen"] for r in rows_a] == [8, 16]
     for a, b in zip(rows_a, rows_b):

@@ -69,7 +69,7 @@ def _load_on_main(spec: str | Path, options: EvalOptions, accelerator):
 
 def evaluate(checkpoint: str | Path, options: EvalOptions) -> None:
     """Run the requested tasks on every process of the job, then report the results (rank 0)."""
-    from glow.distributed import finish, make_accelerator, on_main
+    from glow.distributed import finish, launcher_precision, make_accelerator, on_main
     from glow.logs import setup_logging
     from glow.tracking import run_tracker
 
@@ -78,9 +78,13 @@ def evaluate(checkpoint: str | Path, options: EvalOptions) -> None:
     ckpt, meta, model = _load_on_main(checkpoint, options, accelerator)
     ctx = EvalContext(checkpoint=ckpt, meta=meta, options=options, model=model.to(accelerator.device).eval(),
                       rank=rank, world_size=world, device=accelerator.device)
+    ctx.share_manifests()
     setup_logging(ctx.out_dir if ctx.is_main else None, ctx.is_main, rank)
     log.info("checkpoint %s (step %d, weights %s), %d process(es), tasks %s", ckpt.path, ctx.step,
              meta["weights_digest"], world, ", ".join(options.tasks))
+    if launcher_precision() != "no":
+        log.warning("the launcher asks for mixed precision %r: evaluation scores in fp32 regardless",
+                    launcher_precision())
 
     def decide() -> set[str]:
         return {r.what for r in tasks.requested_results(ctx) if options.force or not r.done()}

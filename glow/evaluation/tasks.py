@@ -138,6 +138,15 @@ class EvalContext:
             self._manifests[dataset, split] = read_manifest(self.data_root, dataset, split)
         return self._manifests[dataset, split]
 
+    def share_manifests(self) -> None:
+        """Rank 0 reads the requested splits' manifests and every rank takes its copy, so the counts
+        a gathered result is checked against and the settings a result is keyed on (FID cache key
+        included) are the same on every rank even if a split is rebuilt during the job. (The
+        samples task reads no split.)"""
+        reads_data = bool(set(self.options.tasks) - {"samples"})
+        read = lambda: {(d, s): self.manifest(d, s) for d, s in self.options.specs if reads_data}  # noqa: E731
+        self._manifests = on_main(read, self.world_size, self.rank)
+
     def loader_args(self) -> dict:
         """What every scoring stream needs to give images the model's shape (glow.data.streams.check_channels)."""
         cfg = self.config
@@ -366,6 +375,20 @@ def run_latents(ctx: EvalContext) -> Path | None:
 
 
 # -- FID -----------------------------------------------------------------------------------
+def _check_same_network(network: torch.nn.Module, ctx: EvalContext) -> None:
+    """Every rank found its own Inception weights file (a node-local $TORCH_HOME differs per node):
+    their digests must agree, or the features would silently mix two networks (exit 5)."""
+    from glow.distributed import state_digest
+    from glow.errors import CheckpointMismatch
+
+    if ctx.world_size == 1:
+        return
+    digests = gather_objects(state_digest(network.state_dict()), ctx.world_size)
+    if len(set(digests)) != 1:
+        raise CheckpointMismatch(f"the processes loaded different Inception weights (digests {digests}): give every "
+                                 "node the same file (--inception-weights PATH on a shared filesystem)")
+
+
 def run_fid(ctx: EvalContext, dataset: str, split: str) -> dict | None:
     """FID of generated samples (one seed per sample, dealt across ranks) against a split.
 
@@ -396,6 +419,7 @@ def run_fid(ctx: EvalContext, dataset: str, split: str) -> dict | None:
 
     cache = Path(o.fid_cache) if o.fid_cache else default_statistics_cache()
     inception = load_inception(ctx.device, o.inception_weights)  # fails early, clearly, without weights
+    _check_same_network(inception, ctx)
     cfg, manifest = ctx.model.config, ctx.manifest(dataset, split)
     n_bits = int(cfg.n_bits)
     key = statistics_key(dataset, split, int(cfg.image_size), n_bits, int(manifest["count"]), manifest_hash(manifest))

@@ -18,9 +18,16 @@ all-reduce carries the loss and the stop flag, and one host read takes it togeth
 the all-reduced gradient norm (the same on every rank): a non-finite norm skips the update
 on every rank while the data stream advances as usual.
 
-Exactness: the data stream is a function of (seed, epoch, rank) and the number of batches
-consumed; the dequantization noise comes from the torch RNG, which accelerate saves per
-rank. Resuming from step N therefore continues bit for bit where a straight run would be.
+The recipe: `train.global_batch_size` images per optimizer step on any world size that divides
+it (`glow.training.shape` derives the micro-batch and accumulation), logged at start and stored
+in every meta.json with the precision.
+
+Exactness: the data stream is a function of (seed, epoch, rank, world size, workers, micro-batch)
+and the number of micro-batches consumed; the dequantization noise comes from the torch RNG,
+which accelerate saves per rank. Resuming from step N on the same layout therefore continues bit
+for bit where a straight run would be. Resuming on another world size keeps the recipe (global
+batch, schedule, optimizer state) but not the data order: the noise is reseeded from (seed, rank,
+step) and the log says so.
 """
 
 from __future__ import annotations
@@ -28,23 +35,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from glow import checkpoint as ckpt
-from glow.config import Config, ConfigError, config_hash, to_dict, to_yaml
-from glow.data.streams import (
-    check_channels,
-    fan_out_warning,
-    make_train_loader,
-    read_manifest,
-)
+from glow.config import Config, to_dict, to_yaml
+from glow.data.streams import make_train_loader
 from glow.distributed import (
     StopFlag,
     all_reduce_mean,
@@ -52,7 +52,6 @@ from glow.distributed import (
     replica_digests,
     settle_ddp_buckets,
 )
-from glow.errors import UserError
 from glow.files import atomic_write_text
 from glow.logs import setup_logging
 from glow.model import Glow
@@ -62,23 +61,24 @@ from glow.model.performance import apply_train_config
 from glow.model.sampling import save_sample_grid
 from glow.progress import Progress
 from glow.run import FINISH_REASON, Checkpoint, Run, RunInUse, resolve_checkpoint
-from glow.tracking import MetricsLog, Tracker, git_sha
+from glow.tracking import MetricsLog, Tracker
+from glow.training.deepspeed import configure_deepspeed
 from glow.training.optim import make_ema, make_optimizer, make_scheduler
-from glow.training.state import (
-    TrainState,
-    fault_injection_pause,
-    fault_injection_step_delay,
-    peak_memory_mb,
+from glow.training.resume import (
+    ResumePoint,
+    RunExists,
+    choose_resume,
+    restore,
+    save_checkpoint,
+    seed_noise,
 )
+from glow.training.startup import check_data, check_launch, log_startup
+from glow.training.state import TrainState, fault_injection_step_delay, peak_memory_mb
 
-__all__ = ["EXIT_FAILED", "RunInUse", "Trainer"]
+__all__ = ["EXIT_FAILED", "RunExists", "RunInUse", "Trainer"]
 
 log = logging.getLogger(__name__)
 EXIT_FAILED = 1
-
-
-class RunExists(UserError, FileExistsError):
-    """--no-resume on a run directory that already holds checkpoints."""
 
 
 class Trainer:
@@ -91,57 +91,24 @@ class Trainer:
         self.stop = StopFlag()
         self.tracker: Tracker | None = None
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-        if self.deepspeed and cfg.optim.grad_accum != 1:
-            raise ConfigError("optim.grad_accum > 1 is not supported with DeepSpeed: set optim.grad_accum=1 and "
-                              "gradient_accumulation_steps in the DeepSpeed config instead")
+        self.shape = check_launch(cfg, accelerator, self.deepspeed)  # before anything is written
+        self.resumed: ResumePoint | None = None
 
     # -- set-up ------------------------------------------------------------------------
     def _prepare_run_dir(self) -> Checkpoint | None:
         """Clear stale stop markers, pick the checkpoint to resume and check it (rank 0 decides)."""
         acc, run = self.acc, self.run
 
-        def decide() -> int | None:
+        def decide() -> ResumePoint | None:
             run.clear_stale_markers()
-            latest = run.latest()
-            if latest is not None and not self.resume:
-                raise RunExists(f"{run.checkpoints_dir} already holds checkpoints and --no-resume was given: "
-                                "choose another run.name or move that directory away")
-            if latest is not None:
-                meta = latest.meta()
-                ckpt.check_model_hash(meta, self.cfg.model, "cannot resume")
-                if meta["config_hash"] != config_hash(self.cfg):
-                    log.warning("resuming %s with a changed (model-compatible) config", latest.path)
+            point = choose_resume(run, self.cfg, resume=self.resume, deepspeed=self.deepspeed,
+                                  world_size=acc.num_processes)
             atomic_write_text(run.config_path, to_yaml(self.cfg))
-            return None if latest is None else latest.step
+            return point
 
-        step = on_main(decide, acc.num_processes, acc.process_index)
+        self.resumed = on_main(decide, acc.num_processes, acc.process_index)
         setup_logging(run.path, acc.is_main_process, acc.process_index)
-        return None if step is None else run.checkpoint(step)
-
-    def _log_startup(self, resume_from: Checkpoint | None) -> None:
-        c = self.cfg
-        log.info(
-            "glow-ood train: run %s, git %s, world size %d, device %s, distributed %s",
-            self.run.path, git_sha(), self.acc.num_processes, self.acc.device, self.acc.distributed_type,
-        )
-        if "SLURM_JOB_ID" in os.environ:
-            log.info("slurm job %s, restart count %s, node %s", os.environ["SLURM_JOB_ID"],
-                     os.environ.get("SLURM_RESTART_COUNT", "0"), os.environ.get("SLURMD_NODENAME", "?"))
-        log.info("global batch %d = %d per process x %d processes x %d accumulation",
-                 self.global_batch, c.train.batch_size, self.acc.num_processes, c.optim.grad_accum)
-        log.info("model %s (hash %s), %d parameters", c.model.to_dict(), c.model.hash(),
-                 sum(p.numel() for p in self.model_unwrapped.parameters()))
-        log.info("resuming from %s" % resume_from.path if resume_from else "starting from scratch")
-        if self.acc.is_main_process:  # readers (ranks x workers) sharing shards: say how to rebuild
-            warning = fan_out_warning(c.data.root, c.data.dataset, c.data.split, self.acc.num_processes,
-                                      c.data.num_workers)
-            if warning:
-                log.warning(warning)
-
-    @property
-    def global_batch(self) -> int:
-        c = self.cfg
-        return c.train.batch_size * self.acc.num_processes * c.optim.grad_accum
+        return None if self.resumed is None else run.checkpoint(self.resumed.step)
 
     def _build(self, resume_from: Checkpoint | None) -> None:
         c, acc = self.cfg, self.acc
@@ -159,47 +126,24 @@ class Trainer:
         optimizer = make_optimizer(model, c.optim)
         self.scheduler = make_scheduler(optimizer, c.optim, c.train.max_steps)
         if self.deepspeed:
-            self._configure_deepspeed()
+            configure_deepspeed(acc.state.deepspeed_plugin.deepspeed_config, self.shape, c.optim.grad_clip)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.model_unwrapped = acc.unwrap_model(self.model)
         self._settle_ddp_buckets()
-        if resume_from is not None:
-            state_dir = resume_from.state_dir
-            if self.deepspeed:  # it unpickles its state: refused if anyone else could have changed it
-                on_main(lambda: ckpt.check_deepspeed_state(state_dir), acc.num_processes, acc.process_index)
-            ckpt.check_rng_state(state_dir, acc.process_index)
-            acc.load_state(str(state_dir))
-            counters, scheduler, ema = ckpt.load_trainer_state(state_dir, self.ema is not None)
-            self.state.load_state_dict(counters)
-            self.scheduler.load_state_dict(scheduler)
-            if self.ema is not None:
-                self.ema.load_state_dict(ema)
-            log.info("resumed at step %d (%d images seen)", self.state.step, self.state.images_seen)
-        else:
-            # Different dequantization noise per rank; restored from the checkpoint on resume.
-            torch.manual_seed(c.train.seed * 1000 + 1 + acc.process_index)
+        if resume_from is None:  # different dequantization noise per rank
+            seed_noise(c.train.seed, acc.process_index, 0)
+            return
+        restore(acc, resume_from, self.resumed, state=self.state, scheduler=self.scheduler, ema=self.ema,
+                seed=c.train.seed, deepspeed=self.deepspeed)
+        log.info("resumed at step %d (%d images seen)", self.state.step, self.state.images_seen)
 
     def _settle_ddp_buckets(self) -> None:
         """Bitwise-exact resume at any world size (see `glow.distributed.settle_ddp_buckets`)."""
         if self.deepspeed or self.acc.num_processes == 1:
             return
         m = self.cfg.model  # the training batch shape, so a compiled model compiles once
-        y = torch.zeros(self.cfg.train.batch_size, m.in_channels, m.image_size, m.image_size, device=self.acc.device)
+        y = torch.zeros(self.shape.micro_batch, m.in_channels, m.image_size, m.image_size, device=self.acc.device)
         settle_ddp_buckets(lambda: self._log_p_y(y).sum(), self.optimizer)
-
-    def _configure_deepspeed(self) -> None:
-        """The batch (no DataLoader goes through prepare()) and clipping come from our config.
-
-        `optim.grad_clip` is the one source of gradient clipping: a value in the DeepSpeed
-        config would otherwise win silently.
-        """
-        ds = self.acc.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = self.cfg.train.batch_size
-        theirs = ds.get("gradient_clipping", "auto")
-        if theirs not in ("auto", None) and float(theirs) != self.cfg.optim.grad_clip:
-            log.warning("DeepSpeed config sets gradient_clipping=%s; optim.grad_clip=%s is used instead",
-                        theirs, self.cfg.optim.grad_clip)
-        ds["gradient_clipping"] = float(self.cfg.optim.grad_clip)
 
     def _init_actnorm(self, model: Glow) -> None:
         """One data-dependent init pass whose statistics are averaged over all ranks."""
@@ -214,16 +158,10 @@ class Trainer:
         set_actnorm_reducer(model, None)
 
     # -- data --------------------------------------------------------------------------
-    def _check_data(self) -> None:
-        """Shards exist, are complete and fit the model: refused before anything is written."""
-        c, m = self.cfg.data, self.cfg.model
-        manifest = read_manifest(c.root, c.dataset, c.split)
-        check_channels(manifest, Path(c.root) / c.dataset / c.split, m.in_channels, False, m.image_size)
-
     def _loader(self, epoch: int, skip: int):
         c = self.cfg.data
         return make_train_loader(
-            c.root, c.dataset, c.split, batch_size=self.cfg.train.batch_size, seed=self.cfg.train.seed,
+            c.root, c.dataset, c.split, batch_size=self.shape.micro_batch, seed=self.cfg.train.seed,
             epoch=epoch, rank=self.acc.process_index, world_size=self.acc.num_processes,
             num_workers=c.num_workers, batches_per_epoch=c.batches_per_epoch, hflip=c.hflip,
             shuffle_buffer=c.shuffle_buffer, skip_batches=skip,
@@ -232,7 +170,7 @@ class Trainer:
 
     def _batches(self) -> Iterator[torch.Tensor]:
         """Endless stream of this rank's batches, starting where the resumed step left off."""
-        consumed = self.state.step * self.cfg.optim.grad_accum
+        consumed = self.state.step * self.shape.accumulation
         per_epoch = self.cfg.data.batches_per_epoch
         epoch, skip = divmod(consumed, per_epoch)
         while True:
@@ -284,7 +222,7 @@ class Trainer:
         return loss / self.acc.num_processes, stop, (norm_value if known else None)
 
     def train_step(self, batches: Iterator[torch.Tensor]) -> tuple[float, float | None, str]:
-        """One optimizer step over `grad_accum` micro-batches -> (loss, grad norm, stop), stop
+        """One optimizer step over `shape.accumulation` micro-batches -> (loss, grad norm, stop), stop
         being "finish", "stop" or "" (every rank gets the same).
 
         No host sync per micro-batch: every micro-batch goes through backward, and a
@@ -292,17 +230,11 @@ class Trainer:
         rank, which skips the update everywhere; the micro-batches are consumed either way,
         so the data stream position stays exact.
         """
-        c, acc = self.cfg, self.acc
-        accum = c.optim.grad_accum
-        losses = []
+        accum, losses = self.shape.accumulation, []
         for i in range(accum):
             loss = self._loss(next(batches))
             losses.append(loss.detach())
-            if i < accum - 1:
-                with acc.no_sync(self.model):
-                    acc.backward(loss / accum)
-            else:
-                acc.backward(loss / accum)
+            self._backward(loss, last=i == accum - 1)
         loss, stop, grad_norm = self._agree(losses, self._grad_norm())
         finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
         if finite:
@@ -318,8 +250,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state.step += 1
-        self.state.images_seen += self.global_batch
+        self.state.images_seen += self.shape.global_batch
         return (loss if finite else float("nan")), grad_norm, stop
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate one micro-batch's gradient; the last one of the step synchronises them.
+
+        DDP: the mean over micro-batches, gradients all-reduced only with the last. DeepSpeed:
+        the engine divides by its `gradient_accumulation_steps` (set from the same shape) and
+        steps at the boundary, which accelerate marks with `sync_gradients`.
+        """
+        if self.deepspeed:
+            self.acc.sync_gradients = last
+            self.acc.backward(loss)
+        elif last:
+            self.acc.backward(loss / self.shape.accumulation)
+        else:
+            with self.acc.no_sync(self.model):
+                self.acc.backward(loss / self.shape.accumulation)
 
     # -- outputs -----------------------------------------------------------------------
     def _export_model(self) -> Glow:
@@ -337,28 +285,9 @@ class Trainer:
         return digests
 
     def save_checkpoint(self) -> Checkpoint:
-        acc, step = self.acc, self.state.step
-        checkpoint = self.run.checkpoint(step)  # room for it, and a fresh folder (a partial save goes)
-        on_main(lambda: ckpt.prepare_save(self.run, step), acc.num_processes, acc.process_index)
-        acc.wait_for_everyone()
-        acc.save_state(str(checkpoint.state_dir))
-        if acc.is_main_process:
-            ckpt.save_trainer_state(checkpoint.state_dir, self.state.state_dict(), self.scheduler.state_dict(),
-                                    None if self.ema is None else self.ema.state_dict())
-        digests = self.check_replicas(f"at step {step}")
-        fault_injection_pause()
-        if acc.is_main_process:
-            meta = ckpt.checkpoint_meta(self.cfg, step=step, images_seen=self.state.images_seen,
-                                        ema=self.ema is not None, replica_digests=digests,
-                                        world_size=acc.num_processes)
-            ckpt.write_export(checkpoint, self._export_model().state_dict(), meta)
-            ckpt.seal_state(checkpoint.state_dir)  # no one else can change it before a resume
-            atomic_write_text(checkpoint.complete_marker, f"{step}\n")
-            self.run.prune_checkpoints(self.cfg.train.keep_checkpoints)
-            self.run.update_latest_link()
-            log.info("checkpoint %s", checkpoint.path)
-        acc.wait_for_everyone()
-        return checkpoint
+        return save_checkpoint(self.acc, self.run, self.cfg, state=self.state, scheduler=self.scheduler, ema=self.ema,
+                               export=self._export_model(), layout=self.shape.as_meta(),
+                               check_replicas=self.check_replicas)
 
     def save_samples(self) -> None:
         if not self.acc.is_main_process:
@@ -387,7 +316,9 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------
     def fit(self) -> int:
-        self._check_data()  # before the lock: a refused start leaves no run directory behind
+        # Before the lock (a refused start leaves no run directory behind); rank 0 reads the shards'
+        # manifest, so every rank takes the same decision.
+        on_main(lambda: check_data(self.cfg), self.acc.num_processes, self.acc.process_index)
         with contextlib.ExitStack() as stack:
             on_main(lambda: stack.enter_context(self.run.lock()) and None, self.acc.num_processes,
                     self.acc.process_index)
@@ -398,7 +329,9 @@ class Trainer:
         c, acc = self.cfg, self.acc
         resume_from = self._prepare_run_dir()
         self._build(resume_from)
-        self._log_startup(resume_from)
+        log_startup(c, acc, self.shape, run_path=self.run.path, resumed=self.resumed,
+                    resumed_from=resume_from and resume_from.path,
+                    n_parameters=sum(p.numel() for p in self.model_unwrapped.parameters()))
         self.check_replicas("after initialization" if resume_from is None else "after resuming")
         self.stop.install()
         metrics = MetricsLog(self.run.metrics_path)
@@ -417,7 +350,7 @@ class Trainer:
         self.model.train()
         batches = self._batches()
         bar = Progress(c.train.max_steps, state.step, desc="train", enabled=acc.is_main_process and c.train.progress,
-                       images_per_unit=self.global_batch, every_s=c.train.progress_every_s)
+                       images_per_unit=self.shape.global_batch, every_s=c.train.progress_every_s)
         timed_steps = 0
         tick = time.perf_counter()
         while state.step < c.train.max_steps:
@@ -439,7 +372,7 @@ class Trainer:
                     "bpd": loss,
                     "lr": self.scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm,
-                    "images_per_s": timed_steps * self.global_batch / max(elapsed, 1e-9),
+                    "images_per_s": timed_steps * self.shape.global_batch / max(elapsed, 1e-9),
                     "peak_memory_mb": peak_memory_mb(acc.device),
                     "skipped_steps": state.skipped_total,
                 }

@@ -1,0 +1,71 @@
+"""What a training attempt checks before it writes anything, and the lines its log starts with.
+
+`check_launch` holds the recipe against the launch: the batch layout for this world size
+(`glow.training.shape`), the launcher's mixed precision and accumulation; a disagreement is a
+ConfigError (exit 2) raised alike on every rank. `check_data` holds the model against the
+shards (rank 0 runs it for every rank). `log_startup` writes who, where, the recipe's layout and
+precision, and what resuming on another layout changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from glow.config import Config, ConfigError
+from glow.data.streams import check_channels, fan_out_warning, read_manifest
+from glow.distributed import check_launcher_precision
+from glow.tracking import git_sha
+from glow.training.resume import ResumePoint
+from glow.training.shape import BatchShape, batch_shape, layout_changes
+
+__all__ = ["check_data", "check_launch", "log_startup"]
+
+log = logging.getLogger(__name__)
+
+
+def check_launch(cfg: Config, accelerator, deepspeed: bool) -> BatchShape:
+    """The layout of `train.global_batch_size` over this launch's processes; refuses a world size
+    that does not divide it, and a launcher precision or accumulation the config does not state."""
+    shape = batch_shape(cfg.train.global_batch_size, accelerator.num_processes, cfg.train.micro_batch_size)
+    check_launcher_precision(cfg.train.precision)
+    if not deepspeed and accelerator.gradient_accumulation_steps != 1:  # accelerate would divide the loss again
+        raise ConfigError(f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={accelerator.gradient_accumulation_steps} is set: "
+                          "glow-ood derives accumulation from train.global_batch_size and train.micro_batch_size; "
+                          "unset it")
+    return shape
+
+
+def check_data(cfg: Config) -> None:
+    """The training shards exist, are complete and fit the model (exit 4 otherwise)."""
+    c, m = cfg.data, cfg.model
+    manifest = read_manifest(c.root, c.dataset, c.split)
+    check_channels(manifest, Path(c.root) / c.dataset / c.split, m.in_channels, False, m.image_size)
+
+
+def log_startup(cfg: Config, accelerator, shape: BatchShape, *, run_path: Path, n_parameters: int,
+                resumed: ResumePoint | None, resumed_from: Path | None) -> None:
+    """The first lines of the training log (every rank; rank 0's reach log.txt)."""
+    acc = accelerator
+    log.info("glow-ood train: run %s, git %s, world size %d, device %s, distributed %s",
+             run_path, git_sha(), acc.num_processes, acc.device, acc.distributed_type)
+    if "SLURM_JOB_ID" in os.environ:
+        log.info("slurm job %s, restart count %s, node %s", os.environ["SLURM_JOB_ID"],
+                 os.environ.get("SLURM_RESTART_COUNT", "0"), os.environ.get("SLURMD_NODENAME", "?"))
+    log.info("recipe: %s (train.global_batch_size=%d, train.micro_batch_size=%d), precision %s",
+             shape.describe(), cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.precision)
+    if resumed is not None and resumed.config_changed:
+        log.warning("resuming step %d with a changed (model-compatible) config", resumed.step)
+    for note in layout_changes(resumed.layout, shape) if resumed is not None else ():
+        log.warning(note)
+    log.info("model %s (hash %s), %d parameters", cfg.model.to_dict(), cfg.model.hash(), n_parameters)
+    if resumed_from:
+        log.info("resuming from %s", resumed_from)
+    else:
+        log.info("starting from scratch")
+    if acc.is_main_process:  # readers (ranks x workers) sharing shards: say how to rebuild
+        warning = fan_out_warning(cfg.data.root, cfg.data.dataset, cfg.data.split, acc.num_processes,
+                                  cfg.data.num_workers)
+        if warning:
+            log.warning(warning)
