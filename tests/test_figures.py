@@ -60,6 +60,11 @@ def make_run(tmp_path: Path, *, train: bool = True, samples: bool = True) -> Pat
     return run
 
 
+def point(entry: dict) -> dict:
+    """An OOD-table entry without its bootstrap intervals: what ood_metrics gives."""
+    return {k: v for k, v in entry.items() if k != "intervals"}
+
+
 def assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
     with Image.open(path) as im:
@@ -82,12 +87,12 @@ def test_make_figures_writes_every_file(tmp_path):
     assert set(rows) == {"log_likelihood", "complexity_corrected", "png_complexity",
                          "typicality_m1", "typicality_m2", "typicality_m10", "typicality_m25"}
     for r in rows.values():
-        assert set(r) == {"auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "n_in", "n_out"}
+        assert set(r) == {"auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "n_in", "n_out", "intervals"}
     d_in = dumps.load_dump(run / "eval" / f"step-{STEP:08d}" / "dumps" / "celeba-test.npz")
     d_out = dumps.load_dump(run / "eval" / f"step-{STEP:08d}" / "dumps" / "svhn-test.npz")
-    assert rows["log_likelihood"] == ood.ood_metrics(d_in.log_p, d_out.log_p)
+    assert point(rows["log_likelihood"]) == ood.ood_metrics(d_in.log_p, d_out.log_p)
     assert rows["log_likelihood"]["auroc"] < 0.2  # the synthetic OOD set is "more likely"
-    assert rows["png_complexity"] == ood.ood_metrics(-d_in.complexity_bpd, -d_out.complexity_bpd)
+    assert point(rows["png_complexity"]) == ood.ood_metrics(-d_in.complexity_bpd, -d_out.complexity_bpd)
     assert (rows["typicality_m25"]["n_in"], rows["typicality_m25"]["n_out"]) == (2, 2)
     assert table["bpd"]["svhn/test"]["count"] == 55
     assert table["bpd"]["celeba/test"]["mean"] == pytest.approx(d_in.bpd.mean())
@@ -95,7 +100,7 @@ def test_make_figures_writes_every_file(tmp_path):
     md = (out / "ood.md").read_text()
     assert "| OOD set | score | AUROC |" in md
     for name in rows:
-        assert f"| svhn/test | {name} | {rows[name]['auroc']:.4f} |" in md
+        assert f"| svhn/test | {name} | {rows[name]['auroc']:.4f} [" in md
     # exp figures asked for the extremes: 9 highest-likelihood SVHN keys among others
     top = [str(k) for k in d_out.key[np.argsort(d_out.log_p)[::-1][:9]]]
     assert ("/nonexistent", "svhn", "test", top) in calls
@@ -185,7 +190,8 @@ def test_index_html_is_one_self_contained_page(tmp_path):
     for spec, v in res.table["bpd"].items():
         assert spec in parsed.cells and f"{v['mean']:.4f}" in parsed.cells
     for name, r in res.table["ood"]["svhn/test"].items():
-        assert f"svhn/test: {name}" in parsed.cells and f"{r['auroc']:.4f}" in parsed.cells
+        low, high = r["intervals"]["auroc"]
+        assert f"svhn/test: {name}" in parsed.cells and f"{r['auroc']:.4f} [{low:.4f}, {high:.4f}]" in parsed.cells
     decisions = res.table["typicality_test"]["ood"]["svhn/test"]
     assert decisions  # the page shows each M's decision-rule rates
     for m, r in decisions.items():
@@ -217,8 +223,9 @@ def test_cli_with_real_shards(tmp_path):
     write_dump(new, "gaussian", "test", rng.normal(5, 0.1, 30), data_root=str(root))
     write_dump(new, "gaussian-smooth", "test", rng.normal(4, 0.1, 26), data_root=str(root))
     result = CliRunner().invoke(_cli(), ["--run", str(run), "--in", "gaussian", "--ood", "gaussian-smooth/test",
-                                         "-k", "4"])
+                                         "-k", "4", "--bootstrap", "25", "--bootstrap-seed", "3"])
     assert result.exit_code == 0, result.output
+    assert "95% bootstrap intervals, 25 resamples, seed 3" in result.output
     assert "gaussian-smooth/test" in result.output and "png_complexity" in result.output
     assert "skipped samples.png" in result.output
     out = run / "figures"
@@ -226,6 +233,9 @@ def test_cli_with_real_shards(tmp_path):
         assert_png(out / name)
     table = json.loads((out / "ood.json").read_text())
     assert table["step"] == STEP and "complexity_corrected" in table["ood"]["gaussian-smooth/test"]
+    assert (table["intervals"]["n_resamples"], table["intervals"]["seed"]) == (25, 3)
+    entry = table["ood"]["gaussian-smooth/test"]["log_likelihood"]
+    assert f"{entry['auroc']:.3f} [{entry['intervals']['auroc'][0]:.3f}, " in result.output
 
     # a dump without the complexity term (an older version's): no complexity rows, a note says why
     write_dump(new, "gaussian-smooth", "test", rng.normal(4, 0.1, 26), complexity=False, data_root=str(root))

@@ -29,6 +29,7 @@ from glow.files import (  # noqa: E402
     atomic_write_text,
     read_bytes,
 )
+from glow.report.intervals import DEFAULT_BOOTSTRAP, Bootstrap  # noqa: E402
 from glow.report.page import MAX_IMAGE_BYTES, write_index  # noqa: E402
 from glow.report.scores import ood_markdown, ood_table  # noqa: E402
 from glow.run import Run  # noqa: E402
@@ -144,10 +145,11 @@ def _extreme_panel(d: Dump, k: int, highest: bool, loader: ImageLoader, data_roo
 
 def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str], *, step: int | None = None,
                  in_split: str = "test", train_split: str = "train", out_dir: str | Path | None = None,
-                 data_root: str | None = None, k: int = 16, seed: int = 0,
+                 data_root: str | None = None, k: int = 16, seed: int = 0, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
                  image_loader: ImageLoader | None = None, tracker=None, allow_shared: bool = False) -> FiguresResult:
     """Write figures/ for one run from the dumps of one evaluated step (newest by default).
 
+    Every metric of the OOD table comes with its interval drawn as ``bootstrap`` says.
     Also writes ``index.html``, the one page of results (:mod:`glow.report.page`).
     ``tracker`` (a :class:`glow.tracking.Tracker`, optional) receives the OOD table, the
     bits/dim per split and the PNG figures. The run must be the user's and so must every file
@@ -169,7 +171,7 @@ def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str],
         log.warning("no training dump %s: distributions without train, no typicality scores",
                     run.dump_path(step, train_spec))
 
-    table = ood_table(in_test, oods, train, seed=seed)
+    table = ood_table(in_test, oods, train, seed=seed, bootstrap=bootstrap)
     res.table = table
     atomic_write_text(out / "ood.json", json.dumps(table, indent=2) + "\n")
     atomic_write_text(out / "ood.md", ood_markdown(table))
@@ -225,9 +227,10 @@ def track_figures(tracker, table: dict, images: Sequence[Path]) -> None:
     """The OOD table (a wandb.Table), bits/dim per split (summary) and the figures (images)."""
     step = int(table["step"])
     tracker.log_summary({f"bpd/{spec}": v["mean"] for spec, v in table["bpd"].items()})
-    columns = ["ood_set", "score", "auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "n_in", "n_out"]
-    rows = [[spec, name, *(r[c] for c in columns[2:])] for spec, scores in table["ood"].items()
-            for name, r in scores.items()]
+    columns = ["ood_set", "score", "auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "n_in", "n_out",
+               "auroc_low", "auroc_high"]
+    rows = [[spec, name, *(r[c] for c in columns[2:8]), *(r.get("intervals") or {}).get("auroc", [None, None])]
+            for spec, scores in table["ood"].items() for name, r in scores.items()]
     tracker.log_table("ood_table", columns, rows, step=step)
     tracker.log_summary({f"auroc/{spec}/{name}": r["auroc"] for spec, scores in table["ood"].items()
                          for name, r in scores.items()})

@@ -17,9 +17,11 @@ from glow.files import atomic_write_text, read_bytes
 from glow.report.scores import (
     METRIC_COLUMNS,
     TYPICALITY_HEADER,
+    metric_cell,
     typicality_rows,
     typicality_rule_text,
 )
+from glow.report.tables import Interval, Spread, cell
 
 __all__ = ["write_index"]
 
@@ -40,8 +42,9 @@ def _esc(value) -> str:
 
 
 def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"<td>{value:.4f}</td>"
+    """A number (an interval, a spread) as `glow.report.tables` writes it; text escaped."""
+    if isinstance(value, (float, Interval, Spread)):
+        return f"<td>{_esc(cell(value))}</td>"
     return f"<td>{_esc(value)}</td>"
 
 
@@ -88,7 +91,7 @@ def write_index(out: Path, table: dict, images: list[Path], *, run_name: str, co
         body += _table(["split @ temperature", "FID", "samples"],
                        [[k, float(v["fid"]), v.get("n_samples", "")] for k, v in sorted(fid.items())])
     body.append("<h2>OOD detection</h2>")
-    rows = [[f"{spec}: {name}", *(r[k] for k, _ in METRIC_COLUMNS)]
+    rows = [[f"{spec}: {name}", *(metric_cell(r, k) for k, _ in METRIC_COLUMNS)]
             for spec, scores in table["ood"].items() for name, r in scores.items()]
     body += _table(["OOD set: score", *(h for _, h in METRIC_COLUMNS)], rows)
     body += [f'<p class="note">{_esc(n)}</p>' for n in table.get("notes", [])]

@@ -19,8 +19,13 @@ Conventions
   over bootstrap batches of held-out in-distribution data (`typicality_epsilon`).
 * The likelihood ratio (Ren et al. 2019) is log p(x) - log p_bg(x) under a background model.
 
-`score_pairs` lists the scores of a pair of sets (the one list every table uses); `ood_table` /
-`ood_markdown` make the OOD table of one run (figures/ood.json and ood.md).
+`score_pairs` lists the scores of a pair of sets (the one list every table uses);
+`glow.report.intervals.metrics_with_intervals` turns each into an entry (the metrics of
+`glow.report.metrics` with their bootstrap intervals, the one place both are computed); `ood_table` / `ood_markdown` make the OOD table of one run
+(figures/ood.json and ood.md). An entry is ``{"auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr",
+"n_in", "n_out"}`` with ``"intervals": {metric: [low, high]}`` unless the bootstrap was skipped;
+an entry of a seed group (`glow.report.seeds.seed_entry`) holds each metric's mean and
+``"seeds"``; `metric_cell` shows any of them in a table.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from glow.errors import ResultsInvalid
 from glow.evaluation.dumps import Dump
-from glow.report.tables import markdown_table
+from glow.report.intervals import DEFAULT_BOOTSTRAP, Bootstrap, metrics_with_intervals
+from glow.report.metrics import ood_metrics  # noqa: F401  (the public name glow.report.scores.ood_metrics)
+from glow.report.tables import Interval, Spread, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -43,36 +49,6 @@ METRIC_COLUMNS = (("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR
                   ("fpr_at_95_tpr", "FPR@95%TPR"), ("n_in", "n in"), ("n_out", "n OOD"))
 TYPICALITY_ALPHA = 0.99
 TYPICALITY_BOOTSTRAP = 2000
-
-
-def ood_metrics(scores_in, scores_out) -> dict:
-    """AUROC, AUPR-in, AUPR-out and FPR at 95% TPR for scores where higher = in-distribution.
-
-    In-distribution is the positive class. AUPR-in uses in-distribution as positive with the
-    score as is; AUPR-out uses OOD as positive with the negated score. ``fpr_at_95_tpr`` is the
-    fraction of OOD samples accepted when the threshold accepts 95% of in-distribution samples.
-    AUROC < 0.5 means the OOD set looks more in-distribution than the in-distribution set.
-    """
-    s_in = np.asarray(scores_in, dtype=np.float64).ravel()
-    s_out = np.asarray(scores_out, dtype=np.float64).ravel()
-    if s_in.size == 0 or s_out.size == 0:
-        raise ValueError(f"ood_metrics needs both sets non-empty, got n_in={s_in.size}, n_out={s_out.size}")
-    for name, s in (("scores_in", s_in), ("scores_out", s_out)):
-        if not np.isfinite(s).all():
-            raise ResultsInvalid(f"{name} has {int((~np.isfinite(s)).sum())} non-finite values; fix the dump first")
-    y = np.concatenate([np.ones(s_in.size), np.zeros(s_out.size)])
-    s = np.concatenate([s_in, s_out])
-    # Every threshold: with tied scores the thinned curve (drop_intermediate) can skip the 95% crossing.
-    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
-    idx = int(np.searchsorted(tpr, 0.95, side="left"))
-    return {
-        "auroc": float(roc_auc_score(y, s)),
-        "aupr_in": float(average_precision_score(y, s)),
-        "aupr_out": float(average_precision_score(1 - y, -s)),
-        "fpr_at_95_tpr": float(fpr[idx]),
-        "n_in": int(s_in.size),
-        "n_out": int(s_out.size),
-    }
 
 
 # --------------------------------------------------------------------------- input complexity
@@ -202,10 +178,32 @@ def score_pairs(in_test: Dump, ood: Dump, *, train_nll: float | None = None,
     return pairs
 
 
+def metric_cell(entry: dict, metric: str) -> float | Interval | Spread:
+    """One metric of an entry as a table cell (`glow.report.tables`): ``mean ± sd (N)`` for a group
+    of several seeds, ``value [low, high]`` with an interval, else the value."""
+    summary = (entry.get("seeds") or {}).get(metric)
+    if summary is not None and summary["n"] > 1:
+        return Spread(summary["mean"], summary["std"], summary["n"])
+    interval = (entry.get("intervals") or {}).get(metric)
+    if interval is not None:
+        return Interval(entry[metric], *interval)
+    return entry[metric]
+
+
+def test_bpd_cell(row: dict) -> float | Spread | None:
+    """A compare/matrix row's in-distribution test bits/dim as a table cell: ``mean ± sd (N)``
+    for a row of several seeds (``test_bpd_seeds``), else the value."""
+    summary = row.get("test_bpd_seeds")
+    if summary is not None and summary["n"] > 1:
+        return Spread(summary["mean"], summary["std"], summary["n"])
+    return row["test_bpd"]
+
+
 def ood_table(in_test: Dump, oods: Sequence[Dump], train: Dump | None = None, *,
               typicality_sizes: Sequence[int] = TYPICALITY_BATCH_SIZES, seed: int = 0,
-              alpha: float = TYPICALITY_ALPHA) -> dict:
-    """OOD metrics per OOD set and score (`score_pairs`; in-distribution is the positive class).
+              alpha: float = TYPICALITY_ALPHA, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> dict:
+    """OOD metrics per OOD set and score (`score_pairs`; in-distribution is the positive class),
+    each with its bootstrap interval (`bootstrap`; the settings go to ``"intervals"``).
 
     With the training dump, the typicality scores, and ``typicality_test``: the decision rule per
     OOD set and M, epsilon calibrated on one seeded half of the in-distribution test split (held
@@ -214,12 +212,14 @@ def ood_table(in_test: Dump, oods: Sequence[Dump], train: Dump | None = None, *,
     table = {
         "step": in_test.step, "model_hash": in_test.model_hash, "checkpoint": in_test.checkpoint,
         "n_bits": in_test.n_bits, "in_distribution": in_test.spec, "typicality_seed": seed,
+        "intervals": bootstrap.describe(),
         "bpd": {d.spec: {"mean": float(d.bpd.mean()), "std": float(d.bpd.std()), "count": int(d.bpd.size)}
                 for d in [x for x in (train, in_test) if x is not None] + list(oods)},
         "notes": [
             "Scores are oriented higher = more in-distribution; in-distribution is the positive class. "
             "AUROC < 0.5 means the OOD set looks MORE in-distribution than held-out in-distribution data.",
             "png_complexity is -L(x), the PNG size alone (a model-free baseline): it shows what the flow adds.",
+            bootstrap.note(),
         ],
         "ood": {},
     }
@@ -233,7 +233,7 @@ def ood_table(in_test: Dump, oods: Sequence[Dump], train: Dump | None = None, *,
         table["train_mean_nll_nats"] = train_nll
     for ood in oods:
         pairs = score_pairs(in_test, ood, train_nll=train_nll, typicality_sizes=typicality_sizes, seed=seed)
-        table["ood"][ood.spec] = {name: ood_metrics(*pair) for name, pair in pairs.items()}
+        table["ood"][ood.spec] = {name: metrics_with_intervals(*pair, bootstrap) for name, pair in pairs.items()}
     if train_nll is not None:
         table["typicality_test"] = _typicality_decisions(in_test, oods, train_nll, typicality_sizes, seed, alpha)
     return table
@@ -269,7 +269,7 @@ def ood_markdown(table: dict) -> str:
                             [[s, v["mean"], v["std"], v["count"]] for s, v in table["bpd"].items()])
     lines.append("")
     lines += markdown_table(["OOD set", "score", *(h for _, h in METRIC_COLUMNS)],
-                            [[spec, name, *(r[k] for k, _ in METRIC_COLUMNS)]
+                            [[spec, name, *(metric_cell(r, k) for k, _ in METRIC_COLUMNS)]
                              for spec, rows in table["ood"].items() for name, r in rows.items()])
     lines += _typicality_markdown(table.get("typicality_test"))
     lines += [""] + [f"- {n}" for n in table["notes"]] + [
