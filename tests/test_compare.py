@@ -16,7 +16,7 @@ from glow.evaluation import dumps
 from glow.report import compare, figures
 from glow.report import scores as ood
 from glow.report.intervals import Bootstrap, ood_intervals
-from tests.test_figures import STEP, _cli, point, write_dump
+from tests.test_figures import STEP, _cli, point, write_dump, write_vector_dump
 
 
 def make_run(root: Path, name: str, *, shift: float = 0.0, model_hash: str = "m0", perm_seed: int | None = None,
@@ -208,3 +208,28 @@ def test_compare_refuses_to_group_runs_of_other_recipes(tmp_path):
     result = CliRunner().invoke(report_cli, [*args, "--group-seeds"])
     assert result.exit_code == 2 and "same train.seed" in result.output
     assert CliRunner().invoke(report_cli, args).exit_code == 0  # without --group-seeds: a row per run
+
+
+def test_image_flow_and_features_flow_side_by_side(tmp_path):
+    """A features flow's dumps (no complexity, continuous bits/dim) beside an image flow's: both
+    rows, the PNG baseline from the image run, a note that their bits/dim do not compare."""
+    images = make_run(tmp_path, "glow32")
+    features = tmp_path / "feats"
+    rng = np.random.default_rng(1)
+    for dataset, n, mean in (("demo", 40, -2.0), ("digits", 30, -1.0), ("gaussian-smooth", 25, -1.5)):
+        write_vector_dump(features / "eval" / f"step-{STEP:08d}", dataset, "test", rng.normal(mean, 0.3, n))
+    oods = ["digits/test", "gaussian-smooth/test"]
+    table, _ = compare.compare_runs([features, images], "demo", oods, bootstrap=Bootstrap(0))
+    rows = {(r["variant"], r["score"]): r for r in table["rows"]}
+    assert set(rows) == {("feats", "log_likelihood"), ("glow32", "log_likelihood"),
+                         ("glow32", "complexity_corrected"), ("(PNG size)", "png_complexity")}
+    f_in, f_out = dump(features, "demo"), dump(features, "digits")
+    assert rows[("feats", "log_likelihood")]["ood"]["digits/test"] == ood.ood_metrics(f_in.log_p, f_out.log_p)
+    b_in, b_out = dump(images, "demo"), dump(images, "digits")
+    assert rows[("(PNG size)", "png_complexity")]["ood"]["digits/test"] == ood.ood_metrics(
+        -b_in.complexity_bpd, -b_out.complexity_bpd)
+    assert any("do not compare" in n for n in table["notes"])
+    assert not any("other samples" in n for n in table["notes"])  # the same keys: the same samples
+    write_vector_dump(features / "eval" / f"step-{STEP:08d}", "digits", "test", rng.normal(-1.0, 0.3, 29))
+    table, _ = compare.compare_runs([features, images], "demo", oods, bootstrap=Bootstrap(0))
+    assert any(n.startswith("digits/test: the dumps of glow32 hold other samples") for n in table["notes"])

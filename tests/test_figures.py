@@ -15,6 +15,7 @@ from PIL import Image
 from glow.evaluation import dumps
 from glow.report import figures
 from glow.report import scores as ood
+from glow.report.intervals import Bootstrap
 
 REPO = Path(__file__).resolve().parents[1]
 STEP = 100
@@ -246,3 +247,46 @@ def test_cli_with_real_shards(tmp_path):
 
     bad = CliRunner().invoke(_cli(), ["--run", str(run), "--step", "50", "--in", "gaussian", "--ood", "x/test"])
     assert bad.exit_code != 0 and "x-test.npz" in bad.output
+
+
+def write_vector_dump(step_dir: Path, dataset: str, split: str, bpd: np.ndarray, *, dim: int = 16,
+                      model_hash: str = "t0", checkpoint: str | None = None) -> Path:
+    """A features flow's dump: continuous bits/dim (negative here), no complexity_bpd, no n_bits."""
+    n = bpd.size
+    path = step_dir / "dumps" / f"{dataset}-{split}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dumps.write_dump(path, {"key": np.array([f"{i:08d}" for i in range(n)]), "index": np.arange(n),
+                            "label": np.full(n, -1), "log_p": -bpd * dim * np.log(2.0), "bpd": bpd},
+                     step=STEP, model_hash=model_hash, checkpoint=checkpoint or f"runs/f/checkpoints/step-{STEP:08d}",
+                     dataset=dataset, split=split, data_root="/features", data_kind="vectors")
+    return path
+
+
+def test_figures_of_a_features_flow(tmp_path, monkeypatch):
+    """Dumps of vectors: log-likelihood and typicality rows (no PNG complexity), a histogram whose
+    axis says continuous bits/dim, no image panels without the image shards, no sample grid."""
+    rng = np.random.default_rng(0)
+    run = tmp_path / "runs" / "f"
+    step_dir = run / "eval" / f"step-{STEP:08d}"
+    for spec, mean, n in (("celeba/train", -2.0, 80), ("celeba/test", -2.0, 40), ("svhn/test", -1.0, 30)):
+        write_vector_dump(step_dir, *spec.split("/"), rng.normal(mean, 0.3, n))
+    with pytest.raises(ValueError, match="missing fields"):  # an image dump still needs n_bits
+        dumps.write_dump(tmp_path / "x.npz", {k: np.zeros(1) for k in ("key", "index", "label", "log_p", "bpd")},
+                         step=1, model_hash="m", checkpoint="c", dataset="d", split="s", data_root="/")
+    axes = []
+    plot = figures.plot_distributions
+    monkeypatch.setattr(figures, "plot_distributions", lambda *a, **kw: axes.append(kw["axis"]) or plot(*a, **kw))
+    res = figures.make_figures(run, "celeba", ["svhn/test"], bootstrap=Bootstrap(20), image_loader=fake_loader())
+    table = json.loads((run / "figures" / "ood.json").read_text())
+    assert table["data_kind"] == "vectors" and table["n_bits"] is None
+    rows = table["ood"]["svhn/test"]
+    assert set(rows) == {"log_likelihood", "typicality_m1", "typicality_m2", "typicality_m10", "typicality_m25"}
+    d_in, d_out = (dumps.load_dump(step_dir / "dumps" / f"{s}-test.npz") for s in ("celeba", "svhn"))
+    assert d_in.vectors and d_in.complexity_bpd is None and d_in.n_bits is None
+    assert point(rows["log_likelihood"]) == ood.ood_metrics(d_in.log_p, d_out.log_p)
+    assert axes == [figures.CONTINUOUS_BPD_AXIS] and "may be negative" in axes[0]
+    assert {"exp1.png", "exp2.png", "samples.png"} <= set(res.skipped) and "--data-root" in res.skipped["exp1.png"]
+    md = (run / "figures" / "ood.md").read_text()
+    assert "feature vectors: continuous bits/dim" in md and "differential entropy" in md
+    assert "older version" not in md and "complexity_corrected is" not in md
+    assert "feature vectors: continuous bits/dim" in (run / "figures" / "index.html").read_text()

@@ -69,7 +69,8 @@ def _run_description(dump: Dump) -> dict:
         log.warning("no description of %s: %s", dump.checkpoint, err)
         return {}
     model = meta.get("model_config", {})
-    keys = ("mask", "coupling_bottleneck", "coupling", "hidden_channels", "n_levels", "steps_per_level")
+    keys = ("kind", "mask", "coupling_bottleneck", "coupling", "hidden_channels", "n_levels", "steps_per_level",
+            "dim", "n_couplings", "hidden_width", "hidden_layers")
     desc = {k: model[k] for k in keys if k in model}
     desc["perturb_prob"] = meta.get("perturb_prob", 0.0)
     return desc
@@ -149,12 +150,33 @@ def compare_table(runs: Sequence[RunDumps], background: RunDumps | None = None, 
                                       bootstrap, **extra))
     if groups is not None:
         _group_rows(table, groups)
-    baseline = {d.spec: score_pairs(ref.in_test, d).get("png_complexity") for d in ref.oods}
-    if all(baseline.values()):
+    _note_kinds_and_samples(table, runs)
+    # the model-free baseline from the first run whose dumps carry L(x) (a features flow's do not)
+    with_png = next((r for r in runs if all(d.complexity_bpd is not None for d in [r.in_test, *r.oods])), None)
+    if with_png is not None:
+        baseline = {d.spec: score_pairs(with_png.in_test, d)["png_complexity"] for d in with_png.oods}
         table["rows"].append(_row(BASELINE, "png_complexity", None, baseline, bootstrap))
     else:
         table["notes"].append("the dumps carry no complexity_bpd: no complexity_corrected / png_complexity rows")
     return table
+
+
+def _note_kinds_and_samples(table: dict, runs: Sequence[RunDumps]) -> None:
+    """Notes for an image flow beside a features flow: their bits/dim do not compare, and whether
+    their dumps hold the same samples (by key: a features dump keeps its images' keys)."""
+    kinds = {r.label: "vectors" if r.in_test.vectors else "images" for r in runs}
+    if len(set(kinds.values())) < 2:
+        return
+    table["notes"].append(
+        f"Runs on feature vectors ({', '.join(k for k, v in kinds.items() if v == 'vectors')}) beside runs on images: "
+        "their test bits/dim do not compare (continuous bits/dim of features vs discrete bits/dim of pixels); "
+        "their AUROCs do, on the same samples.")
+    for i, spec in enumerate([runs[0].in_test.spec, *(d.spec for d in runs[0].oods)]):
+        keys = {r.label: set([r.in_test, *r.oods][i].key.tolist()) for r in runs}
+        differ = [label for label, k in keys.items() if k != keys[runs[0].label]]
+        if differ:
+            table["notes"].append(f"{spec}: the dumps of {', '.join(differ)} hold other samples (keys) than "
+                                  f"{runs[0].label}'s: the rows are not measured on the same data")
 
 
 def seed_groups(run_dirs: Sequence[str | Path]) -> list[tuple[str, dict]]:
@@ -199,7 +221,9 @@ def compare_markdown(table: dict) -> str:
     rows = []
     for row in table["rows"]:
         model = table["runs"].get(row.get("runs", [row["variant"]])[0], {}).get("model", {})
-        desc = ", ".join(f"{k}={v}" for k, v in model.items() if k in ("mask", "coupling_bottleneck", "perturb_prob"))
+        shown = ("mask", "coupling_bottleneck", "perturb_prob") if model.get("kind", "glow") == "glow" else (
+            "kind", "dim", "n_couplings", "hidden_width")
+        desc = ", ".join(f"{k}={v}" for k, v in model.items() if k in shown)
         rows.append([row["variant"], desc or "-", row["score"], test_bpd_cell(row)]
                     + [metric_cell(row["ood"][s], k) for s in specs for k in ("auroc", "aupr_in", "fpr_at_95_tpr")])
     runs = [[label, r["run_dir"], r["step"], f"`{r['model_hash']}`"] for label, r in table["runs"].items()]

@@ -56,9 +56,15 @@ def default_image_loader(root, dataset, split, keys) -> dict:
 # --------------------------------------------------------------------------- plots
 
 
+BPD_AXIS = "bits/dim"
+CONTINUOUS_BPD_AXIS = "bits/dim (continuous; may be negative)"  # a flow on feature vectors
+
+
 def plot_distributions(sets: Sequence[tuple[str, np.ndarray]], path: Path,
-                       clip: tuple[float, float] = (0.5, 99.5), kde_max: int = 20000, seed: int = 0) -> Path:
-    """Histograms + Gaussian-KDE curves of bits/dim; the x-range is clipped at pooled percentiles."""
+                       clip: tuple[float, float] = (0.5, 99.5), kde_max: int = 20000, seed: int = 0,
+                       axis: str = BPD_AXIS) -> Path:
+    """Histograms + Gaussian-KDE curves of bits/dim; the x-range is clipped at pooled percentiles.
+    ``axis`` names the quantity (`CONTINUOUS_BPD_AXIS` for feature vectors)."""
     pooled = np.concatenate([v for _, v in sets])
     lo, hi = np.percentile(pooled, clip)
     if hi <= lo:
@@ -79,7 +85,7 @@ def plot_distributions(sets: Sequence[tuple[str, np.ndarray]], path: Path,
                     label=f"{label} (n={v.size}, mean {v.mean():.3f})")
         else:
             ax.axvline(float(np.mean(v)), color=color, label=f"{label} (n={v.size}, mean {v.mean():.3f})")
-    ax.set_xlabel(f"bits/dim  (x clipped to pooled percentiles {clip[0]:g}-{clip[1]:g}: [{lo:.3f}, {hi:.3f}]; "
+    ax.set_xlabel(f"{axis}  (x clipped to pooled percentiles {clip[0]:g}-{clip[1]:g}: [{lo:.3f}, {hi:.3f}]; "
                   "values outside: " + ", ".join(outside) + ")", fontsize=8)
     ax.set_ylabel("density")
     ax.set_title("Distribution of bits/dim (lower = more likely)")
@@ -179,8 +185,36 @@ def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str],
 
     sets = ([(f"{train_spec} (in, train)", train.bpd)] if train else []) + \
         [(f"{in_spec} (in, test)", in_test.bpd)] + [(f"{d.spec} (OOD)", d.bpd) for d in oods]
-    res.files.append(plot_distributions(sets, out / "distributions.png", seed=seed))
+    axis = CONTINUOUS_BPD_AXIS if in_test.vectors else BPD_AXIS
+    res.files.append(plot_distributions(sets, out / "distributions.png", seed=seed, axis=axis))
 
+    if in_test.vectors and data_root is None:
+        for name in ("exp1.png", "exp2.png"):
+            res.skipped[name] = ("the dumps score feature vectors: pass --data-root with the image shards they were "
+                                 "extracted from to see the images")
+    else:
+        _extreme_figures(res, in_test, oods, k, loader, data_root, out)
+
+    samples = [run.eval_dir(step) / "samples.png", run.samples_path(in_test.step)]
+    copied = next((blob for p in samples if (blob := _read_image(p, own)) is not None), None)
+    if copied is None and in_test.vectors:
+        res.skipped["samples.png"] = "a flow on feature vectors has no sample grid"
+    elif copied is None:
+        res.skipped["samples.png"] = f"none of {[str(p) for p in samples]} is a PNG; run --task samples"
+    else:
+        atomic_write_bytes(out / "samples.png", copied)
+        res.files.append(out / "samples.png")
+    images = [p for p in res.files if p.suffix == ".png"]
+    res.files.append(write_index(out, table, images, run_name=run.name, config_text=run.config_text(),
+                                 fid=read_table(run.eval_dir(step) / "fid.json", own)))
+    if tracker is not None:
+        track_figures(tracker, table, images)
+    return res
+
+
+def _extreme_figures(res: FiguresResult, in_test: Dump, oods: Sequence[Dump], k: int, loader: ImageLoader,
+                     data_root: str | None, out: Path) -> None:
+    """exp1.png / exp2.png: the most and least likely images of each set (or why they are skipped)."""
     try:
         ood_hi = [_extreme_panel(d, k, True, loader, data_root) for d in oods]
         ood_lo = [_extreme_panel(d, k, False, loader, data_root) for d in oods]
@@ -194,20 +228,6 @@ def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str],
         for name in ("exp1.png", "exp2.png"):
             res.skipped[name] = f"images not readable ({e}); pass --data-root"
         log.warning("exp1/exp2 skipped: %s", e)
-
-    samples = [run.eval_dir(step) / "samples.png", run.samples_path(in_test.step)]
-    copied = next((blob for p in samples if (blob := _read_image(p, own)) is not None), None)
-    if copied is None:
-        res.skipped["samples.png"] = f"none of {[str(p) for p in samples]} is a PNG; run --task samples"
-    else:
-        atomic_write_bytes(out / "samples.png", copied)
-        res.files.append(out / "samples.png")
-    images = [p for p in res.files if p.suffix == ".png"]
-    res.files.append(write_index(out, table, images, run_name=run.name, config_text=run.config_text(),
-                                 fid=read_table(run.eval_dir(step) / "fid.json", own)))
-    if tracker is not None:
-        track_figures(tracker, table, images)
-    return res
 
 
 def _read_image(path: Path, own: bool) -> bytes | None:

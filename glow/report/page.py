@@ -18,6 +18,7 @@ from glow.report.scores import (
     METRIC_COLUMNS,
     TYPICALITY_HEADER,
     metric_cell,
+    scored_data,
     typicality_rows,
     typicality_rule_text,
 )
@@ -81,7 +82,7 @@ def write_index(out: Path, table: dict, images: list[Path], *, run_name: str, co
     title = f"glow-ood results: {run_name}, step {table['step']}"
     body = [f"<h1>{_esc(title)}</h1>",
             f"<p>Checkpoint <code>{_esc(table['checkpoint'])}</code> (step {_esc(table['step'])}, model hash "
-            f"<code>{_esc(table['model_hash'])}</code>, {_esc(table['n_bits'])}-bit); in-distribution "
+            f"<code>{_esc(table['model_hash'])}</code>, {_esc(scored_data(table))}); in-distribution "
             f"<code>{_esc(table['in_distribution'])}</code>.</p>",
             "<h2>Bits per dimension</h2>"]
     body += _table(["split", "bits/dim mean", "std", "count"],

@@ -49,6 +49,9 @@ METRIC_COLUMNS = (("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR
                   ("fpr_at_95_tpr", "FPR@95%TPR"), ("n_in", "n in"), ("n_out", "n OOD"))
 TYPICALITY_ALPHA = 0.99
 TYPICALITY_BOOTSTRAP = 2000
+VECTORS_NOTE = ("A flow on feature vectors: its bits/dim are continuous (-log p(x) / (D ln 2) of real vectors, a "
+                "differential entropy rate: they may be negative and compare only between models of the same "
+                "features); no PNG complexity rows (a vector has no image code length).")
 
 
 # --------------------------------------------------------------------------- input complexity
@@ -211,8 +214,8 @@ def ood_table(in_test: Dump, oods: Sequence[Dump], train: Dump | None = None, *,
     """
     table = {
         "step": in_test.step, "model_hash": in_test.model_hash, "checkpoint": in_test.checkpoint,
-        "n_bits": in_test.n_bits, "in_distribution": in_test.spec, "typicality_seed": seed,
-        "intervals": bootstrap.describe(),
+        "n_bits": in_test.n_bits, "data_kind": "vectors" if in_test.vectors else "images",
+        "in_distribution": in_test.spec, "typicality_seed": seed, "intervals": bootstrap.describe(),
         "bpd": {d.spec: {"mean": float(d.bpd.mean()), "std": float(d.bpd.std()), "count": int(d.bpd.size)}
                 for d in [x for x in (train, in_test) if x is not None] + list(oods)},
         "notes": [
@@ -223,9 +226,11 @@ def ood_table(in_test: Dump, oods: Sequence[Dump], train: Dump | None = None, *,
         ],
         "ood": {},
     }
+    if in_test.vectors:
+        table["notes"].append(VECTORS_NOTE)
     table["notes"] += [f"{d.spec}: the dump holds no complexity_bpd (written by an older version): no complexity "
                        "rows; rewrite it with eval/evaluate.py --task dump --force"
-                       for d in [in_test, *oods] if d.complexity_bpd is None]
+                       for d in [in_test, *oods] if d.complexity_bpd is None and not d.vectors]
     train_nll = None if train is None else float(-train.log_p.mean())
     if train is None:
         table["notes"].append("no training-set dump: typicality scores omitted")
@@ -257,12 +262,19 @@ def _typicality_decisions(in_test: Dump, oods: Sequence[Dump], train_nll: float,
     return out
 
 
+def scored_data(table: dict) -> str:
+    """What the model of an OOD table scored, in words: ``8-bit images`` or feature vectors."""
+    if table.get("data_kind") == "vectors":
+        return "feature vectors: continuous bits/dim"
+    return f"{table['n_bits']}-bit images"
+
+
 def ood_markdown(table: dict) -> str:
     lines = [
         f"# OOD detection: in-distribution `{table['in_distribution']}`",
         "",
         f"Checkpoint `{table['checkpoint']}` (step {table['step']}, model hash `{table['model_hash']}`, "
-        f"{table['n_bits']}-bit).",
+        f"{scored_data(table)}).",
         "",
     ]
     lines += markdown_table(["set", "bits/dim mean", "std", "count"],
@@ -272,10 +284,11 @@ def ood_markdown(table: dict) -> str:
                             [[spec, name, *(metric_cell(r, k) for k, _ in METRIC_COLUMNS)]
                              for spec, rows in table["ood"].items() for name, r in rows.items()])
     lines += _typicality_markdown(table.get("typicality_test"))
+    complexity = ("" if table.get("data_kind") == "vectors" else
+                  "complexity_corrected is -S(x) = L(x) - bpd(x) (Serra et al. 2020), L = PNG size at maximum "
+                  f"compression in bits/dim of the {table['n_bits']}-bit image the model scored; ")
     lines += [""] + [f"- {n}" for n in table["notes"]] + [
-        "- complexity_corrected is -S(x) = L(x) - bpd(x) (Serra et al. 2020), L = PNG size at maximum "
-        f"compression in bits/dim of the {table['n_bits']}-bit image the model scored; "
-        "typicality_mM is -|mean NLL of a batch of M - training mean NLL| "
+        f"- {complexity}typicality_mM is -|mean NLL of a batch of M - training mean NLL| "
         "(Nalisnick et al. 2019) over disjoint seeded batches, so its n counts batches.", ""]
     return "\n".join(lines)
 
