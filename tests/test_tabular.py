@@ -189,6 +189,18 @@ def test_input_actnorm_standardises_each_feature_on_the_first_batch():
     assert torch.equal(fresh.log_prob(x * 3), model.log_prob(x * 3))  # loading never re-initialises
 
 
+def test_input_actnorm_standardises_features_of_any_scale():
+    """Features of ~1e-8 (a randomly initialised extractor's) come out standardised too: the floor
+    on the standard deviation is relative to the features' scale; a constant feature stays finite."""
+    model = TabularFlow(TabularFlowConfig(dim=4, n_couplings=2, hidden_width=4, hidden_layers=1,
+                                          input_actnorm=True))
+    x = (torch.randn(512, 4) * 5e-10 + 1.7e-8) * torch.tensor([1.0, 2.0, 3.0, 0.0])
+    assert torch.isfinite(model.log_prob(x)).all()
+    y, _ = model.input_norm(x)
+    np.testing.assert_allclose(y[:, :3].std(0, unbiased=False).detach().numpy(), 1, rtol=1e-3)
+    assert torch.equal(y[:, 3], torch.zeros(512))
+
+
 def test_dropout_only_in_training():
     model = random_flow(6, seed=4, dropout=0.5)
     x = torch.randn(8, 6, dtype=torch.float64)
