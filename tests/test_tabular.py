@@ -247,3 +247,24 @@ def test_config_imports_without_torch():
     code = ("import sys; import glow.model.tabular_config as c; c.TabularFlowConfig().hash(); "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_model_kinds_dispatch_and_leave_glow_hashes_unchanged():
+    from glow.model import Glow, GlowConfig, TabularFlow, build_model, model_config
+
+    # the hashes of main before model.kind existed: every Glow checkpoint still resumes and loads
+    assert GlowConfig().hash() == "a597c21d9b7be95f"
+    assert GlowConfig(mask="cycle").hash() == "713f385f5cff04c0"
+    assert model_config(GlowConfig().to_dict()) == GlowConfig()
+    legacy = {k: v for k, v in GlowConfig(n_levels=2).to_dict().items() if k != "kind"}  # an older meta.json
+    assert model_config(legacy) == GlowConfig(n_levels=2)
+    tab = TabularFlowConfig(dim=6, n_couplings=2, hidden_width=4, hidden_layers=1)
+    assert model_config(tab.to_dict()) == tab and tab.hash() != GlowConfig().hash()
+    assert isinstance(build_model(tab), TabularFlow)
+    assert isinstance(build_model(GlowConfig(image_size=8, n_levels=1, steps_per_level=1, hidden_channels=4)), Glow)
+    with pytest.raises(ValueError, match="unknown model kind 'resnet'"):
+        model_config({"kind": "resnet"})
+    with pytest.raises(ValueError, match=r"unknown TabularFlowConfig fields \['image_size'\]"):
+        model_config({**tab.to_dict(), "image_size": 32})  # a Glow key under a tabular model
+    with pytest.raises(ValueError, match="kind must be 'glow'"):
+        GlowConfig(kind="tabular").validate()
