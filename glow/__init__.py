@@ -6,7 +6,7 @@ parts (``glow.report``, ``glow.config``) stay light:
     Glow, GlowConfig     the model and its architecture config (glow.model)
     Config, load_config  the training config: defaults <- YAML file or shipped name <- overrides
     load_model           a checkpoint's model and meta.json (glow.checkpoint)
-    ood_metrics          AUROC, AUPR and FPR at 95% TPR of OOD scores (glow.report.scores)
+    ood_metrics          AUROC, AUPR and FPR at 95% TPR of OOD scores (glow.report.metrics)
     __version__          the installed distribution's version (glow-ood)
 """
 
@@ -23,14 +23,14 @@ _EXPORTS = {
     "Config": "glow.config",
     "load_config": "glow.config",
     "load_model": "glow.checkpoint",
-    "ood_metrics": "glow.report.scores",
+    "ood_metrics": "glow.report.metrics",
 }
 
 if TYPE_CHECKING:
     from glow.checkpoint import load_model
     from glow.config import Config, load_config
     from glow.model import Glow, GlowConfig
-    from glow.report.scores import ood_metrics
+    from glow.report.metrics import ood_metrics
 
     __version__: str
 

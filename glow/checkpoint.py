@@ -30,9 +30,14 @@ import torch
 from safetensors.torch import load, save
 
 from glow import __version__
-from glow.errors import CheckpointError, CheckpointMismatch, CheckpointMissing, UserError
+from glow.errors import (
+    CheckpointError,
+    CheckpointMismatch,
+    CheckpointMissing,
+    UserError,
+)
 from glow.files import atomic_write_bytes, atomic_write_text, read_bytes, read_json
-from glow.model import Glow, GlowConfig
+from glow.model import Glow, GlowConfig, TabularFlowConfig, build_model, model_config
 from glow.run import Checkpoint, Run, resolve_checkpoint
 from glow.trust import check_private_tree, make_private_tree
 
@@ -89,7 +94,7 @@ def checkpoint_meta(cfg, *, step: int, images_seen: int, ema: bool, replica_dige
     }
 
 
-def check_model_hash(meta: dict, config: GlowConfig, what: str) -> None:
+def check_model_hash(meta: dict, config: GlowConfig | TabularFlowConfig, what: str) -> None:
     """The one model-hash check: ``meta`` (a checkpoint's) must describe ``config``'s architecture.
 
     ``what`` says what was attempted ("resume", "run.init_from", "load"); CheckpointMismatch
@@ -283,19 +288,32 @@ def warm_start(model: Glow, spec: str | Path) -> Checkpoint:
     return source
 
 
+def model_of(meta: dict, where: str | Path):
+    """A fresh model of the kind and architecture ``meta`` (a checkpoint's meta.json at ``where``)
+    describes (`glow.model.model_config`: a Glow, or the flow on vectors), its hash checked
+    against the stored one; CheckpointMismatch (exit 5) when the config is unknown or the hash
+    differs (written by an incompatible version)."""
+    try:
+        config = model_config(meta["model_config"])
+    except (ValueError, TypeError) as err:
+        raise CheckpointMismatch(f"{where}: its model_config cannot be read ({err}); the checkpoint was written by "
+                                 "an incompatible version") from None
+    if config.hash() != meta["model_hash"]:
+        raise CheckpointMismatch(
+            f"{where}: model_hash {meta['model_hash']} does not match its model_config "
+            f"({config.hash()}); the checkpoint was written by an incompatible version"
+        )
+    return build_model(config)
+
+
 def load_model(spec: str | Path | Checkpoint, device: str | torch.device = "cpu") -> tuple[Glow, dict]:
-    """Model weights and meta of a checkpoint (never the optimizer), in eval mode.
+    """Model weights and meta of a checkpoint (never the optimizer), in eval mode: a `Glow`, or a
+    `glow.model.tabular.TabularFlow` for a ``model.kind: tabular`` run.
 
     ``spec``: a :class:`glow.run.Checkpoint`, or anything :func:`glow.run.resolve_checkpoint` takes.
     """
     checkpoint = spec if isinstance(spec, Checkpoint) else resolve_checkpoint(spec)
     meta = checkpoint.meta()
-    config = GlowConfig.from_dict(meta["model_config"])
-    if config.hash() != meta["model_hash"]:
-        raise CheckpointMismatch(
-            f"{checkpoint.meta_path}: model_hash {meta['model_hash']} does not match its model_config "
-            f"({config.hash()}); the checkpoint was written by an incompatible version"
-        )
-    model = Glow(config)
+    model = model_of(meta, checkpoint.meta_path)
     model.load_state_dict(load_weights(checkpoint.model_path))
     return model.to(device).eval(), meta

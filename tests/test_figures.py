@@ -15,6 +15,7 @@ from PIL import Image
 from glow.evaluation import dumps
 from glow.report import figures
 from glow.report import scores as ood
+from glow.report.intervals import Bootstrap
 
 REPO = Path(__file__).resolve().parents[1]
 STEP = 100
@@ -60,6 +61,11 @@ def make_run(tmp_path: Path, *, train: bool = True, samples: bool = True) -> Pat
     return run
 
 
+def point(entry: dict) -> dict:
+    """An OOD-table entry without its bootstrap intervals: what ood_metrics gives."""
+    return {k: v for k, v in entry.items() if k != "intervals"}
+
+
 def assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
     with Image.open(path) as im:
@@ -82,12 +88,12 @@ def test_make_figures_writes_every_file(tmp_path):
     assert set(rows) == {"log_likelihood", "complexity_corrected", "png_complexity",
                          "typicality_m1", "typicality_m2", "typicality_m10", "typicality_m25"}
     for r in rows.values():
-        assert set(r) == {"auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "n_in", "n_out"}
+        assert set(r) == {"auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "n_in", "n_out", "intervals"}
     d_in = dumps.load_dump(run / "eval" / f"step-{STEP:08d}" / "dumps" / "celeba-test.npz")
     d_out = dumps.load_dump(run / "eval" / f"step-{STEP:08d}" / "dumps" / "svhn-test.npz")
-    assert rows["log_likelihood"] == ood.ood_metrics(d_in.log_p, d_out.log_p)
+    assert point(rows["log_likelihood"]) == ood.ood_metrics(d_in.log_p, d_out.log_p)
     assert rows["log_likelihood"]["auroc"] < 0.2  # the synthetic OOD set is "more likely"
-    assert rows["png_complexity"] == ood.ood_metrics(-d_in.complexity_bpd, -d_out.complexity_bpd)
+    assert point(rows["png_complexity"]) == ood.ood_metrics(-d_in.complexity_bpd, -d_out.complexity_bpd)
     assert (rows["typicality_m25"]["n_in"], rows["typicality_m25"]["n_out"]) == (2, 2)
     assert table["bpd"]["svhn/test"]["count"] == 55
     assert table["bpd"]["celeba/test"]["mean"] == pytest.approx(d_in.bpd.mean())
@@ -95,7 +101,7 @@ def test_make_figures_writes_every_file(tmp_path):
     md = (out / "ood.md").read_text()
     assert "| OOD set | score | AUROC |" in md
     for name in rows:
-        assert f"| svhn/test | {name} | {rows[name]['auroc']:.4f} |" in md
+        assert f"| svhn/test | {name} | {rows[name]['auroc']:.4f} [" in md
     # exp figures asked for the extremes: 9 highest-likelihood SVHN keys among others
     top = [str(k) for k in d_out.key[np.argsort(d_out.log_p)[::-1][:9]]]
     assert ("/nonexistent", "svhn", "test", top) in calls
@@ -185,7 +191,8 @@ def test_index_html_is_one_self_contained_page(tmp_path):
     for spec, v in res.table["bpd"].items():
         assert spec in parsed.cells and f"{v['mean']:.4f}" in parsed.cells
     for name, r in res.table["ood"]["svhn/test"].items():
-        assert f"svhn/test: {name}" in parsed.cells and f"{r['auroc']:.4f}" in parsed.cells
+        low, high = r["intervals"]["auroc"]
+        assert f"svhn/test: {name}" in parsed.cells and f"{r['auroc']:.4f} [{low:.4f}, {high:.4f}]" in parsed.cells
     decisions = res.table["typicality_test"]["ood"]["svhn/test"]
     assert decisions  # the page shows each M's decision-rule rates
     for m, r in decisions.items():
@@ -217,8 +224,9 @@ def test_cli_with_real_shards(tmp_path):
     write_dump(new, "gaussian", "test", rng.normal(5, 0.1, 30), data_root=str(root))
     write_dump(new, "gaussian-smooth", "test", rng.normal(4, 0.1, 26), data_root=str(root))
     result = CliRunner().invoke(_cli(), ["--run", str(run), "--in", "gaussian", "--ood", "gaussian-smooth/test",
-                                         "-k", "4"])
+                                         "-k", "4", "--bootstrap", "25", "--bootstrap-seed", "3"])
     assert result.exit_code == 0, result.output
+    assert "95% bootstrap intervals, 25 resamples, seed 3" in result.output
     assert "gaussian-smooth/test" in result.output and "png_complexity" in result.output
     assert "skipped samples.png" in result.output
     out = run / "figures"
@@ -226,6 +234,9 @@ def test_cli_with_real_shards(tmp_path):
         assert_png(out / name)
     table = json.loads((out / "ood.json").read_text())
     assert table["step"] == STEP and "complexity_corrected" in table["ood"]["gaussian-smooth/test"]
+    assert (table["intervals"]["n_resamples"], table["intervals"]["seed"]) == (25, 3)
+    entry = table["ood"]["gaussian-smooth/test"]["log_likelihood"]
+    assert f"{entry['auroc']:.3f} [{entry['intervals']['auroc'][0]:.3f}, " in result.output
 
     # a dump without the complexity term (an older version's): no complexity rows, a note says why
     write_dump(new, "gaussian-smooth", "test", rng.normal(4, 0.1, 26), complexity=False, data_root=str(root))
@@ -236,3 +247,46 @@ def test_cli_with_real_shards(tmp_path):
 
     bad = CliRunner().invoke(_cli(), ["--run", str(run), "--step", "50", "--in", "gaussian", "--ood", "x/test"])
     assert bad.exit_code != 0 and "x-test.npz" in bad.output
+
+
+def write_vector_dump(step_dir: Path, dataset: str, split: str, bpd: np.ndarray, *, dim: int = 16,
+                      model_hash: str = "t0", checkpoint: str | None = None) -> Path:
+    """A features flow's dump: continuous bits/dim (negative here), no complexity_bpd, no n_bits."""
+    n = bpd.size
+    path = step_dir / "dumps" / f"{dataset}-{split}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dumps.write_dump(path, {"key": np.array([f"{i:08d}" for i in range(n)]), "index": np.arange(n),
+                            "label": np.full(n, -1), "log_p": -bpd * dim * np.log(2.0), "bpd": bpd},
+                     step=STEP, model_hash=model_hash, checkpoint=checkpoint or f"runs/f/checkpoints/step-{STEP:08d}",
+                     dataset=dataset, split=split, data_root="/features", data_kind="vectors")
+    return path
+
+
+def test_figures_of_a_features_flow(tmp_path, monkeypatch):
+    """Dumps of vectors: log-likelihood and typicality rows (no PNG complexity), a histogram whose
+    axis says continuous bits/dim, no image panels without the image shards, no sample grid."""
+    rng = np.random.default_rng(0)
+    run = tmp_path / "runs" / "f"
+    step_dir = run / "eval" / f"step-{STEP:08d}"
+    for spec, mean, n in (("celeba/train", -2.0, 80), ("celeba/test", -2.0, 40), ("svhn/test", -1.0, 30)):
+        write_vector_dump(step_dir, *spec.split("/"), rng.normal(mean, 0.3, n))
+    with pytest.raises(ValueError, match="missing fields"):  # an image dump still needs n_bits
+        dumps.write_dump(tmp_path / "x.npz", {k: np.zeros(1) for k in ("key", "index", "label", "log_p", "bpd")},
+                         step=1, model_hash="m", checkpoint="c", dataset="d", split="s", data_root="/")
+    axes = []
+    plot = figures.plot_distributions
+    monkeypatch.setattr(figures, "plot_distributions", lambda *a, **kw: axes.append(kw["axis"]) or plot(*a, **kw))
+    res = figures.make_figures(run, "celeba", ["svhn/test"], bootstrap=Bootstrap(20), image_loader=fake_loader())
+    table = json.loads((run / "figures" / "ood.json").read_text())
+    assert table["data_kind"] == "vectors" and table["n_bits"] is None
+    rows = table["ood"]["svhn/test"]
+    assert set(rows) == {"log_likelihood", "typicality_m1", "typicality_m2", "typicality_m10", "typicality_m25"}
+    d_in, d_out = (dumps.load_dump(step_dir / "dumps" / f"{s}-test.npz") for s in ("celeba", "svhn"))
+    assert d_in.vectors and d_in.complexity_bpd is None and d_in.n_bits is None
+    assert point(rows["log_likelihood"]) == ood.ood_metrics(d_in.log_p, d_out.log_p)
+    assert axes == [figures.CONTINUOUS_BPD_AXIS] and "may be negative" in axes[0]
+    assert {"exp1.png", "exp2.png", "samples.png"} <= set(res.skipped) and "--data-root" in res.skipped["exp1.png"]
+    md = (run / "figures" / "ood.md").read_text()
+    assert "feature vectors: continuous bits/dim" in md and "differential entropy" in md
+    assert "older version" not in md and "complexity_corrected is" not in md
+    assert "feature vectors: continuous bits/dim" in (run / "figures" / "index.html").read_text()

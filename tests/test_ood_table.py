@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from glow.evaluation import dumps
-from glow.report import figures
+from glow.report import figures, intervals
 from glow.report import scores as ood
+from glow.report.intervals import INTERVAL_METRICS, Bootstrap, ood_intervals
 from glow.run import Run
-from tests.test_figures import STEP, write_dump
+from tests.test_figures import STEP, point, write_dump
 
 SEED = 4
+BOOTSTRAP = Bootstrap(80, seed=9)
 
 
 @pytest.fixture
@@ -43,10 +45,13 @@ def typicality_by_hand(nll: np.ndarray, train_mean: float, m: int, seed: int) ->
 
 
 def test_every_score_in_ood_json_and_md_is_recomputed_from_the_dumps(run):
-    figures.make_figures(run, "celeba", ["svhn/test", "noise/test"], seed=SEED,
+    figures.make_figures(run, "celeba", ["svhn/test", "noise/test"], seed=SEED, bootstrap=BOOTSTRAP,
                          image_loader=lambda root, d, s, keys: {k: np.zeros((32, 32, 3), np.uint8) for k in keys})
     table = json.loads((run / "figures" / "ood.json").read_text())
     md = (run / "figures" / "ood.md").read_text()
+    page = (run / "figures" / "index.html").read_text()
+    assert table["intervals"] == {"method": intervals.METHOD, "confidence": 0.95, "n_resamples": 80, "seed": 9}
+    assert "95% percentile-bootstrap interval (80 resamples, seed 9" in md and "80 resamples, seed 9" in page
     d_in, train = load(run, "celeba/test"), load(run, "celeba/train")
     train_mean = float(np.mean(-train.log_p))
     assert table["train_mean_nll_nats"] == pytest.approx(train_mean, rel=1e-12)
@@ -64,16 +69,35 @@ def test_every_score_in_ood_json_and_md_is_recomputed_from_the_dumps(run):
         rows = table["ood"][spec]
         assert set(rows) == set(expected)
         for name, (s_in, s_out) in expected.items():
-            assert rows[name] == pytest.approx(ood.ood_metrics(s_in, s_out), rel=1e-12, abs=1e-12), (spec, name)
             r = rows[name]
-            assert (f"| {spec} | {name} | {r['auroc']:.4f} | {r['aupr_in']:.4f} | {r['aupr_out']:.4f} | "
-                    f"{r['fpr_at_95_tpr']:.4f} | {r['n_in']} | {r['n_out']} |") in md
+            assert point(r) == pytest.approx(ood.ood_metrics(s_in, s_out), rel=1e-12, abs=1e-12), (spec, name)
+            # the intervals: both sets resampled with the table's seed and count
+            drawn = ood_intervals(s_in, s_out, n_resamples=BOOTSTRAP.n_resamples, seed=BOOTSTRAP.seed)
+            assert r["intervals"] == {m: pytest.approx([drawn[m]["low"], drawn[m]["high"]], rel=1e-12, abs=1e-12)
+                                      for m in INTERVAL_METRICS}, (spec, name)
+            iv = r["intervals"]
+            assert (f"| {spec} | {name} | {r['auroc']:.4f} [{iv['auroc'][0]:.4f}, {iv['auroc'][1]:.4f}] | "
+                    f"{r['aupr_in']:.4f} [{iv['aupr_in'][0]:.4f}, {iv['aupr_in'][1]:.4f}] | "
+                    f"{r['aupr_out']:.4f} [{iv['aupr_out'][0]:.4f}, {iv['aupr_out'][1]:.4f}] | "
+                    f"{r['fpr_at_95_tpr']:.4f} [{iv['fpr_at_95_tpr'][0]:.4f}, {iv['fpr_at_95_tpr'][1]:.4f}] | "
+                    f"{r['n_in']} | {r['n_out']} |") in md
+            assert f"<td>{r['auroc']:.4f} [{iv['auroc'][0]:.4f}, {iv['auroc'][1]:.4f}]</td>" in page
     for spec, d in (("celeba/train", train), ("celeba/test", d_in), ("svhn/test", load(run, "svhn/test"))):
         assert table["bpd"][spec] == pytest.approx({"mean": d.bpd.mean(), "std": d.bpd.std(), "count": d.bpd.size})
 
 
+def test_skipped_bootstrap_leaves_the_numbers_and_says_so(run):
+    loader = lambda root, d, s, keys: {k: np.zeros((32, 32, 3), np.uint8) for k in keys}
+    figures.make_figures(run, "celeba", ["svhn/test"], bootstrap=Bootstrap(0), image_loader=loader)
+    table = json.loads((run / "figures" / "ood.json").read_text())
+    assert table["intervals"]["n_resamples"] == 0
+    d_in, d_out = load(run, "celeba/test"), load(run, "svhn/test")
+    assert table["ood"]["svhn/test"]["log_likelihood"] == ood.ood_metrics(d_in.log_p, d_out.log_p)
+    assert "No intervals" in (run / "figures" / "ood.md").read_text()
+
+
 def test_typicality_decision_rule_in_ood_json_and_md(run):
-    figures.make_figures(run, "celeba", ["svhn/test"], seed=SEED,
+    figures.make_figures(run, "celeba", ["svhn/test"], seed=SEED, bootstrap=Bootstrap(0),
                          image_loader=lambda root, d, s, keys: {k: np.zeros((32, 32, 3), np.uint8) for k in keys})
     test = json.loads((run / "figures" / "ood.json").read_text())["typicality_test"]
     md = (run / "figures" / "ood.md").read_text()

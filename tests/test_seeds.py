@@ -8,7 +8,15 @@ import math
 import pytest
 
 from glow.errors import BadArgument, ResultsInvalid
-from glow.report.seeds import SeedRun, group_by_recipe, recipe_differences, seed_group
+from glow.report.seeds import (
+    SeedRun,
+    group_by_recipe,
+    group_by_stem,
+    recipe_differences,
+    seed_entry,
+    seed_group,
+    seed_stem,
+)
 
 BASE = {
     "run": {"name": "demo-s0", "root": "runs", "logger": "wandb"},
@@ -91,3 +99,35 @@ def test_group_by_recipe_partitions_in_order_of_appearance():
     assert [g["runs"] for g in groups] == [["w64-s0", "w64-s1"], ["w128-s0", "w128-s1"], ["lr-s0"]]
     assert [g["metrics"]["auroc"]["mean"] for g in groups] == pytest.approx([0.15, 0.4, 0.9])
     assert groups[2]["metrics"]["auroc"]["std"] is None
+
+
+def test_seed_stem_and_group_by_stem():
+    assert [seed_stem(n) for n in ("x-s0", "x_s12", "x-seed3", "x", "celeba32", "demos2", "-s1")] == \
+        ["x", "x", "x", "x", "celeba32", "demos2", "-s1"]
+    runs = [run("x-s0", 0, {}), run("y-s0", 0, {}, optim__lr=0.01), run("x", 1, {}), run("x-s2", 2, {})]
+    groups = group_by_stem(runs)
+    assert [(stem, g["runs"]) for stem, g in groups] == [("x", ["x-s0", "x", "x-s2"]), ("y", ["y-s0"])]
+    assert groups[0][1]["seeds"] == {"x-s0": 0, "x": 1, "x-s2": 2}
+    # a run named as a seed of x but trained with another recipe: refused, not put in a row of its own
+    with pytest.raises(BadArgument, match=r"x-s0, x-s1 as seeds of one recipe: they differ in optim\.lr"):
+        group_by_stem([run("x-s0", 0, {}), run("x-s1", 1, {}, optim__lr=0.01)])
+
+
+def test_seed_entry_means_the_metrics_and_keeps_every_value():
+    def entry(auroc, n_in=40, intervals=True):
+        out = {"auroc": auroc, "aupr_in": auroc / 2, "aupr_out": 0.5, "fpr_at_95_tpr": 1 - auroc,
+               "n_in": n_in, "n_out": 30}
+        if intervals:
+            out["intervals"] = {m: [0.0, 1.0] for m in ("auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr")}
+        return out
+
+    group = seed_entry({"s0": entry(0.2), "s1": entry(0.4), "s2": None})
+    assert group["auroc"] == pytest.approx(0.3) and group["fpr_at_95_tpr"] == pytest.approx(0.7)
+    assert (group["n_in"], group["n_out"]) == (40, 30) and "intervals" not in group
+    assert group["seeds"]["auroc"]["values"] == {"s0": 0.2, "s1": 0.4}
+    assert group["seeds"]["auroc"]["std"] == pytest.approx(math.sqrt(0.02))
+    assert group["seeds"]["auroc"]["missing"] == ["s2"]
+    assert seed_entry({"s0": entry(0.2)})["intervals"]["auroc"] == [0.0, 1.0]  # one run: its interval
+    assert seed_entry({"s0": None}) is None
+    with pytest.raises(ResultsInvalid, match="different sizes"):
+        seed_entry({"s0": entry(0.2), "s1": entry(0.4, n_in=41)})

@@ -189,6 +189,18 @@ def test_input_actnorm_standardises_each_feature_on_the_first_batch():
     assert torch.equal(fresh.log_prob(x * 3), model.log_prob(x * 3))  # loading never re-initialises
 
 
+def test_input_actnorm_standardises_features_of_any_scale():
+    """Features of ~1e-8 (a randomly initialised extractor's) come out standardised too: the floor
+    on the standard deviation is relative to the features' scale; a constant feature stays finite."""
+    model = TabularFlow(TabularFlowConfig(dim=4, n_couplings=2, hidden_width=4, hidden_layers=1,
+                                          input_actnorm=True))
+    x = (torch.randn(512, 4) * 5e-10 + 1.7e-8) * torch.tensor([1.0, 2.0, 3.0, 0.0])
+    assert torch.isfinite(model.log_prob(x)).all()
+    y, _ = model.input_norm(x)
+    np.testing.assert_allclose(y[:, :3].std(0, unbiased=False).detach().numpy(), 1, rtol=1e-3)
+    assert torch.equal(y[:, 3], torch.zeros(512))
+
+
 def test_dropout_only_in_training():
     model = random_flow(6, seed=4, dropout=0.5)
     x = torch.randn(8, 6, dtype=torch.float64)
@@ -235,3 +247,24 @@ def test_config_imports_without_torch():
     code = ("import sys; import glow.model.tabular_config as c; c.TabularFlowConfig().hash(); "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_model_kinds_dispatch_and_leave_glow_hashes_unchanged():
+    from glow.model import Glow, GlowConfig, TabularFlow, build_model, model_config
+
+    # the hashes of main before model.kind existed: every Glow checkpoint still resumes and loads
+    assert GlowConfig().hash() == "a597c21d9b7be95f"
+    assert GlowConfig(mask="cycle").hash() == "713f385f5cff04c0"
+    assert model_config(GlowConfig().to_dict()) == GlowConfig()
+    legacy = {k: v for k, v in GlowConfig(n_levels=2).to_dict().items() if k != "kind"}  # an older meta.json
+    assert model_config(legacy) == GlowConfig(n_levels=2)
+    tab = TabularFlowConfig(dim=6, n_couplings=2, hidden_width=4, hidden_layers=1)
+    assert model_config(tab.to_dict()) == tab and tab.hash() != GlowConfig().hash()
+    assert isinstance(build_model(tab), TabularFlow)
+    assert isinstance(build_model(GlowConfig(image_size=8, n_levels=1, steps_per_level=1, hidden_channels=4)), Glow)
+    with pytest.raises(ValueError, match="unknown model kind 'resnet'"):
+        model_config({"kind": "resnet"})
+    with pytest.raises(ValueError, match=r"unknown TabularFlowConfig fields \['image_size'\]"):
+        model_config({**tab.to_dict(), "image_size": 32})  # a Glow key under a tabular model
+    with pytest.raises(ValueError, match="kind must be 'glow'"):
+        GlowConfig(kind="tabular").validate()

@@ -27,6 +27,7 @@ from glow.cli import EVAL_MODULES, LOGGERS, require_extra, use_file_backend
 from glow.config import check_tracker_installed
 from glow.errors import exit_on_user_error
 from glow.logs import setup_logging
+from glow.report.intervals import DEFAULT_RESAMPLES
 
 
 def parse_in_spec(value: str, in_split: str | None) -> tuple[str, str]:
@@ -66,6 +67,10 @@ def parse_in_spec(value: str, in_split: str | None) -> tuple[str, str]:
 @click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=16, show_default=True,
               help="Images per panel in exp1/exp2.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the typicality batches.")
+@click.option("--bootstrap", "n_resamples", type=click.IntRange(min=0), default=DEFAULT_RESAMPLES, show_default=True,
+              metavar="N", help="Bootstrap resamples of the 95% interval of every AUROC, AUPR and FPR@95 "
+                                "(0: no intervals, faster).")
+@click.option("--bootstrap-seed", type=int, default=0, show_default=True, help="Seed of the bootstrap resamples.")
 @click.option("--logger", type=click.Choice(LOGGERS), default=None,
               help="Tracker for the OOD table, bits/dim and figures (job type figures, beside the training run). "
                    "[default: the training run's run.logger]")
@@ -75,10 +80,12 @@ def parse_in_spec(value: str, in_split: str | None) -> tuple[str, str]:
               help="Draw a run whose directory (or fixed folders) is a link or another user's, from dumps another "
                    "user wrote: a deliberately shared layout (also GLOW_ALLOW_SHARED_RUN=1). [default: refuse]")
 @exit_on_user_error
-def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root, out_dir, k, seed, logger,
-         use_wandb, allow_shared_run):
+def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root, out_dir, k, seed, n_resamples,
+         bootstrap_seed, logger, use_wandb, allow_shared_run):
     require_extra("glow-figures", "eval", EVAL_MODULES)
     from glow.report.figures import make_figures, track_figures
+    from glow.report.intervals import Bootstrap
+    from glow.report.scores import metric_cell
     from glow.report.tables import text_table
     from glow.tracking import run_tracker
 
@@ -90,7 +97,8 @@ def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root,
         check_tracker_installed(logger, "--logger ", "--logger none")  # before the work, not after it
     in_dataset, in_split = parse_in_spec(in_dataset, in_split)
     res = make_figures(run_dir, in_dataset, ood_specs, step=step, in_split=in_split, train_split=train_split,
-                       out_dir=out_dir, data_root=data_root, k=k, seed=seed, allow_shared=allow_shared_run)
+                       out_dir=out_dir, data_root=data_root, k=k, seed=seed,
+                       bootstrap=Bootstrap(n_resamples, bootstrap_seed), allow_shared=allow_shared_run)
     # Only a finished result opens a wandb run (a refused command leaves no empty run behind).
     tracker = run_tracker(run_dir, "figures", int(res.table["step"]),
                           f"{in_dataset}/{in_split} {' '.join(ood_specs)}", logger=logger)
@@ -110,8 +118,10 @@ def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root,
     shown = ("log_likelihood", "complexity_corrected", "png_complexity", "typicality_m25")
     click.echo()
     click.echo(text_table(["OOD set", "score", "AUROC", "FPR@95"],
-                          [[spec, name, rows[name]["auroc"], rows[name]["fpr_at_95_tpr"]]
-                           for spec, rows in t["ood"].items() for name in shown if name in rows]))
+                          [[spec, name, metric_cell(rows[name], "auroc"), metric_cell(rows[name], "fpr_at_95_tpr")]
+                           for spec, rows in t["ood"].items() for name in shown if name in rows], digits=3))
+    if n_resamples:
+        click.echo(f"[low, high]: 95% bootstrap intervals, {n_resamples} resamples, seed {bootstrap_seed}")
 
 if __name__ == "__main__":
     main()

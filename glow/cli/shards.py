@@ -12,6 +12,9 @@ Examples:
   python shards/build.py mnist --root ~/data/torchvision         # MNIST/raw/
   python shards/build.py folder --root ~/photos --name photos --split-fraction test=0.1 --seed 0
   python shards/build.py verify --out data/shards celeba/test   # check shards against the manifest
+  python shards/build.py features --from data/shards --split celeba/train --split celeba/test \
+      --split svhn/test --extractor efficientnet_b4 --weights efficientnet_b4_rwightman-23ab8bcd.pth \
+      --out data/features_efficientnet                           # image shards -> feature vectors
 
 A rerun of the same command resumes an interrupted build (complete shards are kept after
 their sha256 is checked); a build with other settings into the same directory is refused
@@ -234,6 +237,80 @@ def gaussian(n_train, n_test, seed, **kw):
 
     _run(gaussian_sources("gaussian", n_train, n_test, seed) + gaussian_sources("gaussian-smooth", n_train, n_test, seed),
          **kw)
+
+
+@cli.command()
+@click.option("--from", "source_root", required=True, type=click.Path(file_okay=False, exists=True),
+              metavar="DATA_ROOT", help="Image shard root holding DATASET/SPLIT/ (the --out of an image build).")
+@click.option("--split", "specs", multiple=True, required=True, metavar="DATASET/SPLIT",
+              help="Image split to turn into vectors, repeatable (e.g. --split celeba/train --split svhn/test).")
+@click.option("--extractor", required=True, metavar="inception|efficientnet_b4",
+              help="inception: FID's Inception-v3 pool3, 2,048-d; efficientnet_b4: torchvision's EfficientNet-B4 "
+                   "pooled features, 1,792-d (the paper's).")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="The extractor's weights file (never downloaded here). [default: the torch hub cache file "
+                   "under its published name, $TORCH_HOME/hub/checkpoints/]")
+@click.option("--sha256", "expected_sha256", default=None, metavar="HEX",
+              help="sha256 (or a prefix of >= 8 hex digits) of a weights file that is not the published one. "
+                   "[default: the published file's prefix]")
+@click.option("--random-init", "random_seed", type=int, default=None, metavar="SEED",
+              help="Demos and tests only: write the extractor randomly initialised (torch seed SEED) to --weights "
+                   "FILE and extract with it. Such vectors are not the paper's features; their manifest says "
+                   "the weights are not the published ones. [default: off]")
+@click.option("--out", required=True, type=click.Path(file_okay=False), metavar="OUT",
+              help="Features root: writes OUT/<dataset>/<split>/ (vector shards and manifest.json).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images per extractor call (recorded: another batch size is another build).")
+@click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Loader workers reading the image shards.")
+@click.option("--overwrite", is_flag=True, help="Replace vectors built with other settings.")
+def features(source_root, specs, extractor, weights, expected_sha256, random_seed, out, batch_size, num_workers,
+             overwrite):
+    """Image shards -> feature vectors of a frozen extractor, one vector shard per image shard.
+
+    Resumable (a rerun keeps the finished shards); on several processes (`accelerate launch
+    -m glow.cli.shards features ...`) each reads its own shards and the vectors are bitwise the
+    same as on one. The vectors are the data set of a flow on features (`model.kind: tabular`,
+    configs celeba_features_*; docs/variants.md). Exit code 5 for a weights file that is missing,
+    has another sha256 or holds anything but tensors.
+
+    \b
+    Example (the demo, with a randomly initialised extractor: a smoke test, not the paper's features):
+      python shards/build.py features --from data/shards --split demo/train --split demo/test \
+          --split digits/test --extractor inception --random-init 0 --weights data/inception-random.pth \
+          --out data/features
+    """
+    from glow.distributed import finish, make_accelerator, on_main
+    from glow.features.extract import extract_features
+    from glow.features.extractors import (
+        EXTRACTORS,
+        load_extractor,
+        write_random_weights,
+    )
+
+    if extractor not in EXTRACTORS:
+        raise click.BadParameter(f"{extractor!r} is not one of {sorted(EXTRACTORS)}", param_hint="--extractor")
+    if random_seed is not None and (weights is None or expected_sha256 is not None):
+        raise click.BadParameter("--random-init writes the random weights to --weights FILE and checks that file "
+                                 "itself: give --weights, not --sha256", param_hint="--random-init")
+    try:
+        splits = [parse_spec(spec) for spec in specs]
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--split") from None
+    accelerator = make_accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if random_seed is not None:  # rank 0 writes the file; every rank loads it, checked against its sha256
+        expected_sha256 = on_main(lambda: write_random_weights(extractor, weights, random_seed), world, rank)
+    net = load_extractor(extractor, weights, device=accelerator.device, expected_sha256=expected_sha256)
+    for dataset, split in splits:
+        man = extract_features(source_root, dataset, split, out, net, rank=rank, world_size=world,
+                               batch_size=batch_size, num_workers=num_workers, overwrite=overwrite,
+                               progress=rank == 0)
+        if rank == 0:
+            origin = "the published weights" if man["extractor_weights"]["official"] else "NOT the published weights"
+            click.echo(f"{dataset}/{split}: {man['count']} vectors of {man['dim']} ({extractor}, {origin}, sha256 "
+                       f"{man['weights_sha256'][:16]}) in {len(man['shards'])} shards")
+    finish(accelerator)
 
 
 @cli.command()

@@ -71,8 +71,9 @@ from glow.data.shard_read import (
 )
 from glow.data.shards import KEY_FORMAT
 
-__all__ = ["ShardReadError", "check_channels", "decode_png", "fan_out_warning", "load_images", "make_eval_loader",
-           "make_train_loader", "manifest_hash", "read_manifest", "shard_paths"]
+__all__ = ["EvalStream", "ShardReadError", "TrainStream", "check_channels", "decode_png", "eval_dataloader",
+           "fan_out_warning", "load_images", "make_eval_loader", "make_train_loader", "manifest_hash", "read_manifest",
+           "shard_paths", "train_dataloader"]
 
 logger = logging.getLogger(__name__)
 
@@ -199,16 +200,29 @@ def _share(total: int, parts: int, i: int) -> int:
 
 
 class TrainStream(IterableDataset):
-    """See the module docstring; built by :func:`make_train_loader`."""
+    """See the module docstring; built by :func:`make_train_loader`. What a shard holds and how a
+    batch is made are the methods `expand`, `decode` and `collate` (`glow.features.streams`
+    overrides them for vector shards); which shards a reader draws and every seed are fixed here."""
 
-    def __init__(self, shards: Sequence[_Shard], *, batch_size: int, seed: int, epoch: int, rank: int,
-                 world_size: int, batches_per_epoch: int, hflip: bool, shuffle_buffer: int, spec: ImageSpec,
-                 channels: int):
+    def __init__(self, shards: Sequence, *, batch_size: int, seed: int, epoch: int, rank: int,
+                 world_size: int, batches_per_epoch: int, shuffle_buffer: int, hflip: bool = False,
+                 spec: ImageSpec | None = None, channels: int = 3):
         super().__init__()
         self.shards, self.spec, self.channels = list(shards), spec, channels
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch, self.hflip, self.shuffle_buffer = batches_per_epoch, hflip, shuffle_buffer
+
+    def expand(self, src: Iterable[dict]) -> Iterator:
+        """Drawn shards (``{"shard": ...}``) -> their samples."""
+        return _expand(src, self.spec)
+
+    def decode(self, src: Iterable, rng: random.Random) -> Iterator:
+        """Shuffled samples -> the items of a batch (``rng``: this reader's flip stream)."""
+        return _train_decode(src, rng, self.hflip, self.spec, self.channels)
+
+    def collate(self, batch: list) -> torch.Tensor:
+        return _collate_images(batch)
 
     def pipeline(self, worker: int, num_workers: int) -> wds.DataPipeline:
         n_splits = self.world_size * num_workers
@@ -220,10 +234,10 @@ class TrainStream(IterableDataset):
         n_batches = _share(self.batches_per_epoch, num_workers, worker)
         return wds.DataPipeline(
             _ResampledShards(shards, shard_rng),
-            lambda src: _expand(src, self.spec),
+            self.expand,
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng),
-            lambda src: _train_decode(src, flip_rng, self.hflip, self.spec, self.channels),
-            wds.batched(self.batch_size, collation_fn=_collate_images, partial=False),
+            lambda src: self.decode(src, flip_rng),
+            wds.batched(self.batch_size, collation_fn=self.collate, partial=False),
         ).with_epoch(nbatches=n_batches)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -231,6 +245,19 @@ class TrainStream(IterableDataset):
         if _share(self.batches_per_epoch, num_workers, worker) == 0:
             return iter(())
         return iter(self.pipeline(worker, num_workers))
+
+
+def train_dataloader(ds: TrainStream, *, num_workers: int, skip_batches: int = 0) -> Iterable[torch.Tensor]:
+    """The DataLoader of a training stream (it only interleaves the workers), without the
+    ``skip_batches`` first batches. Its generator is explicit: creating the loader must not draw
+    from the global torch RNG, or a resumed run (which creates one more loader) would get other
+    training noise."""
+    generator = torch.Generator().manual_seed(ds.seed * 1_000_003 + ds.epoch * 1009 + ds.rank)
+    loader = DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                        generator=generator)
+    if skip_batches:
+        return _Skipped(loader, skip_batches, ds.batches_per_epoch)
+    return loader
 
 
 def make_train_loader(root: str | os.PathLike, dataset: str, split: str, *, batch_size: int, seed: int,
@@ -256,14 +283,7 @@ def make_train_loader(root: str | os.PathLike, dataset: str, split: str, *, batc
     ds = TrainStream(shards, batch_size=batch_size, seed=seed, epoch=epoch,
                      rank=rank, world_size=world_size, batches_per_epoch=batches_per_epoch, hflip=hflip,
                      shuffle_buffer=shuffle_buffer, spec=ImageSpec.of(man), channels=channels)
-    # An explicit generator: creating the loader must not draw from the global torch RNG,
-    # or a resumed run (which creates one more loader) would get other training noise.
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
-    loader = DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                        generator=generator)
-    if skip_batches:
-        return _Skipped(loader, skip_batches, batches_per_epoch)
-    return loader
+    return train_dataloader(ds, num_workers=num_workers, skip_batches=skip_batches)
 
 
 class _Skipped:
@@ -279,15 +299,17 @@ class _Skipped:
 
 # --------------------------------------------------------------------------- evaluation
 class EvalStream(IterableDataset):
-    """See the module docstring; built by :func:`make_eval_loader`."""
+    """See the module docstring; built by :func:`make_eval_loader`. What a shard holds is the
+    methods `items` and `collate` (`glow.features.streams` overrides them for vector shards);
+    which reader reads which shard is fixed here."""
 
-    def __init__(self, shards: Sequence[_Shard], *, batch_size: int, rank: int, world_size: int, spec: ImageSpec,
-                 channels: int):
+    def __init__(self, shards: Sequence, *, batch_size: int, rank: int, world_size: int,
+                 spec: ImageSpec | None = None, channels: int = 3):
         super().__init__()
         self.shards, self.spec, self.channels = list(shards), spec, channels
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
-    def my_shards(self, worker: int, num_workers: int) -> list[_Shard]:
+    def my_shards(self, worker: int, num_workers: int) -> list:
         """This (rank, worker)'s shards: each shard goes to exactly one reader. With fewer
         shards than readers, shard j goes to reader ``j * readers // shards`` (spread over the
         ranks) and the other readers idle: every shard is read once whatever the world size."""
@@ -298,19 +320,33 @@ class EvalStream(IterableDataset):
             return self.shards[split::n_splits]
         return [s for j, s in enumerate(self.shards) if j * n_splits // n == split]
 
+    def items(self, shard: _Shard) -> Iterator[dict]:
+        """The samples of one shard as ``{"key", "index", "label" (-1 = none), "image"}``."""
+        for s in _samples_of(shard, self.spec):
+            index, label = _index_and_label(s)
+            yield {"key": s["__key__"], "index": index, "label": -1 if label is None else label,
+                   "image": _decode(s, self.spec, self.channels)}
+
+    def collate(self, batch: list[dict]) -> dict:
+        return _collate_eval(batch)
+
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker_split()
         batch: list[dict] = []
         for shard in self.my_shards(worker, num_workers):
-            for s in _samples_of(shard, self.spec):
-                index, label = _index_and_label(s)
-                batch.append({"key": s["__key__"], "index": index, "label": -1 if label is None else label,
-                              "image": _decode(s, self.spec, self.channels)})
+            for item in self.items(shard):
+                batch.append(item)
                 if len(batch) == self.batch_size:
-                    yield _collate_eval(batch)
+                    yield self.collate(batch)
                     batch = []
         if batch:
-            yield _collate_eval(batch)
+            yield self.collate(batch)
+
+
+def eval_dataloader(ds: EvalStream, *, num_workers: int) -> Iterable[dict]:
+    """The DataLoader of an evaluation stream (in order; it only interleaves the workers)."""
+    return DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(ds.rank))
 
 
 def _index_and_label(s: dict) -> tuple[int, int | None]:
@@ -350,8 +386,7 @@ def make_eval_loader(root: str | os.PathLike, dataset: str, split: str, *, batch
     channels = check_channels(man, split_dir(root, dataset, split), channels, convert_channels, resolution)
     ds = EvalStream(_shard_list(root, dataset, split, man), batch_size=batch_size, rank=rank,
                     world_size=world_size, spec=ImageSpec.of(man), channels=channels)
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      generator=torch.Generator().manual_seed(rank))
+    return eval_dataloader(ds, num_workers=num_workers)
 
 
 # --------------------------------------------------------------------------- random access

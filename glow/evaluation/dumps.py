@@ -5,7 +5,10 @@ the split (in index order), ``key``, ``index``, ``label``, ``log_p`` (nats), ``b
 ``complexity_bpd`` (PNG code length of the image the model scored), plus scalar fields that
 say where the numbers came from (checkpoint, step, model hash, data set, data root, n_bits,
 seed, manifest hash, the digest of the weights every rank scored with) and who wrote it
-(``writer_uid``, ``writer_user``). The evaluation jobs write dumps; the figures, OOD tables and
+(``writer_uid``, ``writer_user``). A dump of a flow on feature vectors (``data_kind: vectors``)
+holds ``log_p`` (nats, a density of real vectors) and the continuous ``bpd``, no
+``complexity_bpd`` (a vector has no PNG) and no ``n_bits``; its keys are those of the images
+the vectors came from, so it lines up with an image flow's dump. The evaluation jobs write dumps; the figures, OOD tables and
 run comparisons read them, and (``own``, unless a shared layout is allowed) only from files of
 the user's own. Dumps of different checkpoints are never merged.
 """
@@ -45,9 +48,12 @@ ARRAYS = {"key": str, "index": np.int64, "label": np.int64, "log_p": np.float64,
 # scalar fields and their Python types
 SCALARS = {"step": int, "model_hash": str, "checkpoint": str, "dataset": str, "split": str, "data_root": str,
            "n_bits": int, "seed": int, "manifest_hash": str, "weights_digest": str, "writer_uid": int,
-           "writer_user": str}
-# absent in dumps of older versions
-OPTIONAL = ("complexity_bpd", "seed", "manifest_hash", "weights_digest", "writer_uid", "writer_user")
+           "writer_user": str, "data_kind": str}
+# absent in dumps of older versions (data_kind: images)
+OPTIONAL = ("complexity_bpd", "seed", "manifest_hash", "weights_digest", "writer_uid", "writer_user", "data_kind")
+DATA_KINDS = ("images", "vectors")
+# absent in dumps of vectors: what only an image has
+IMAGE_ONLY = ("complexity_bpd", "n_bits")
 # what a dump was computed with (glow.evaluation.records compares them before reusing it)
 SETTINGS = ("step", "model_hash", "seed", "data_root", "manifest_hash", "writer_uid")
 MAX_DUMP_BYTES = 4 << 30  # ~60 bytes a sample: far above SVHN extra (531,131 samples) or CelebA
@@ -71,16 +77,29 @@ class Dump:
     model_hash: str
     checkpoint: str
     data_root: str
-    n_bits: int
+    n_bits: int | None  # None for vectors
     seed: int | None = None
     manifest_hash: str | None = None
     weights_digest: str | None = None
     writer_uid: int | None = None
     writer_user: str | None = None
+    data_kind: str | None = None  # None (older dumps): images
 
     @property
     def spec(self) -> str:
         return f"{self.dataset}/{self.split}"
+
+    @property
+    def vectors(self) -> bool:
+        """Whether the dump scores feature vectors (continuous bits/dim, no PNG complexity)."""
+        return self.data_kind == "vectors"
+
+
+def _optional(data_kind) -> tuple[str, ...]:
+    """The fields a dump of this kind may lack."""
+    if data_kind is not None and data_kind not in DATA_KINDS:
+        raise ResultsInvalid(f"data_kind {data_kind!r} is not one of {DATA_KINDS}")
+    return OPTIONAL + (IMAGE_ONLY if data_kind == "vectors" else ())
 
 
 # --------------------------------------------------------------------------- write and read
@@ -88,7 +107,8 @@ class Dump:
 
 def write_dump(path: str | Path, arrays: Mapping[str, np.ndarray], **scalars) -> Path:
     """Write the per-sample ``arrays`` and the ``scalars`` of :data:`SCALARS` atomically."""
-    missing = [k for k in (*ARRAYS, *SCALARS) if k not in arrays and k not in scalars and k not in OPTIONAL]
+    optional = _optional(scalars.get("data_kind"))
+    missing = [k for k in (*ARRAYS, *SCALARS) if k not in arrays and k not in scalars and k not in optional]
     if missing:
         raise ValueError(f"dump {path}: missing fields {missing}")
     fields = {k: np.asarray(arrays[k]).astype(t) for k, t in ARRAYS.items() if k in arrays}
@@ -121,14 +141,15 @@ def load_dump(path: str | Path, own: bool = False) -> Dump:
     """
     path = Path(path)
     with _open(path, own) as z:
-        missing = [k for k in (*ARRAYS, *SCALARS) if k not in z.files and k not in OPTIONAL]
-        if missing:
-            raise ResultsInvalid(f"dump {path} lacks {missing}; rewrite it with eval/evaluate.py --task dump --force")
         try:
             arrays = {k: (z[k].astype(t) if k in z.files else None) for k, t in ARRAYS.items()}
             meta = {k: (t(z[k].item()) if k in z.files else None) for k, t in SCALARS.items()}
         except (ValueError, TypeError) as err:  # an object array (allow_pickle=False), a wrong shape
             raise ResultsInvalid(f"dump {path}: {err}; rewrite it with eval/evaluate.py --task dump --force") from None
+        optional = _optional(meta["data_kind"])
+        missing = [k for k in (*ARRAYS, *SCALARS) if k not in z.files and k not in optional]
+        if missing:
+            raise ResultsInvalid(f"dump {path} lacks {missing}; rewrite it with eval/evaluate.py --task dump --force")
     n = len(arrays["key"])
     bad = {k: len(v) for k, v in arrays.items() if v is not None and len(v) != n}
     if bad:

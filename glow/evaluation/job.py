@@ -41,10 +41,9 @@ def _load_on_main(spec: str | Path, options: EvalOptions, accelerator):
     digests of all ranks must agree (exit 5)."""
     from safetensors.torch import load as weights_from_bytes
 
-    from glow.checkpoint import MAX_WEIGHTS_BYTES
+    from glow.checkpoint import MAX_WEIGHTS_BYTES, model_of
     from glow.distributed import on_main, replica_digests
     from glow.files import read_bytes
-    from glow.model import Glow, GlowConfig
 
     def read() -> tuple[str, dict, bytes]:
         ckpt = resolve_checkpoint(spec)
@@ -58,7 +57,7 @@ def _load_on_main(spec: str | Path, options: EvalOptions, accelerator):
                 from None
 
     path, meta, blob = on_main(read, accelerator.num_processes, accelerator.process_index)
-    model = Glow(GlowConfig.from_dict(meta["model_config"]))
+    model = model_of(meta, Checkpoint.at(path).meta_path)  # a Glow or a flow on vectors, by model.kind
     model.load_state_dict(weights_from_bytes(blob))
     digests = replica_digests(model.state_dict(), accelerator)  # in the model's own (fixed) order
     if len(set(digests)) != 1:

@@ -2,7 +2,9 @@
 
 Every sample of a split is scored exactly once over all processes, with dequantization
 noise that depends on (seed, sample key) alone: per-sample scores do not depend on the
-batch size, the number of workers or the number of processes. Rank 0 writes every file,
+batch size, the number of workers or the number of processes (`glow.evaluation.scoring`).
+A flow on feature vectors (`model.kind: tabular`) has the dump and bpd tasks only, on the
+vector splits of a features root. Rank 0 writes every file,
 atomically. What is already done under the same settings is skipped (`glow.evaluation.records`;
 the decision is rank 0's, see `glow.evaluation.job`) unless ``force``.
 
@@ -16,36 +18,28 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from glow.data.manifest import manifest_hash, read_manifest
 from glow.data.streams import check_channels, make_eval_loader
-from glow.distributed import barrier, gather_objects, on_main
-from glow.errors import DataError
+from glow.distributed import barrier, on_main
+from glow.errors import BadArgument
 from glow.evaluation import TASKS
-from glow.evaluation.complexity import png_complexity_bpd_batch
 from glow.evaluation.dumps import dump_settings, write_dump
 from glow.evaluation.records import Result, read_record
 from glow.evaluation.result_tables import add_entries, table_entry
+from glow.evaluation.scoring import CountMismatch, score_split
+from glow.features.streams import vector_manifest
 from glow.files import atomic_write_json, writer
-from glow.model import GlowConfig
-from glow.model.likelihood import (
-    bits_per_dim,
-    eval_noise,
-    log_p_x,
-    preprocess,
-    quantize,
-    requantize,
-)
-from glow.model.performance import fast_eval
+from glow.model import GlowConfig, TabularFlowConfig, model_config
+from glow.model.likelihood import requantize
 from glow.model.sampling import sample_seeded, save_sample_grid
-from glow.progress import Progress
 from glow.run import Checkpoint
 from glow.trust import shared_run_allowed
 
 __all__ = [
     "TASKS",
+    "VECTOR_TASKS",
     "CountMismatch",
     "EvalContext",
     "EvalOptions",
@@ -60,10 +54,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 SHAPE_TASKS = ("dump", "bpd", "latents")  # tasks that read the splits' images into the model
-
-
-class CountMismatch(DataError, RuntimeError):
-    """The gathered number of samples differs from the manifest: never write a partial dump."""
+VECTOR_TASKS = ("dump", "bpd")  # what a flow on feature vectors can be asked for
 
 
 @dataclass
@@ -129,13 +120,21 @@ class EvalContext:
         return self.options.data_root or self.meta["data"]["root"]
 
     @property
-    def config(self) -> GlowConfig:
-        return GlowConfig.from_dict(self.meta["model_config"])
+    def config(self) -> GlowConfig | TabularFlowConfig:
+        return model_config(self.meta["model_config"])
+
+    @property
+    def vectors(self) -> bool:
+        """Whether the model is a flow on feature vectors (its data: vector shards)."""
+        return isinstance(self.config, TabularFlowConfig)
 
     def manifest(self, dataset: str, split: str) -> dict:
-        """The split's manifest, read once per job."""
+        """The split's manifest (of vector shards for a flow on vectors, checked against its
+        dimension), read once per job."""
         if (dataset, split) not in self._manifests:
-            self._manifests[dataset, split] = read_manifest(self.data_root, dataset, split)
+            self._manifests[dataset, split] = (
+                vector_manifest(self.data_root, dataset, split, self.config.dim) if self.vectors
+                else read_manifest(self.data_root, dataset, split))
         return self._manifests[dataset, split]
 
     def share_manifests(self) -> None:
@@ -148,8 +147,11 @@ class EvalContext:
         self._manifests = on_main(read, self.world_size, self.rank)
 
     def loader_args(self) -> dict:
-        """What every scoring stream needs to give images the model's shape (glow.data.streams.check_channels)."""
+        """What every scoring stream needs to give images (or vectors) the model's shape
+        (glow.data.streams.check_channels; the vectors' dimension)."""
         cfg = self.config
+        if self.vectors:
+            return {"dim": cfg.dim}
         return {"channels": cfg.in_channels, "convert_channels": self.options.convert_channels,
                 "resolution": cfg.image_size}
 
@@ -164,7 +166,16 @@ class EvalContext:
 
 def check_eval_data(ctx: EvalContext) -> None:
     """Every split the shape tasks read exists, is complete and fits the checkpoint's model
-    (resolution; channels unless converted)."""
+    (resolution; channels unless converted; a flow on vectors: their dimension, and only the
+    tasks that apply to it)."""
+    if ctx.vectors:
+        other = [t for t in ctx.options.tasks if t not in VECTOR_TASKS]
+        if other:
+            raise BadArgument(f"{ctx.checkpoint.path} is a flow on feature vectors (model.kind: tabular): it has no "
+                              f"images for --task {', '.join(other)}; ask for {' / '.join(VECTOR_TASKS)}")
+        for dataset, split in ctx.options.specs:
+            ctx.manifest(dataset, split)  # complete, vectors, of the model's dimension
+        return
     if not set(SHAPE_TASKS) & set(ctx.options.tasks):
         return
     cfg = ctx.config
@@ -239,77 +250,6 @@ def requested_results(ctx: EvalContext) -> list[Result]:
 
 
 # -- bits/dim and dumps --------------------------------------------------------------------
-def score_split(ctx: EvalContext, dataset: str, split: str) -> dict[str, np.ndarray]:
-    """Per-sample log p(x) (nats), bpd and PNG complexity of every sample of a split.
-
-    Returns the merged arrays (sorted by index) on every rank; raises CountMismatch when
-    the gathered count differs from the manifest.
-    """
-    o = ctx.options
-    manifest = ctx.manifest(dataset, split)
-    expected = int(manifest["count"])
-    loader = make_eval_loader(ctx.data_root, dataset, split, batch_size=o.batch_size, rank=ctx.rank,
-                              world_size=ctx.world_size, num_workers=o.workers, manifest=manifest,
-                              **ctx.loader_args())
-    parts: dict[str, list] = {"key": [], "index": [], "label": [], "log_p": [], "bpd": [], "complexity_bpd": []}
-    bar = Progress(expected, desc=f"{dataset}/{split}", enabled=ctx.is_main, unit="image", every_s=60.0)
-    with fast_eval(ctx.model):  # eval mode, inference mode, 1x1-conv weights computed once
-        for batch in loader:
-            _score_batch(ctx, batch, parts)
-            bar.update(len(batch["key"]) * ctx.world_size)
-    bar.close()
-    local = {k: (np.array(v, dtype=str) if k == "key" else _concat(v)) for k, v in parts.items()}
-    gathered = gather_objects(local, ctx.world_size)
-    merged = {k: np.concatenate([g[k] for g in gathered]) for k in local}
-    if len(merged["index"]) != expected:
-        raise CountMismatch(
-            f"{dataset}/{split}: scored {len(merged['index'])} samples over {ctx.world_size} process(es), "
-            f"the manifest ({Path(ctx.data_root) / dataset / split / 'manifest.json'}) says {expected}; "
-            "the shards are incomplete or the stream lost samples: no dump written"
-        )
-    if len(np.unique(merged["key"])) != expected:
-        raise CountMismatch(f"{dataset}/{split}: duplicate keys in the gathered scores")
-    order = np.argsort(merged["index"], kind="stable")
-    return {k: v[order] for k, v in merged.items()}
-
-
-def _score_batch(ctx: EvalContext, batch: dict, parts: dict[str, list]) -> None:
-    model, n_bits, n_dims = ctx.model, ctx.model.config.n_bits, ctx.model.config.n_dims
-    images = batch["image"]
-    if tuple(images.shape[1:]) != model.input_shape:
-        raise ValueError(
-            f"images have shape {tuple(images.shape[1:])}, the model expects "
-            f"{model.input_shape}: evaluate on shards built at the model's resolution"
-        )
-    noise = eval_noise(ctx.options.seed, batch["key"], images.shape[1:])
-    y = preprocess(images, n_bits, noise).to(ctx.device)
-    log_p_y = _log_prob_full_batch(model, y, ctx.options.batch_size).double().cpu()
-    parts["key"] += list(batch["key"])
-    parts["index"].append(batch["index"].numpy())
-    parts["label"].append(batch["label"].numpy())
-    parts["log_p"].append(log_p_x(log_p_y, n_dims, n_bits).numpy())
-    parts["bpd"].append(bits_per_dim(log_p_y, n_dims, n_bits).numpy())
-    # L(x) of the image the model scored: the n_bits bins (Serra et al. compare code lengths of one image)
-    parts["complexity_bpd"].append(png_complexity_bpd_batch(quantize(images, n_bits)))
-
-
-def _log_prob_full_batch(model, y: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """log_prob with a short batch padded to `batch_size`.
-
-    Convolution kernels are chosen by batch shape; padding makes every batch the same
-    shape, so a sample's score is bitwise the same whichever rank, batch and position it
-    lands in (for a given --batch-size).
-    """
-    n = y.shape[0]
-    if n < batch_size:
-        y = torch.cat([y, y[-1:].expand(batch_size - n, *y.shape[1:])])
-    return model.log_prob(y)[:n]
-
-
-def _concat(chunks: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(chunks) if chunks else np.zeros(0)
-
-
 def run_bpd(ctx: EvalContext, dataset: str, split: str, dump: bool) -> dict | None:
     """Task `bpd` (the bpd.json entry) or `dump` (the per-sample dump and the bpd.json entry)."""
     spec = f"{dataset}/{split}"
@@ -319,17 +259,16 @@ def run_bpd(ctx: EvalContext, dataset: str, split: str, dump: bool) -> dict | No
         return None
     scores = score_split(ctx, dataset, split)
     cfg, manifest = ctx.model.config, ctx.manifest(dataset, split)
+    kind = {"data_kind": "vectors"} if ctx.vectors else {"data_kind": "images", "n_bits": int(cfg.n_bits)}
     entry = {"mean": float(scores["bpd"].mean()), "std": float(scores["bpd"].std()), "count": int(len(scores["bpd"])),
-             "n_bits": int(cfg.n_bits), "weights_digest": ctx.meta.get("weights_digest", ""), **writer(),
-             **result.settings}
-    if manifest.get("channels", 3) != cfg.in_channels:  # only reachable with --convert-channels
+             **kind, "weights_digest": ctx.meta.get("weights_digest", ""), **writer(), **result.settings}
+    if not ctx.vectors and manifest.get("channels", 3) != cfg.in_channels:  # only with --convert-channels
         entry["channels_converted"] = f"{manifest.get('channels', 3)} -> {cfg.in_channels}"
     if ctx.is_main:
         if dump:
             path = ctx.checkpoint.run.dump_path(ctx.step, spec)
             write_dump(path, scores, checkpoint=str(ctx.checkpoint.path), dataset=dataset, split=split,
-                       n_bits=int(cfg.n_bits), weights_digest=entry["weights_digest"],
-                       **{**writer(), **result.settings})
+                       weights_digest=entry["weights_digest"], **kind, **{**writer(), **result.settings})
             log.info("wrote %s", path)
         add_entries(ctx.out_dir / "bpd.json", {spec: entry}, ctx.own_results)
         log.info("%s: %.4f bits/dim over %d samples (step %d)", spec, entry["mean"], entry["count"], ctx.step)

@@ -36,12 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from glow.errors import CheckpointMismatch, CheckpointMissing
+from glow.errors import BadArgument, CheckpointMismatch, CheckpointMissing
 from glow.evaluation.fid import FID_WEIGHTS_FILE, inception_features
 from glow.evaluation.inception import FID_WEIGHTS_URL, Pool3, fid_inception_v3
-from glow.files import read_bytes
+from glow.files import atomic_write_bytes, read_bytes
 
-__all__ = ["EXTRACTORS", "ExtractorSpec", "FeatureExtractor", "WeightsMismatch", "load_extractor", "weights_path"]
+__all__ = ["EXTRACTORS", "ExtractorSpec", "FeatureExtractor", "WeightsMismatch", "load_extractor", "weights_path",
+           "write_random_weights"]
 
 log = logging.getLogger(__name__)
 MAX_WEIGHTS_BYTES = 1 << 30  # the real files are ~92 MB (Inception) and ~75 MB (EfficientNet-B4)
@@ -63,6 +64,7 @@ class ExtractorSpec:
     preprocessing: str
     build: Callable[[dict], nn.Module]
     features: Callable[[nn.Module, torch.Tensor, torch.device], torch.Tensor]
+    fresh: Callable[[], nn.Module] | None = None  # the network randomly initialised (`write_random_weights`)
 
     @property
     def published_sha256(self) -> str:
@@ -77,15 +79,19 @@ def _build_inception(state_dict: dict) -> nn.Module:
     return Pool3(net)
 
 
+def _fresh_efficientnet_b4() -> nn.Module:
+    from torchvision.models import efficientnet_b4
+
+    return efficientnet_b4(weights=None)
+
+
 def _inception_features(net: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
     feats = inception_features(images, device, batch_size=images.shape[0], model=net)
     return torch.from_numpy(feats.astype(np.float32))  # float32 values in float64: exact
 
 
 def _build_efficientnet_b4(state_dict: dict) -> nn.Module:
-    from torchvision.models import efficientnet_b4
-
-    net = efficientnet_b4(weights=None)
+    net = _fresh_efficientnet_b4()
     net.load_state_dict(state_dict)
     return net
 
@@ -104,7 +110,7 @@ EXTRACTORS = {
         name="inception", dim=2048, weights_file=FID_WEIGHTS_FILE, weights_url=FID_WEIGHTS_URL,
         preprocessing="pytorch-fid Inception-v3 pool3: x/255, bilinear resize to 299x299 (align_corners=False), "
                       "2x-1; grayscale replicated to RGB",
-        build=_build_inception, features=_inception_features),
+        build=_build_inception, features=_inception_features, fresh=fid_inception_v3),
     "efficientnet_b4": ExtractorSpec(
         name="efficientnet_b4", dim=1792, weights_file="efficientnet_b4_rwightman-23ab8bcd.pth",
         weights_url="https://download.pytorch.org/models/efficientnet_b4_rwightman-23ab8bcd.pth",
@@ -112,7 +118,7 @@ EXTRACTORS = {
                       "(bicubic, antialias) on uint8, centre crop 380, x/255, ImageNet mean/std; features: "
                       "global average pool of the last stage (before dropout and classifier); grayscale "
                       "replicated to RGB",
-        build=_build_efficientnet_b4, features=_efficientnet_features),
+        build=_build_efficientnet_b4, features=_efficientnet_features, fresh=_fresh_efficientnet_b4),
 }
 
 
@@ -129,6 +135,31 @@ def weights_path(spec: ExtractorSpec, given: str | os.PathLike | None = None) ->
         raise CheckpointMissing(f"{spec.name} weights not found at {where}; this machine does not download them: "
                                 f"fetch {spec.weights_url} elsewhere and copy it to {path}, or pass its path")
     return path
+
+
+def write_random_weights(name: str, path: str | os.PathLike, seed: int) -> str:
+    """Write the extractor ``name`` randomly initialised (torch seed ``seed``) as a weights file
+    at ``path`` (atomically) and return its sha256, to pass as the expected one. For demos and
+    tests where the published weights are not at hand: the features of a random network are
+    not the paper's, and every vector manifest built from it says so (not ``official``). The
+    same seed gives the same bytes, so a rerun resumes; an existing file with other bytes is
+    refused (BadArgument), never replaced."""
+    spec = EXTRACTORS[name]
+    if spec.fresh is None:
+        raise ValueError(f"extractor {name!r} has no random initialisation")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = spec.fresh().state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    if os.path.lexists(path):
+        if read_bytes(path, MAX_WEIGHTS_BYTES) != data:
+            raise BadArgument(f"{path} exists and is not the random initialisation of {name} with seed {seed}: "
+                              "name another file for the random weights")
+    else:
+        atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _check_sha256(path: Path, data: bytes, expected: str) -> str:

@@ -8,14 +8,31 @@ from dataclasses import dataclass
 
 from glow.digest import json_digest
 
-__all__ = ["COUPLINGS", "MASKS", "SPATIAL_MASKS", "GlowConfig"]
+__all__ = ["COUPLINGS", "KIND", "MASKS", "SPATIAL_MASKS", "GlowConfig", "config_from_dict", "config_hash"]
 
 COUPLINGS = ("affine", "additive")
 MASKS = ("channel", "checkerboard", "cycle", "cycle_patch")  # glow.model.couplings
 SPATIAL_MASKS = MASKS[1:]
+KIND = "glow"
 # Fields added after checkpoints existed: left out of the hash while at these defaults, so the
 # hash (and resuming) of every model that predates them is unchanged.
-_HASH_DEFAULTS = {"mask": "channel", "coupling_bottleneck": 0}
+_HASH_DEFAULTS = {"mask": "channel", "coupling_bottleneck": 0, "kind": KIND}
+
+
+def config_hash(config, hash_defaults: dict) -> str:
+    """Stable short hash of an architecture config: its fields, less those of ``hash_defaults``
+    that are at their default (fields added later leave older hashes unchanged)."""
+    values = {k: v for k, v in config.to_dict().items() if not (k in hash_defaults and v == hash_defaults[k])}
+    return json_digest(values, canonical=False)
+
+
+def config_from_dict(cls, values: dict):
+    """``cls(**values)``, refusing fields ``cls`` does not have (ValueError naming them)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+    return cls(**values)
 
 
 @dataclass
@@ -34,9 +51,12 @@ class GlowConfig:
     coupling_actnorm: bool = False
     mask: str = "channel"  # channel | checkerboard | cycle | cycle_patch (glow.model.couplings)
     coupling_bottleneck: int = 0  # l > 0: coupling net through an l-dim global bottleneck
+    kind: str = KIND  # model.kind: glow (this), or tabular (glow.model.tabular_config)
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field and value."""
+        if self.kind != KIND:
+            raise ValueError(f"kind must be {KIND!r} for a Glow, got {self.kind!r}")
         if self.n_levels < 1:
             raise ValueError(f"n_levels must be >= 1, got {self.n_levels}")
         if self.steps_per_level < 1:
@@ -74,13 +94,8 @@ class GlowConfig:
 
     def hash(self) -> str:
         """Stable short hash of the architecture (stored in checkpoints and dumps)."""
-        values = {k: v for k, v in self.to_dict().items() if not (k in _HASH_DEFAULTS and v == _HASH_DEFAULTS[k])}
-        return json_digest(values, canonical=False)
+        return config_hash(self, _HASH_DEFAULTS)
 
     @classmethod
     def from_dict(cls, values: dict) -> GlowConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GlowConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return config_from_dict(cls, values)

@@ -41,9 +41,27 @@ from glow.model.tabular_config import TabularFlowConfig
 __all__ = ["TabularCoupling", "TabularFlow"]
 
 
+_RELATIVE_EPS = 1e-6  # the floor of a feature's standard deviation, relative to the features' scale
+
+
 class _VectorActNorm(ActNorm):
     """`glow.model.flows.ActNorm` on (B, D) vectors: the same parameters, initialisation flag
-    and statistics reducer (so distributed training initialises it as it does Glow's)."""
+    and statistics reducer (so distributed training initialises it as it does Glow's).
+
+    The floor added to each feature's standard deviation is ActNorm's 1e-6, or `_RELATIVE_EPS`
+    times the features' typical spread (the root of their mean variance, over all ranks) when
+    that is smaller: features come in any units, and a randomly initialised extractor gives
+    features that vary by ~1e-9, which an absolute floor would swamp. A constant feature still
+    gets a finite scale."""
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        x = x.to(self.loc.dtype)
+        mean, sq_mean = self.reducer(x.mean(dim=(0, 2, 3)), (x * x).mean(dim=(0, 2, 3)))
+        spread = float(torch.clamp(sq_mean - mean * mean, min=0.0).mean().sqrt())
+        if spread > 0:
+            self.eps = min(self.eps, _RELATIVE_EPS * spread)
+        super().initialize(x)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         y, logdet = super().forward(x[:, :, None, None])

@@ -8,7 +8,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from glow.digest import json_digest
+from glow.model.config import config_from_dict, config_hash
 
 __all__ = ["KIND", "PRIORS", "TabularFlowConfig", "continuous_bits_per_dim"]
 
@@ -64,16 +64,11 @@ class TabularFlowConfig:
     def hash(self) -> str:
         """Stable short hash of the architecture (stored in checkpoints and dumps). ``kind`` is
         part of it, so no tabular config shares a hash with a Glow config."""
-        values = {k: v for k, v in self.to_dict().items() if not (k in _HASH_DEFAULTS and v == _HASH_DEFAULTS[k])}
-        return json_digest(values, canonical=False)
+        return config_hash(self, _HASH_DEFAULTS)
 
     @classmethod
     def from_dict(cls, values: dict) -> TabularFlowConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TabularFlowConfig fields {unknown}; known: {sorted(known)}")
-        config = cls(**values)
+        config = config_from_dict(cls, values)
         config.validate()
         return config
 

@@ -12,6 +12,11 @@ OOD set and the in-distribution test bits/dim. Scores (higher = more in-distribu
   statistics, so the ratio keeps what is specific to the in-distribution data;
 * ``png_complexity``: -L(x) alone, once, as the model-free baseline (variant ``(PNG size)``).
 
+Every metric comes with its bootstrap interval (`glow.report.intervals.Bootstrap`). With seed
+groups (``--group-seeds``: `glow.report.seeds.group_by_stem` on the runs' config.yaml), the
+runs of one recipe become one row per score: each metric's mean, standard deviation and N
+(``"seeds"``), each run's own row under ``"per_run"``.
+
 Reads only files on disk; no GPU.
 """
 
@@ -28,13 +33,15 @@ import numpy as np
 from glow.errors import BadArgument, ResultsInvalid
 from glow.evaluation.dumps import Dump
 from glow.files import atomic_write_text
-from glow.report.scores import ood_metrics, score_pairs
+from glow.report.intervals import DEFAULT_BOOTSTRAP, Bootstrap, metrics_with_intervals
+from glow.report.scores import metric_cell, score_pairs, test_bpd_cell
+from glow.report.seeds import SeedRun, group_by_stem, metric_summary, seed_entry
 from glow.report.tables import markdown_table
 from glow.run import Checkpoint, Run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunDumps", "compare_markdown", "compare_runs", "compare_table", "load_run_dumps"]
+__all__ = ["RunDumps", "compare_markdown", "compare_runs", "compare_table", "load_run_dumps", "seed_groups"]
 
 BASELINE = "(PNG size)"
 
@@ -62,7 +69,8 @@ def _run_description(dump: Dump) -> dict:
         log.warning("no description of %s: %s", dump.checkpoint, err)
         return {}
     model = meta.get("model_config", {})
-    keys = ("mask", "coupling_bottleneck", "coupling", "hidden_channels", "n_levels", "steps_per_level")
+    keys = ("kind", "mask", "coupling_bottleneck", "coupling", "hidden_channels", "n_levels", "steps_per_level",
+            "dim", "n_couplings", "hidden_width", "hidden_layers")
     desc = {k: model[k] for k in keys if k in model}
     desc["perturb_prob"] = meta.get("perturb_prob", 0.0)
     return desc
@@ -78,7 +86,7 @@ def load_run_dumps(run_dir: str | Path, in_spec: str, ood_specs: Sequence[str], 
 
 
 def _row(variant: str, score: str, run: RunDumps | None, pairs: dict[str, tuple[np.ndarray, np.ndarray]],
-         **extra) -> dict:
+         bootstrap: Bootstrap, **extra) -> dict:
     row = {"variant": variant, "score": score}
     if run is not None:
         row.update(run=str(run.run_dir), step=run.step, model_hash=run.in_test.model_hash,
@@ -86,12 +94,14 @@ def _row(variant: str, score: str, run: RunDumps | None, pairs: dict[str, tuple[
     else:
         row.update(run=None, step=None, model_hash=None, test_bpd=None)
     row.update(extra)
-    row["ood"] = {spec: ood_metrics(*pair) for spec, pair in pairs.items()}
+    row["ood"] = {spec: metrics_with_intervals(*pair, bootstrap) for spec, pair in pairs.items()}
     return row
 
 
-def compare_table(runs: Sequence[RunDumps], background: RunDumps | None = None) -> dict:
-    """Every (variant, score) row; see the module docstring for the scores."""
+def compare_table(runs: Sequence[RunDumps], background: RunDumps | None = None, *,
+                  bootstrap: Bootstrap = DEFAULT_BOOTSTRAP, groups: Sequence[tuple[str, dict]] | None = None) -> dict:
+    """Every (variant, score) row; see the module docstring for the scores. ``groups`` (`seed_groups`):
+    the runs of each group become one row per score (mean, sd and N over the seeds)."""
     if not runs:
         raise BadArgument("give at least one run to compare (--run runs/<name>)")
     labels = [r.label for r in runs]
@@ -110,11 +120,13 @@ def compare_table(runs: Sequence[RunDumps], background: RunDumps | None = None) 
                            "checkpoint": r.in_test.checkpoint, "model": r.model,
                            "bpd": {d.spec: float(d.bpd.mean()) for d in [r.in_test, *r.oods]}} for r in runs},
         "background": None,
+        "intervals": bootstrap.describe(),
         "rows": [],
         "notes": [
             "Scores are oriented higher = more in-distribution; in-distribution is the positive class; "
             "AUROC < 0.5 means the OOD set looks more in-distribution than held-out in-distribution data.",
             "test_bpd is the mean bits/dim of the in-distribution test split under the run's model.",
+            bootstrap.note(),
         ],
     }
     if background is not None:
@@ -135,13 +147,71 @@ def compare_table(runs: Sequence[RunDumps], background: RunDumps | None = None) 
         for name in next(iter(per_ood.values())):
             extra = {"background": background.label} if name == "likelihood_ratio" else {}
             table["rows"].append(_row(r.label, name, r, {spec: pairs[name] for spec, pairs in per_ood.items()},
-                                      **extra))
-    baseline = {d.spec: score_pairs(ref.in_test, d).get("png_complexity") for d in ref.oods}
-    if all(baseline.values()):
-        table["rows"].append(_row(BASELINE, "png_complexity", None, baseline))
+                                      bootstrap, **extra))
+    if groups is not None:
+        _group_rows(table, groups)
+    _note_kinds_and_samples(table, runs)
+    # the model-free baseline from the first run whose dumps carry L(x) (a features flow's do not)
+    with_png = next((r for r in runs if all(d.complexity_bpd is not None for d in [r.in_test, *r.oods])), None)
+    if with_png is not None:
+        baseline = {d.spec: score_pairs(with_png.in_test, d)["png_complexity"] for d in with_png.oods}
+        table["rows"].append(_row(BASELINE, "png_complexity", None, baseline, bootstrap))
     else:
         table["notes"].append("the dumps carry no complexity_bpd: no complexity_corrected / png_complexity rows")
     return table
+
+
+def _note_kinds_and_samples(table: dict, runs: Sequence[RunDumps]) -> None:
+    """Notes for an image flow beside a features flow: their bits/dim do not compare, and whether
+    their dumps hold the same samples (by key: a features dump keeps its images' keys)."""
+    kinds = {r.label: "vectors" if r.in_test.vectors else "images" for r in runs}
+    if len(set(kinds.values())) < 2:
+        return
+    table["notes"].append(
+        f"Runs on feature vectors ({', '.join(k for k, v in kinds.items() if v == 'vectors')}) beside runs on images: "
+        "their test bits/dim do not compare (continuous bits/dim of features vs discrete bits/dim of pixels); "
+        "their AUROCs do, on the same samples.")
+    for i, spec in enumerate([runs[0].in_test.spec, *(d.spec for d in runs[0].oods)]):
+        keys = {r.label: set([r.in_test, *r.oods][i].key.tolist()) for r in runs}
+        differ = [label for label, k in keys.items() if k != keys[runs[0].label]]
+        if differ:
+            table["notes"].append(f"{spec}: the dumps of {', '.join(differ)} hold other samples (keys) than "
+                                  f"{runs[0].label}'s: the rows are not measured on the same data")
+
+
+def seed_groups(run_dirs: Sequence[str | Path]) -> list[tuple[str, dict]]:
+    """The runs (labelled by folder name) grouped as seeds of their recipes
+    (`glow.report.seeds.group_by_stem`) from each run's config.yaml; refused (BadArgument,
+    naming the keys) when the runs of one group differ in anything but the seed."""
+    runs = [Run(d) for d in run_dirs]
+    return group_by_stem([SeedRun(run.name, run.config()) for run in runs])
+
+
+def _group_rows(table: dict, groups: Sequence[tuple[str, dict]]) -> None:
+    """Replace the per-run rows by one row per (group, score): ``ood`` entries of `seed_entry`,
+    ``test_bpd`` the mean (``test_bpd_seeds`` its summary), each run's row under ``per_run``."""
+    by_run: dict[str, dict[str, dict]] = {}
+    for row in table["rows"]:
+        by_run.setdefault(row["variant"], {})[row["score"]] = row
+    rows = []
+    for stem, group in groups:
+        members = group["runs"]
+        scores = list(dict.fromkeys(score for label in members for score in by_run[label]))
+        bpd = metric_summary("test_bpd", {label: next(iter(by_run[label].values()))["test_bpd"] for label in members})
+        for score in scores:
+            per_run = {label: by_run[label].get(score) for label in members}
+            present = [r for r in per_run.values() if r is not None]
+            row = {"variant": stem, "score": score, "runs": members, "seeds": group["seeds"], "run": None,
+                   "step": None, "model_hash": None, "test_bpd": bpd["mean"], "test_bpd_seeds": bpd}
+            row.update({k: v for k, v in present[0].items() if k == "background"})
+            row["ood"] = {spec: seed_entry({label: r and r["ood"][spec] for label, r in per_run.items()})
+                          for spec in table["ood_sets"]}
+            row["per_run"] = per_run
+            rows.append(row)
+    table["rows"] = rows
+    table["seed_groups"] = {stem: {"runs": g["runs"], "seeds": g["seeds"]} for stem, g in groups}
+    table["notes"].append("Rows of several seeds (--group-seeds) show mean ± sample standard deviation (N=runs) "
+                          "over the seeds; each run's values and intervals are under per_run in compare.json.")
 
 
 def compare_markdown(table: dict) -> str:
@@ -150,10 +220,12 @@ def compare_markdown(table: dict) -> str:
     header += [f"{s} {metric}" for s in specs for metric in ("AUROC", "AUPR-in", "FPR@95")]
     rows = []
     for row in table["rows"]:
-        model = table["runs"].get(row["variant"], {}).get("model", {})
-        desc = ", ".join(f"{k}={v}" for k, v in model.items() if k in ("mask", "coupling_bottleneck", "perturb_prob"))
-        rows.append([row["variant"], desc or "-", row["score"], row["test_bpd"]]
-                    + [row["ood"][s][k] for s in specs for k in ("auroc", "aupr_in", "fpr_at_95_tpr")])
+        model = table["runs"].get(row.get("runs", [row["variant"]])[0], {}).get("model", {})
+        shown = ("mask", "coupling_bottleneck", "perturb_prob") if model.get("kind", "glow") == "glow" else (
+            "kind", "dim", "n_couplings", "hidden_width")
+        desc = ", ".join(f"{k}={v}" for k, v in model.items() if k in shown)
+        rows.append([row["variant"], desc or "-", row["score"], test_bpd_cell(row)]
+                    + [metric_cell(row["ood"][s], k) for s in specs for k in ("auroc", "aupr_in", "fpr_at_95_tpr")])
     runs = [[label, r["run_dir"], r["step"], f"`{r['model_hash']}`"] for label, r in table["runs"].items()]
     if table["background"]:
         b = table["background"]
@@ -166,14 +238,17 @@ def compare_markdown(table: dict) -> str:
 
 def compare_runs(run_dirs: Sequence[str | Path], in_dataset: str, ood_specs: Sequence[str], *,
                  background: str | Path | None = None, out_dir: str | Path | None = None,
-                 in_split: str = "test", step: int | None = None) -> tuple[dict, list[Path]]:
-    """Load every run's dumps (newest evaluated step, or `step` for all), write compare.json/.md."""
+                 in_split: str = "test", step: int | None = None, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+                 group_seeds: bool = False) -> tuple[dict, list[Path]]:
+    """Load every run's dumps (newest evaluated step, or `step` for all), write compare.json/.md;
+    with ``group_seeds``, the seeds of each recipe in one row (`seed_groups`)."""
     if not ood_specs:
         raise BadArgument("give at least one OOD set (--ood <dataset>/<split>)")
     in_spec = f"{in_dataset}/{in_split}"
+    groups = seed_groups(run_dirs) if group_seeds else None  # refused before any dump is read
     runs = [load_run_dumps(r, in_spec, ood_specs, step=step) for r in run_dirs]
     bg = load_run_dumps(background, in_spec, ood_specs, step=step) if background is not None else None
-    table = compare_table(runs, bg)
+    table = compare_table(runs, bg, bootstrap=bootstrap, groups=groups)
     out = Path(out_dir) if out_dir is not None else Path(run_dirs[0]).parent / "comparison"
     atomic_write_text(out / "compare.json", json.dumps(table, indent=2) + "\n")
     atomic_write_text(out / "compare.md", compare_markdown(table))

@@ -29,6 +29,7 @@ from glow.files import (  # noqa: E402
     atomic_write_text,
     read_bytes,
 )
+from glow.report.intervals import DEFAULT_BOOTSTRAP, Bootstrap  # noqa: E402
 from glow.report.page import MAX_IMAGE_BYTES, write_index  # noqa: E402
 from glow.report.scores import ood_markdown, ood_table  # noqa: E402
 from glow.run import Run  # noqa: E402
@@ -55,9 +56,15 @@ def default_image_loader(root, dataset, split, keys) -> dict:
 # --------------------------------------------------------------------------- plots
 
 
+BPD_AXIS = "bits/dim"
+CONTINUOUS_BPD_AXIS = "bits/dim (continuous; may be negative)"  # a flow on feature vectors
+
+
 def plot_distributions(sets: Sequence[tuple[str, np.ndarray]], path: Path,
-                       clip: tuple[float, float] = (0.5, 99.5), kde_max: int = 20000, seed: int = 0) -> Path:
-    """Histograms + Gaussian-KDE curves of bits/dim; the x-range is clipped at pooled percentiles."""
+                       clip: tuple[float, float] = (0.5, 99.5), kde_max: int = 20000, seed: int = 0,
+                       axis: str = BPD_AXIS) -> Path:
+    """Histograms + Gaussian-KDE curves of bits/dim; the x-range is clipped at pooled percentiles.
+    ``axis`` names the quantity (`CONTINUOUS_BPD_AXIS` for feature vectors)."""
     pooled = np.concatenate([v for _, v in sets])
     lo, hi = np.percentile(pooled, clip)
     if hi <= lo:
@@ -78,7 +85,7 @@ def plot_distributions(sets: Sequence[tuple[str, np.ndarray]], path: Path,
                     label=f"{label} (n={v.size}, mean {v.mean():.3f})")
         else:
             ax.axvline(float(np.mean(v)), color=color, label=f"{label} (n={v.size}, mean {v.mean():.3f})")
-    ax.set_xlabel(f"bits/dim  (x clipped to pooled percentiles {clip[0]:g}-{clip[1]:g}: [{lo:.3f}, {hi:.3f}]; "
+    ax.set_xlabel(f"{axis}  (x clipped to pooled percentiles {clip[0]:g}-{clip[1]:g}: [{lo:.3f}, {hi:.3f}]; "
                   "values outside: " + ", ".join(outside) + ")", fontsize=8)
     ax.set_ylabel("density")
     ax.set_title("Distribution of bits/dim (lower = more likely)")
@@ -144,10 +151,11 @@ def _extreme_panel(d: Dump, k: int, highest: bool, loader: ImageLoader, data_roo
 
 def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str], *, step: int | None = None,
                  in_split: str = "test", train_split: str = "train", out_dir: str | Path | None = None,
-                 data_root: str | None = None, k: int = 16, seed: int = 0,
+                 data_root: str | None = None, k: int = 16, seed: int = 0, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
                  image_loader: ImageLoader | None = None, tracker=None, allow_shared: bool = False) -> FiguresResult:
     """Write figures/ for one run from the dumps of one evaluated step (newest by default).
 
+    Every metric of the OOD table comes with its interval drawn as ``bootstrap`` says.
     Also writes ``index.html``, the one page of results (:mod:`glow.report.page`).
     ``tracker`` (a :class:`glow.tracking.Tracker`, optional) receives the OOD table, the
     bits/dim per split and the PNG figures. The run must be the user's and so must every file
@@ -169,7 +177,7 @@ def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str],
         log.warning("no training dump %s: distributions without train, no typicality scores",
                     run.dump_path(step, train_spec))
 
-    table = ood_table(in_test, oods, train, seed=seed)
+    table = ood_table(in_test, oods, train, seed=seed, bootstrap=bootstrap)
     res.table = table
     atomic_write_text(out / "ood.json", json.dumps(table, indent=2) + "\n")
     atomic_write_text(out / "ood.md", ood_markdown(table))
@@ -177,8 +185,36 @@ def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str],
 
     sets = ([(f"{train_spec} (in, train)", train.bpd)] if train else []) + \
         [(f"{in_spec} (in, test)", in_test.bpd)] + [(f"{d.spec} (OOD)", d.bpd) for d in oods]
-    res.files.append(plot_distributions(sets, out / "distributions.png", seed=seed))
+    axis = CONTINUOUS_BPD_AXIS if in_test.vectors else BPD_AXIS
+    res.files.append(plot_distributions(sets, out / "distributions.png", seed=seed, axis=axis))
 
+    if in_test.vectors and data_root is None:
+        for name in ("exp1.png", "exp2.png"):
+            res.skipped[name] = ("the dumps score feature vectors: pass --data-root with the image shards they were "
+                                 "extracted from to see the images")
+    else:
+        _extreme_figures(res, in_test, oods, k, loader, data_root, out)
+
+    samples = [run.eval_dir(step) / "samples.png", run.samples_path(in_test.step)]
+    copied = next((blob for p in samples if (blob := _read_image(p, own)) is not None), None)
+    if copied is None and in_test.vectors:
+        res.skipped["samples.png"] = "a flow on feature vectors has no sample grid"
+    elif copied is None:
+        res.skipped["samples.png"] = f"none of {[str(p) for p in samples]} is a PNG; run --task samples"
+    else:
+        atomic_write_bytes(out / "samples.png", copied)
+        res.files.append(out / "samples.png")
+    images = [p for p in res.files if p.suffix == ".png"]
+    res.files.append(write_index(out, table, images, run_name=run.name, config_text=run.config_text(),
+                                 fid=read_table(run.eval_dir(step) / "fid.json", own)))
+    if tracker is not None:
+        track_figures(tracker, table, images)
+    return res
+
+
+def _extreme_figures(res: FiguresResult, in_test: Dump, oods: Sequence[Dump], k: int, loader: ImageLoader,
+                     data_root: str | None, out: Path) -> None:
+    """exp1.png / exp2.png: the most and least likely images of each set (or why they are skipped)."""
     try:
         ood_hi = [_extreme_panel(d, k, True, loader, data_root) for d in oods]
         ood_lo = [_extreme_panel(d, k, False, loader, data_root) for d in oods]
@@ -192,20 +228,6 @@ def make_figures(run_dir: str | Path, in_dataset: str, ood_specs: Sequence[str],
         for name in ("exp1.png", "exp2.png"):
             res.skipped[name] = f"images not readable ({e}); pass --data-root"
         log.warning("exp1/exp2 skipped: %s", e)
-
-    samples = [run.eval_dir(step) / "samples.png", run.samples_path(in_test.step)]
-    copied = next((blob for p in samples if (blob := _read_image(p, own)) is not None), None)
-    if copied is None:
-        res.skipped["samples.png"] = f"none of {[str(p) for p in samples]} is a PNG; run --task samples"
-    else:
-        atomic_write_bytes(out / "samples.png", copied)
-        res.files.append(out / "samples.png")
-    images = [p for p in res.files if p.suffix == ".png"]
-    res.files.append(write_index(out, table, images, run_name=run.name, config_text=run.config_text(),
-                                 fid=read_table(run.eval_dir(step) / "fid.json", own)))
-    if tracker is not None:
-        track_figures(tracker, table, images)
-    return res
 
 
 def _read_image(path: Path, own: bool) -> bytes | None:
@@ -225,9 +247,10 @@ def track_figures(tracker, table: dict, images: Sequence[Path]) -> None:
     """The OOD table (a wandb.Table), bits/dim per split (summary) and the figures (images)."""
     step = int(table["step"])
     tracker.log_summary({f"bpd/{spec}": v["mean"] for spec, v in table["bpd"].items()})
-    columns = ["ood_set", "score", "auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "n_in", "n_out"]
-    rows = [[spec, name, *(r[c] for c in columns[2:])] for spec, scores in table["ood"].items()
-            for name, r in scores.items()]
+    columns = ["ood_set", "score", "auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr", "n_in", "n_out",
+               "auroc_low", "auroc_high"]
+    rows = [[spec, name, *(r[c] for c in columns[2:8]), *(r.get("intervals") or {}).get("auroc", [None, None])]
+            for spec, scores in table["ood"].items() for name, r in scores.items()]
     tracker.log_table("ood_table", columns, rows, step=step)
     tracker.log_summary({f"auroc/{spec}/{name}": r["auroc"] for spec, scores in table["ood"].items()
                          for name, r in scores.items()})

@@ -1,4 +1,4 @@
-"""Bootstrap confidence intervals for the OOD metrics of `glow.report.scores.ood_metrics`.
+"""Bootstrap confidence intervals for the OOD metrics of `glow.report.metrics.ood_metrics`.
 
 An AUROC measured on one finite test set is an estimate; two variants whose AUROCs differ by
 less than the width of their intervals are not told apart by that test set. `ood_intervals`
@@ -12,6 +12,11 @@ same scores, seed and count give the same interval on every machine. The point e
 The interval covers sampling noise of the *test sets* only: it says nothing about the noise of
 training (another seed gives another model: `glow.report.seeds` groups seeds).
 
+Reports (ood.json, compare, matrix) take their settings from a `Bootstrap` and each entry of
+scores from `metrics_with_intervals`: the metrics with ``"intervals": {metric: [low, high]}``.
+Every pair of a report is drawn with the same seed, so the in-distribution resamples are the
+same for every score of a table (a paired bootstrap across scores of one OOD set).
+
 Speed: a resample is a vector of multiplicities over the distinct score values, so every
 metric is a few cumulative sums over the sorted values (no sort per resample, no
 scikit-learn call per resample). 1,000 resamples of 26,032 x 19,962 scores take a few seconds
@@ -20,12 +25,15 @@ scikit-learn call per resample). 1,000 resamples of 26,032 x 19,962 scores take 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from glow.report.scores import ood_metrics
+from glow.report.metrics import ood_metrics
+from glow.report.tables import Interval, cell
 
-__all__ = ["DEFAULT_CONFIDENCE", "DEFAULT_RESAMPLES", "INTERVAL_METRICS", "format_interval", "ood_intervals",
-           "weighted_ood_metrics"]
+__all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_CONFIDENCE", "DEFAULT_RESAMPLES", "INTERVAL_METRICS", "Bootstrap", "format_interval",
+           "metrics_with_intervals", "ood_intervals", "weighted_ood_metrics"]
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_CONFIDENCE = 0.95
@@ -123,4 +131,52 @@ def _resampled_counts(rng: np.random.Generator, groups: np.ndarray, rows: int, n
 
 def format_interval(entry: dict, digits: int = 3) -> str:
     """``0.912 [0.905, 0.918]`` from one metric of `ood_intervals`."""
-    return f"{entry['estimate']:.{digits}f} [{entry['low']:.{digits}f}, {entry['high']:.{digits}f}]"
+    return cell(Interval(entry["estimate"], entry["low"], entry["high"]), digits)
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """How a report draws its intervals: resamples per (OOD set, score) pair (0: no intervals,
+    for speed), the seed and the confidence level."""
+
+    n_resamples: int = DEFAULT_RESAMPLES
+    seed: int = 0
+    confidence: float = DEFAULT_CONFIDENCE
+
+    def __post_init__(self):
+        if self.n_resamples < 0:
+            raise ValueError(f"bootstrap resamples must be >= 0 (0: no intervals), got {self.n_resamples}")
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+
+    def describe(self) -> dict:
+        """The settings as a report's JSON holds them (``"intervals"`` at its top level)."""
+        if not self.n_resamples:
+            return {"n_resamples": 0, "method": "none: intervals skipped (resample count 0)"}
+        return {"method": METHOD, "confidence": self.confidence, "n_resamples": self.n_resamples, "seed": self.seed}
+
+    def note(self) -> str:
+        """One sentence for a report's notes: what the brackets are, and what they do not cover."""
+        if not self.n_resamples:
+            return "No intervals: the bootstrap was skipped (resample count 0)."
+        return (f"[low, high]: {self.confidence:.0%} percentile-bootstrap interval ({self.n_resamples} resamples, "
+                f"seed {self.seed}; in-distribution and OOD scores resampled independently, each at its own "
+                "size). It covers the sampling noise of the finite test sets, not the noise of training "
+                "(another seed gives another model: group seeds for that).")
+
+
+DEFAULT_BOOTSTRAP = Bootstrap()  # 1,000 resamples, seed 0, 95%
+
+
+def metrics_with_intervals(scores_in, scores_out, bootstrap: Bootstrap) -> dict:
+    """`ood_metrics` of one pair of score sets and, unless ``bootstrap.n_resamples`` is 0,
+    ``"intervals": {metric: [low, high]}`` for every metric of `INTERVAL_METRICS` (the point values
+    are the same numbers either way)."""
+    if not bootstrap.n_resamples:
+        return ood_metrics(scores_in, scores_out)
+    drawn = ood_intervals(scores_in, scores_out, n_resamples=bootstrap.n_resamples, seed=bootstrap.seed,
+                          confidence=bootstrap.confidence)
+    entry: dict = {name: drawn[name]["estimate"] for name in INTERVAL_METRICS}
+    entry.update(n_in=drawn["n_in"], n_out=drawn["n_out"],
+                 intervals={name: [drawn[name]["low"], drawn[name]["high"]] for name in INTERVAL_METRICS})
+    return entry

@@ -6,7 +6,11 @@ Each row is one run (one model, its in-distribution test split); each cell is th
 evaluated step, so every score of ``ood.json`` is in ``matrix.json``; ``matrix.md`` and the
 heatmap ``matrix.png`` show the AUROC of one chosen score (log-likelihood by default). A cell
 whose dump is missing is shown as such (the note says which `eval/evaluate.py` run makes it);
-the cell of a row's own in-distribution set is left empty. Reads only files on disk; no GPU.
+the cell of a row's own in-distribution set is left empty. Every metric carries its bootstrap
+interval (`glow.report.intervals.Bootstrap`); matrix.md and the terminal show it beside the
+AUROC, the heatmap the point value. With ``--group-seeds`` the runs of one recipe
+(`glow.report.seeds.group_by_stem`) make one row: each metric's mean, standard deviation and N,
+the runs' own rows under ``per_run``. Reads only files on disk; no GPU.
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ from glow.errors import BadArgument
 from glow.evaluation.dumps import Dump
 from glow.files import atomic_write_text
 from glow.names import parse_spec
-from glow.report.scores import ood_table
-from glow.report.tables import markdown_table
+from glow.report.intervals import DEFAULT_BOOTSTRAP, Bootstrap
+from glow.report.scores import metric_cell, ood_table, test_bpd_cell
+from glow.report.seeds import SeedRun, group_by_stem, metric_summary, seed_entry
+from glow.report.tables import cell, markdown_table
 from glow.run import Run
 
 log = logging.getLogger(__name__)
 
 __all__ = ["MatrixRow", "auroc_grid", "format_cell", "load_row", "matrix_markdown", "matrix_table", "parse_run",
-           "write_matrix"]
+           "seed_groups", "write_matrix"]
 
 DEFAULT_SCORE = "log_likelihood"
 
@@ -82,18 +88,21 @@ def load_row(run_dir: str | Path, in_spec: str, ood_specs: Sequence[str], *, ste
 
 
 def matrix_table(rows: Sequence[MatrixRow], ood_specs: Sequence[str], score: str = DEFAULT_SCORE,
-                 seed: int = 0) -> dict:
-    """rows x OOD sets; each cell holds every score's metrics (None: missing, or the row's own set)."""
+                 seed: int = 0, *, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+                 groups: Sequence[tuple[str, dict]] | None = None) -> dict:
+    """rows x OOD sets; each cell holds every score's metrics (None: missing, or the row's own set).
+    ``groups`` (`seed_groups`): the rows of each group become one row (mean, sd and N over seeds)."""
     if not rows or not ood_specs:
         raise BadArgument("the matrix needs at least one run (--run) and one OOD set (--ood)")
-    table = {"score": score, "ood_sets": list(ood_specs), "rows": [], "notes": [
+    table = {"score": score, "ood_sets": list(ood_specs), "intervals": bootstrap.describe(), "rows": [], "notes": [
         "Rows: the in-distribution model (one run each); columns: OOD sets. Scores are oriented higher = more "
         "in-distribution, in-distribution is the positive class: AUROC < 0.5 means the OOD set looks MORE "
         "in-distribution than the model's own held-out data.",
+        bootstrap.note(),
     ]}
     for row in rows:
         d = row.in_test
-        one = ood_table(d, list(row.oods.values()), row.train, seed=seed)
+        one = ood_table(d, list(row.oods.values()), row.train, seed=seed, bootstrap=bootstrap)
         table["rows"].append({
             "label": row.label, "run_dir": str(row.run_dir), "in_distribution": d.spec, "step": d.step,
             "model_hash": d.model_hash, "checkpoint": d.checkpoint, "n_bits": d.n_bits,
@@ -109,7 +118,52 @@ def matrix_table(rows: Sequence[MatrixRow], ood_specs: Sequence[str], score: str
     if seen and score not in seen:
         raise BadArgument(f"score {score!r} is in no cell; the dumps give {seen}")
     table["scores"] = seen
+    if groups is not None:
+        _group_rows(table, groups)
     return table
+
+
+def seed_groups(runs: Sequence[tuple[Path, str]]) -> list[tuple[str, dict]]:
+    """The runs (``(run dir, in-distribution spec)``, labelled by folder name) grouped as seeds of
+    their recipes (`glow.report.seeds.group_by_stem`, from each config.yaml); refused
+    (BadArgument) when the runs of one group differ in anything but the seed or in the
+    in-distribution set they are scored on."""
+    labelled = [(Run(path), spec) for path, spec in runs]
+    groups = group_by_stem([SeedRun(run.name, run.config()) for run, _ in labelled])
+    spec_of = {run.name: spec for run, spec in labelled}
+    for stem, group in groups:
+        specs = {label: spec_of[label] for label in group["runs"]}
+        if len(set(specs.values())) > 1:
+            raise BadArgument(f"the seeds of {stem} are scored on different in-distribution sets {specs}: "
+                              "give them the same --run DIR=DATASET/SPLIT")
+    return groups
+
+
+def _group_rows(table: dict, groups: Sequence[tuple[str, dict]]) -> None:
+    """Replace the runs' rows by one row per seed group: cells of `seed_entry` per score, test
+    bits/dim as a mean (``test_bpd_seeds``: its summary), the runs' rows under ``per_run``."""
+    by_label = {r["label"]: r for r in table["rows"]}
+    rows = []
+    for stem, group in groups:
+        members = {label: by_label[label] for label in group["runs"]}
+        first = next(iter(members.values()))
+        bpd = metric_summary("test_bpd", {label: r["test_bpd"] for label, r in members.items()})
+        cells = {}
+        for spec in table["ood_sets"]:
+            present = [r["cells"][spec] for r in members.values() if r["cells"][spec]]
+            names = list(dict.fromkeys(name for c in present for name in c))
+            cells[spec] = {name: seed_entry({label: (r["cells"][spec] or {}).get(name) for label, r in members.items()})
+                           for name in names} or None
+        rows.append({"label": stem, "runs": group["runs"], "seeds": group["seeds"], "run_dir": None,
+                     "in_distribution": first["in_distribution"], "step": None, "model_hash": None,
+                     "checkpoint": None, "n_bits": first["n_bits"], "test_bpd": bpd["mean"], "test_bpd_seeds": bpd,
+                     "train": first["train"], "cells": cells,
+                     "missing": list(dict.fromkeys(s for r in members.values() for s in r["missing"])),
+                     "per_run": members})
+    table["rows"] = rows
+    table["notes"].append("Rows of several seeds (--group-seeds) show mean ± sample standard deviation (N=runs) "
+                          "of the AUROC over the seeds; each run's cells and intervals are under per_run in "
+                          "matrix.json.")
 
 
 def auroc_grid(table: dict, score: str | None = None) -> np.ndarray:
@@ -119,14 +173,18 @@ def auroc_grid(table: dict, score: str | None = None) -> np.ndarray:
                       for s in table["ood_sets"]] for r in table["rows"]], dtype=np.float64)
 
 
-def format_cell(row: dict, spec: str, score: str) -> str:
-    """A matrix row's cell as text: the AUROC, ``(in)``, ``missing`` or ``n/a``."""
-    cell = row["cells"][spec]
+def format_cell(row: dict, spec: str, score: str, detail: bool = True) -> str:
+    """A matrix row's cell as text: the AUROC (with ``detail``, its interval or, for seeds,
+    ``mean ± sd (N)``; without, the point value or mean, as on the heatmap), ``(in)``,
+    ``missing`` or ``n/a``."""
+    entries = row["cells"][spec]
     if spec == row["in_distribution"]:
         return "(in)"
-    if cell is None:
+    if entries is None:
         return "missing"
-    return f"{cell[score]['auroc']:.3f}" if score in cell else "n/a"
+    if score not in entries or entries[score] is None:
+        return "n/a"
+    return cell(metric_cell(entries[score], "auroc") if detail else entries[score]["auroc"], 3)
 
 
 def matrix_markdown(table: dict) -> str:
@@ -136,12 +194,12 @@ def matrix_markdown(table: dict) -> str:
         if k:
             lines += [f"## AUROC of `{score}`", ""]
         header = ["model (in-distribution)", *(["test bits/dim"] if k == 0 else []), *specs]
-        rows = [[f"{r['label']} ({r['in_distribution']})", *([r["test_bpd"]] if k == 0 else []),
+        rows = [[f"{r['label']} ({r['in_distribution']})", *([test_bpd_cell(r)] if k == 0 else []),
                  *(format_cell(r, s, score) for s in specs)] for r in table["rows"]]
         lines += [*markdown_table(header, rows), ""]
+    runs = [run for r in table["rows"] for run in (r.get("per_run") or {r["label"]: r}).values()]
     lines += markdown_table(["model", "run", "step", "model hash", "bits"],
-                            [[r["label"], r["run_dir"], r["step"], f"`{r['model_hash']}`", r["n_bits"]]
-                             for r in table["rows"]])
+                            [[r["label"], r["run_dir"], r["step"], f"`{r['model_hash']}`", r["n_bits"]] for r in runs])
     lines += [""] + [f"- {n}" for n in table["notes"]] + [
         "- `(in)`: the model's own in-distribution set; `missing`: no dump; `n/a`: the score needs data the dumps "
         "lack (complexity_bpd, or a training dump for typicality). Every score and metric is in matrix.json.", ""]
@@ -150,22 +208,25 @@ def matrix_markdown(table: dict) -> str:
 
 def write_matrix(run_args: Sequence[str], ood_specs: Sequence[str], out_dir: str | Path, *,
                  score: str = DEFAULT_SCORE, step: int | None = None, in_split: str = "test",
-                 train_split: str = "train", seed: int = 0) -> tuple[dict, list[Path]]:
-    """Load every run, write matrix.json, matrix.md and the heatmap matrix.png under ``out_dir``."""
+                 train_split: str = "train", seed: int = 0, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+                 group_seeds: bool = False) -> tuple[dict, list[Path]]:
+    """Load every run, write matrix.json, matrix.md and the heatmap matrix.png under ``out_dir``;
+    with ``group_seeds``, the seeds of each recipe in one row (`seed_groups`)."""
     from glow.report.figures import plot_auroc_matrix
 
     for s in ood_specs:
         parse_spec(s)
-    rows = [load_row(path, spec, ood_specs, step=step, train_split=train_split)
-            for path, spec in (parse_run(a, in_split) for a in run_args)]
-    labels = [r.label for r in rows]
+    runs = [parse_run(a, in_split) for a in run_args]
+    labels = [Run(path).name for path, _ in runs]
     if len(set(labels)) != len(labels):
         raise BadArgument(f"two runs have the same folder name ({labels}); the rows need distinct names")
-    table = matrix_table(rows, ood_specs, score, seed=seed)
+    groups = seed_groups(runs) if group_seeds else None  # refused before any dump is read
+    rows = [load_row(path, spec, ood_specs, step=step, train_split=train_split) for path, spec in runs]
+    table = matrix_table(rows, ood_specs, score, seed=seed, bootstrap=bootstrap, groups=groups)
     out = Path(out_dir)
     atomic_write_text(out / "matrix.json", json.dumps(table, indent=2) + "\n")
     atomic_write_text(out / "matrix.md", matrix_markdown(table))
-    texts = [[format_cell(r, s, score) for s in table["ood_sets"]] for r in table["rows"]]
+    texts = [[format_cell(r, s, score, detail=False) for s in table["ood_sets"]] for r in table["rows"]]
     png = plot_auroc_matrix(auroc_grid(table), [f"{r['label']}\n({r['in_distribution']})" for r in table["rows"]],
                             table["ood_sets"], f"AUROC of {score} (in-distribution positive)", out / "matrix.png",
                             texts=texts)

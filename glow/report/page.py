@@ -17,9 +17,12 @@ from glow.files import atomic_write_text, read_bytes
 from glow.report.scores import (
     METRIC_COLUMNS,
     TYPICALITY_HEADER,
+    metric_cell,
+    scored_data,
     typicality_rows,
     typicality_rule_text,
 )
+from glow.report.tables import Interval, Spread, cell
 
 __all__ = ["write_index"]
 
@@ -40,8 +43,9 @@ def _esc(value) -> str:
 
 
 def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"<td>{value:.4f}</td>"
+    """A number (an interval, a spread) as `glow.report.tables` writes it; text escaped."""
+    if isinstance(value, (float, Interval, Spread)):
+        return f"<td>{_esc(cell(value))}</td>"
     return f"<td>{_esc(value)}</td>"
 
 
@@ -78,7 +82,7 @@ def write_index(out: Path, table: dict, images: list[Path], *, run_name: str, co
     title = f"glow-ood results: {run_name}, step {table['step']}"
     body = [f"<h1>{_esc(title)}</h1>",
             f"<p>Checkpoint <code>{_esc(table['checkpoint'])}</code> (step {_esc(table['step'])}, model hash "
-            f"<code>{_esc(table['model_hash'])}</code>, {_esc(table['n_bits'])}-bit); in-distribution "
+            f"<code>{_esc(table['model_hash'])}</code>, {_esc(scored_data(table))}); in-distribution "
             f"<code>{_esc(table['in_distribution'])}</code>.</p>",
             "<h2>Bits per dimension</h2>"]
     body += _table(["split", "bits/dim mean", "std", "count"],
@@ -88,7 +92,7 @@ def write_index(out: Path, table: dict, images: list[Path], *, run_name: str, co
         body += _table(["split @ temperature", "FID", "samples"],
                        [[k, float(v["fid"]), v.get("n_samples", "")] for k, v in sorted(fid.items())])
     body.append("<h2>OOD detection</h2>")
-    rows = [[f"{spec}: {name}", *(r[k] for k, _ in METRIC_COLUMNS)]
+    rows = [[f"{spec}: {name}", *(metric_cell(r, k) for k, _ in METRIC_COLUMNS)]
             for spec, scores in table["ood"].items() for name, r in scores.items()]
     body += _table(["OOD set: score", *(h for _, h in METRIC_COLUMNS)], rows)
     body += [f'<p class="note">{_esc(n)}</p>' for n in table.get("notes", [])]

@@ -19,8 +19,13 @@ Conventions
   over bootstrap batches of held-out in-distribution data (`typicality_epsilon`).
 * The likelihood ratio (Ren et al. 2019) is log p(x) - log p_bg(x) under a background model.
 
-`score_pairs` lists the scores of a pair of sets (the one list every table uses); `ood_table` /
-`ood_markdown` make the OOD table of one run (figures/ood.json and ood.md).
+`score_pairs` lists the scores of a pair of sets (the one list every table uses);
+`glow.report.intervals.metrics_with_intervals` turns each into an entry (the metrics of
+`glow.report.metrics` with their bootstrap intervals, the one place both are computed); `ood_table` / `ood_markdown` make the OOD table of one run
+(figures/ood.json and ood.md). An entry is ``{"auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr",
+"n_in", "n_out"}`` with ``"intervals": {metric: [low, high]}`` unless the bootstrap was skipped;
+an entry of a seed group (`glow.report.seeds.seed_entry`) holds each metric's mean and
+``"seeds"``; `metric_cell` shows any of them in a table.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from glow.errors import ResultsInvalid
 from glow.evaluation.dumps import Dump
-from glow.report.tables import markdown_table
+from glow.report.intervals import DEFAULT_BOOTSTRAP, Bootstrap, metrics_with_intervals
+from glow.report.metrics import ood_metrics  # noqa: F401  (the public name glow.report.scores.ood_metrics)
+from glow.report.tables import Interval, Spread, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -43,36 +49,9 @@ METRIC_COLUMNS = (("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR
                   ("fpr_at_95_tpr", "FPR@95%TPR"), ("n_in", "n in"), ("n_out", "n OOD"))
 TYPICALITY_ALPHA = 0.99
 TYPICALITY_BOOTSTRAP = 2000
-
-
-def ood_metrics(scores_in, scores_out) -> dict:
-    """AUROC, AUPR-in, AUPR-out and FPR at 95% TPR for scores where higher = in-distribution.
-
-    In-distribution is the positive class. AUPR-in uses in-distribution as positive with the
-    score as is; AUPR-out uses OOD as positive with the negated score. ``fpr_at_95_tpr`` is the
-    fraction of OOD samples accepted when the threshold accepts 95% of in-distribution samples.
-    AUROC < 0.5 means the OOD set looks more in-distribution than the in-distribution set.
-    """
-    s_in = np.asarray(scores_in, dtype=np.float64).ravel()
-    s_out = np.asarray(scores_out, dtype=np.float64).ravel()
-    if s_in.size == 0 or s_out.size == 0:
-        raise ValueError(f"ood_metrics needs both sets non-empty, got n_in={s_in.size}, n_out={s_out.size}")
-    for name, s in (("scores_in", s_in), ("scores_out", s_out)):
-        if not np.isfinite(s).all():
-            raise ResultsInvalid(f"{name} has {int((~np.isfinite(s)).sum())} non-finite values; fix the dump first")
-    y = np.concatenate([np.ones(s_in.size), np.zeros(s_out.size)])
-    s = np.concatenate([s_in, s_out])
-    # Every threshold: with tied scores the thinned curve (drop_intermediate) can skip the 95% crossing.
-    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
-    idx = int(np.searchsorted(tpr, 0.95, side="left"))
-    return {
-        "auroc": float(roc_auc_score(y, s)),
-        "aupr_in": float(average_precision_score(y, s)),
-        "aupr_out": float(average_precision_score(1 - y, -s)),
-        "fpr_at_95_tpr": float(fpr[idx]),
-        "n_in": int(s_in.size),
-        "n_out": int(s_out.size),
-    }
+VECTORS_NOTE = ("A flow on feature vectors: its bits/dim are continuous (-log p(x) / (D ln 2) of real vectors, a "
+                "differential entropy rate: they may be negative and compare only between models of the same "
+                "features); no PNG complexity rows (a vector has no image code length).")
 
 
 # --------------------------------------------------------------------------- input complexity
@@ -202,10 +181,32 @@ def score_pairs(in_test: Dump, ood: Dump, *, train_nll: float | None = None,
     return pairs
 
 
+def metric_cell(entry: dict, metric: str) -> float | Interval | Spread:
+    """One metric of an entry as a table cell (`glow.report.tables`): ``mean ± sd (N)`` for a group
+    of several seeds, ``value [low, high]`` with an interval, else the value."""
+    summary = (entry.get("seeds") or {}).get(metric)
+    if summary is not None and summary["n"] > 1:
+        return Spread(summary["mean"], summary["std"], summary["n"])
+    interval = (entry.get("intervals") or {}).get(metric)
+    if interval is not None:
+        return Interval(entry[metric], *interval)
+    return entry[metric]
+
+
+def test_bpd_cell(row: dict) -> float | Spread | None:
+    """A compare/matrix row's in-distribution test bits/dim as a table cell: ``mean ± sd (N)``
+    for a row of several seeds (``test_bpd_seeds``), else the value."""
+    summary = row.get("test_bpd_seeds")
+    if summary is not None and summary["n"] > 1:
+        return Spread(summary["mean"], summary["std"], summary["n"])
+    return row["test_bpd"]
+
+
 def ood_table(in_test: Dump, oods: Sequence[Dump], train: Dump | None = None, *,
               typicality_sizes: Sequence[int] = TYPICALITY_BATCH_SIZES, seed: int = 0,
-              alpha: float = TYPICALITY_ALPHA) -> dict:
-    """OOD metrics per OOD set and score (`score_pairs`; in-distribution is the positive class).
+              alpha: float = TYPICALITY_ALPHA, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> dict:
+    """OOD metrics per OOD set and score (`score_pairs`; in-distribution is the positive class),
+    each with its bootstrap interval (`bootstrap`; the settings go to ``"intervals"``).
 
     With the training dump, the typicality scores, and ``typicality_test``: the decision rule per
     OOD set and M, epsilon calibrated on one seeded half of the in-distribution test split (held
@@ -213,19 +214,23 @@ def ood_table(in_test: Dump, oods: Sequence[Dump], train: Dump | None = None, *,
     """
     table = {
         "step": in_test.step, "model_hash": in_test.model_hash, "checkpoint": in_test.checkpoint,
-        "n_bits": in_test.n_bits, "in_distribution": in_test.spec, "typicality_seed": seed,
+        "n_bits": in_test.n_bits, "data_kind": "vectors" if in_test.vectors else "images",
+        "in_distribution": in_test.spec, "typicality_seed": seed, "intervals": bootstrap.describe(),
         "bpd": {d.spec: {"mean": float(d.bpd.mean()), "std": float(d.bpd.std()), "count": int(d.bpd.size)}
                 for d in [x for x in (train, in_test) if x is not None] + list(oods)},
         "notes": [
             "Scores are oriented higher = more in-distribution; in-distribution is the positive class. "
             "AUROC < 0.5 means the OOD set looks MORE in-distribution than held-out in-distribution data.",
             "png_complexity is -L(x), the PNG size alone (a model-free baseline): it shows what the flow adds.",
+            bootstrap.note(),
         ],
         "ood": {},
     }
+    if in_test.vectors:
+        table["notes"].append(VECTORS_NOTE)
     table["notes"] += [f"{d.spec}: the dump holds no complexity_bpd (written by an older version): no complexity "
                        "rows; rewrite it with eval/evaluate.py --task dump --force"
-                       for d in [in_test, *oods] if d.complexity_bpd is None]
+                       for d in [in_test, *oods] if d.complexity_bpd is None and not d.vectors]
     train_nll = None if train is None else float(-train.log_p.mean())
     if train is None:
         table["notes"].append("no training-set dump: typicality scores omitted")
@@ -233,7 +238,7 @@ def ood_table(in_test: Dump, oods: Sequence[Dump], train: Dump | None = None, *,
         table["train_mean_nll_nats"] = train_nll
     for ood in oods:
         pairs = score_pairs(in_test, ood, train_nll=train_nll, typicality_sizes=typicality_sizes, seed=seed)
-        table["ood"][ood.spec] = {name: ood_metrics(*pair) for name, pair in pairs.items()}
+        table["ood"][ood.spec] = {name: metrics_with_intervals(*pair, bootstrap) for name, pair in pairs.items()}
     if train_nll is not None:
         table["typicality_test"] = _typicality_decisions(in_test, oods, train_nll, typicality_sizes, seed, alpha)
     return table
@@ -257,25 +262,33 @@ def _typicality_decisions(in_test: Dump, oods: Sequence[Dump], train_nll: float,
     return out
 
 
+def scored_data(table: dict) -> str:
+    """What the model of an OOD table scored, in words: ``8-bit images`` or feature vectors."""
+    if table.get("data_kind") == "vectors":
+        return "feature vectors: continuous bits/dim"
+    return f"{table['n_bits']}-bit images"
+
+
 def ood_markdown(table: dict) -> str:
     lines = [
         f"# OOD detection: in-distribution `{table['in_distribution']}`",
         "",
         f"Checkpoint `{table['checkpoint']}` (step {table['step']}, model hash `{table['model_hash']}`, "
-        f"{table['n_bits']}-bit).",
+        f"{scored_data(table)}).",
         "",
     ]
     lines += markdown_table(["set", "bits/dim mean", "std", "count"],
                             [[s, v["mean"], v["std"], v["count"]] for s, v in table["bpd"].items()])
     lines.append("")
     lines += markdown_table(["OOD set", "score", *(h for _, h in METRIC_COLUMNS)],
-                            [[spec, name, *(r[k] for k, _ in METRIC_COLUMNS)]
+                            [[spec, name, *(metric_cell(r, k) for k, _ in METRIC_COLUMNS)]
                              for spec, rows in table["ood"].items() for name, r in rows.items()])
     lines += _typicality_markdown(table.get("typicality_test"))
+    complexity = ("" if table.get("data_kind") == "vectors" else
+                  "complexity_corrected is -S(x) = L(x) - bpd(x) (Serra et al. 2020), L = PNG size at maximum "
+                  f"compression in bits/dim of the {table['n_bits']}-bit image the model scored; ")
     lines += [""] + [f"- {n}" for n in table["notes"]] + [
-        "- complexity_corrected is -S(x) = L(x) - bpd(x) (Serra et al. 2020), L = PNG size at maximum "
-        f"compression in bits/dim of the {table['n_bits']}-bit image the model scored; "
-        "typicality_mM is -|mean NLL of a batch of M - training mean NLL| "
+        f"- {complexity}typicality_mM is -|mean NLL of a batch of M - training mean NLL| "
         "(Nalisnick et al. 2019) over disjoint seeded batches, so its n counts batches.", ""]
     return "\n".join(lines)
 

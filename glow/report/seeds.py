@@ -10,23 +10,34 @@ A group is refused (`glow.errors.BadArgument`, naming the keys) when its resolve
 (`<run>/config.yaml`, as nested dicts) differ in anything but `SEED_KEYS`: averaging runs of
 different recipes would make a mean of nothing in particular. Pure functions on dicts: the
 callers read the configs and the metrics.
+
+How reports ask for groups (`compare` / `matrix` with ``--group-seeds``): runs are grouped by
+name, `seed_stem` of each (``x-s0``, ``x-s1`` and ``x`` are seeds of ``x``; the local loop of
+docs/variants.md and ``submit.sh --seeds`` name them so), and each group must pass
+`seed_group`: a run named as a seed of ``x`` but trained with another recipe is refused, not
+quietly put in a row of its own. `seed_entry` makes one OOD-metric entry of a group's entries.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from glow.errors import BadArgument, ResultsInvalid
+from glow.report.intervals import INTERVAL_METRICS
 
-__all__ = ["SEED_KEYS", "SeedRun", "group_by_recipe", "recipe_differences", "seed_group"]
+__all__ = ["SEED_KEYS", "SeedRun", "group_by_recipe", "group_by_stem", "metric_summary", "recipe_differences",
+           "seed_entry",
+           "seed_group", "seed_stem"]
 
 # What may differ between seeds of one recipe: the seed itself and where the run lives.
 SEED_KEYS = ("train.seed", "run.name", "run.root")
 _MISSING = "<absent>"
 _SHOWN_KEYS = 6  # differing keys named in a refusal before "and N more"
+_SEED_SUFFIX = re.compile(r"[-_](?:s|seed)[0-9]+$")  # x-s0, x_s1, x-seed2: seeds of x
 
 
 @dataclass
@@ -110,11 +121,13 @@ def seed_group(runs: Sequence[SeedRun], ignore: Sequence[str] = SEED_KEYS) -> di
                           "group runs of different seeds")
     per_run = {r.label: _flatten(r.metrics, "/") for r in runs}
     names = sorted(set().union(*per_run.values()))
-    metrics = {name: _summary(name, {label: m.get(name) for label, m in per_run.items()}) for name in names}
+    metrics = {name: metric_summary(name, {label: m.get(name) for label, m in per_run.items()}) for name in names}
     return {"n_runs": len(runs), "runs": labels, "seeds": seeds, "ignored_keys": list(ignore), "metrics": metrics}
 
 
-def _summary(name: str, values: dict[str, Any]) -> dict:
+def metric_summary(name: str, values: dict[str, Any]) -> dict:
+    """``{"mean", "std", "n", "values", "missing"}`` of one metric over runs (``{label: value or None}``);
+    ResultsInvalid for a value that is not a finite number."""
     present = {}
     for label, value in values.items():
         if value is None:
@@ -144,3 +157,43 @@ def group_by_recipe(runs: Sequence[SeedRun], ignore: Sequence[str] = SEED_KEYS) 
             keys.append(recipe)
             groups.append([run])
     return [seed_group(members, ignore) for members in groups]
+
+
+def seed_stem(name: str) -> str:
+    """A run's name without its seed suffix (``-s<k>``, ``_s<k>``, ``-seed<k>``, ``_seed<k>``):
+    the name of its recipe's row; a name without one is its own stem."""
+    return _SEED_SUFFIX.sub("", name) or name
+
+
+def group_by_stem(runs: Sequence[SeedRun], ignore: Sequence[str] = SEED_KEYS) -> list[tuple[str, dict]]:
+    """``[(stem, seed_group(members))]``: runs partitioned by the `seed_stem` of their labels, in
+    order of first appearance. Raises BadArgument (from `seed_group`, naming the keys) when the
+    runs of one stem differ in anything but ``ignore`` or repeat a seed."""
+    members: dict[str, list[SeedRun]] = {}
+    for run in runs:
+        members.setdefault(seed_stem(run.label), []).append(run)
+    return [(stem, seed_group(group, ignore)) for stem, group in members.items()]
+
+
+def seed_entry(entries: Mapping[str, Mapping | None]) -> dict | None:
+    """One OOD-metric entry (`glow.report.intervals.metrics_with_intervals`) for a seed group, from its runs'
+    entries (``{run label: entry, or None where the run lacks it}``): each metric of
+    `INTERVAL_METRICS` is the mean over the runs, ``"seeds"`` holds every metric's `seed_group`
+    summary (mean, std, n, per-run values, missing). A group of one run keeps that run's
+    intervals. None when no run has the entry; ResultsInvalid when the runs scored sets of
+    different sizes (seeds must be evaluated on the same data)."""
+    present = {label: entry for label, entry in entries.items() if entry is not None}
+    if not present:
+        return None
+    sizes = {label: (entry["n_in"], entry["n_out"]) for label, entry in present.items()}
+    if len(set(sizes.values())) > 1:
+        raise ResultsInvalid(f"seeds of one recipe scored sets of different sizes (n in, n OOD): {sizes}; "
+                             "evaluate every seed on the same splits")
+    summaries = {m: metric_summary(m, {label: None if e is None else e[m] for label, e in entries.items()})
+                 for m in INTERVAL_METRICS}
+    out: dict = {m: summaries[m]["mean"] for m in INTERVAL_METRICS}
+    out["n_in"], out["n_out"] = next(iter(sizes.values()))
+    if len(present) == 1 and "intervals" in next(iter(present.values())):
+        out["intervals"] = next(iter(present.values()))["intervals"]
+    out["seeds"] = summaries
+    return out

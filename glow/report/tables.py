@@ -1,27 +1,54 @@
 """The one formatter of tables: Markdown for the report files, aligned text for the terminal.
 
 A table is a header and rows of cells; a float cell is shown with four decimals (``digits``),
-None as ``-``, anything else as text. Columns whose cells are all numbers are right-aligned.
+an `Interval` as ``value [low, high]``, a `Spread` (several seeds) as ``mean ± sd (N=n)``,
+None as ``-``, anything else as text. Columns whose cells are all numbers (intervals and
+spreads included) are right-aligned.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-__all__ = ["cell", "markdown_table", "text_table"]
+__all__ = ["Interval", "Spread", "cell", "markdown_table", "text_table"]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point value with its confidence interval (e.g. a bootstrap interval of an AUROC)."""
+
+    value: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A metric over the runs of several seeds: mean, sample standard deviation (None for one run) and N."""
+
+    mean: float
+    std: float | None
+    n: int
 
 
 def cell(value, digits: int = 4) -> str:
-    """A cell as text: floats with ``digits`` decimals, None as '-'."""
+    """A cell as text: floats with ``digits`` decimals, intervals and spreads likewise, None as '-'."""
     if value is None:
         return "-"
+    if isinstance(value, Interval):
+        return f"{value.value:.{digits}f} [{value.low:.{digits}f}, {value.high:.{digits}f}]"
+    if isinstance(value, Spread):
+        spread = "" if value.std is None else f" ± {value.std:.{digits}f}"
+        return f"{value.mean:.{digits}f}{spread} (N={value.n})"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
 
 
 def _numeric(column: Sequence) -> bool:
-    return all(isinstance(v, (int, float)) or v is None for v in column) and any(v is not None for v in column)
+    numbers = (int, float, Interval, Spread)
+    return all(isinstance(v, numbers) or v is None for v in column) and any(v is not None for v in column)
 
 
 def _columns(header: Sequence[str], rows: Sequence[Sequence]) -> list[list]:
