@@ -22,7 +22,7 @@ import torch
 
 from glow.data.manifest import manifest_hash, read_manifest
 from glow.data.streams import check_channels, make_eval_loader
-from glow.distributed import barrier, on_main
+from glow.distributed import barrier, gather_objects, on_main
 from glow.errors import BadArgument
 from glow.evaluation import TASKS
 from glow.evaluation.dumps import dump_settings, write_dump
