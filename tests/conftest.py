@@ -5,8 +5,7 @@ import torch
 
 from glow.evaluation.fid import FID_WEIGHTS_FILE
 
-# A real two-node Slurm cluster (session scope); see tests/slurm_cluster.py.
-from tests.slurm_cluster import slurm_cluster  # noqa: F401
+# A real two-node Slurm cluster (session scope); see tests/helpers/slurm_cluster.py.
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,8 @@ from glow.evaluation import dumps
 from glow.report import compare, figures
 from glow.report import scores as ood
 from glow.report.intervals import Bootstrap, ood_intervals
-from tests.test_figures import STEP, _cli, point, write_dump, write_vector_dump
+from tests.helpers.fake_runs import STEP, point, write_dump, write_vector_dump
+from tests.helpers.repo import load_script
 
 
 def make_run(root: Path, name: str, *, shift: float = 0.0, model_hash: str = "m0", perm_seed: int | None = None,
@@ -157,7 +158,7 @@ def test_cli_compare_and_single_run_usage(tmp_path):
                                       "--ood", "digits/test", "--out", str(out)])
     assert bad.exit_code == EXIT_DATA and "keys differ" in bad.output and "digits-test.npz" in bad.output
     # the original single-run usage still routes to the figures command
-    missing = CliRunner().invoke(_cli(), ["--run", str(a), "--in", "demo", "--ood", "nothing/test"])
+    missing = CliRunner().invoke(load_script("eval/figures.py").main, ["--run", str(a), "--in", "demo", "--ood", "nothing/test"])
     assert missing.exit_code == EXIT_DATA and "nothing-test.npz" in missing.output
 
 

@@ -17,7 +17,7 @@ from glow.config import (
     shipped_configs,
     to_yaml,
 )
-from tests.toydata import REPO, TINY
+from tests.helpers.repo import REPO, TINY
 
 
 def test_shipped_configs_by_name_and_the_checkout_paths_name_the_same_files():

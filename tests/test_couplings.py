@@ -15,8 +15,7 @@ from glow.model.couplings import (
     spatial_masks,
 )
 from glow.model.likelihood import perturb_pixels
-from tests.test_flows import randomize
-from tests.test_model import TINY, initialized_model
+from tests.helpers.models import TINY, initialized_model, randomize
 
 # every new mask, and the bottleneck (layer tests below cover every mask x bottleneck pair);
 # the default (channel, 0) is tests/test_flows.py and tests/test_model.py

@@ -17,7 +17,11 @@ from glow.data.streams import (
     manifest_hash,
     read_manifest,
 )
-from tests.fakedata import build_small_shards, make_fake_svhn, svhn_expected_labels
+from tests.helpers.fake_sources import (
+    build_small_shards,
+    make_fake_svhn,
+    svhn_expected_labels,
+)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,17 @@ import pytest
 from glow.data import manifest as M
 from glow.data import shards as S
 from glow.data.shard_read import MAX_SHARD_BYTES
-from glow.data.streams import load_images, make_eval_loader, make_train_loader, read_manifest
+from glow.data.streams import (
+    load_images,
+    make_eval_loader,
+    make_train_loader,
+    read_manifest,
+)
 from glow.errors import EXIT_DATA
-from tests.fakedata import build_small_shards, make_fake_svhn
-from tests.test_shard_read import plant, tar_bytes
+from tests.helpers.fake_sources import build_small_shards, make_fake_svhn
+from tests.helpers.tars import SMALL, one_line, plant, tar_bytes, traced_peak
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = 8 << 20  # what refusing a hostile file may cost in this process (tracemalloc)
 
 
 @pytest.fixture
@@ -38,17 +41,6 @@ def shards(tmp_path):
     return tmp_path / "shards"
 
 
-def traced_peak(fn):
-    """(the exception ``fn`` raised, the peak bytes tracemalloc saw while it ran)."""
-    tracemalloc.start()
-    try:
-        try:
-            fn()
-        except Exception as exn:  # noqa: BLE001  (returned to the caller, which checks its type)
-            return exn, tracemalloc.get_traced_memory()[1]
-        raise AssertionError(f"{fn} raised nothing")
-    finally:
-        tracemalloc.stop()
 
 
 @contextlib.contextmanager
@@ -83,15 +75,6 @@ def readers(root):
             "load_images": lambda: load_images(root, "gaussian", "test", ["25"])}
 
 
-def one_line(exn: BaseException, *names: object) -> str:
-    msg = str(exn)
-    lines = msg.splitlines()
-    if msg.startswith("verification failed:"):  # verify lists its problems, one a line
-        lines = lines[1:]
-    assert len(lines) == 1, msg
-    for name in names:
-        assert str(name) in msg, (name, msg)
-    return msg
 
 
 def set_entry(root: Path, index: int, path: Path, count: int | None = None) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.toydata import REPO, cpu_env
+from tests.helpers.repo import REPO, cpu_env
 
 pytestmark = pytest.mark.slow
 

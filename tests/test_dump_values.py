@@ -18,8 +18,8 @@ from glow.evaluation.tasks import EvalContext, EvalOptions, run_bpd
 from glow.model import Glow, GlowConfig
 from glow.model.likelihood import eval_noise
 from glow.run import Run
-from tests.fakedata import build_small_shards
-from tests.test_flows import randomize
+from tests.helpers.fake_sources import build_small_shards
+from tests.helpers.models import randomize
 
 N = 12
 

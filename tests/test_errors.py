@@ -8,7 +8,6 @@ evaluation results; and one internal error injected into a real subprocess.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,14 +18,12 @@ from click.testing import CliRunner
 
 from glow.errors import EXIT_CHECKPOINT, EXIT_DATA, EXIT_USAGE
 from glow.model import GlowConfig
-from tests.toydata import REPO, build_toy_shards, cpu_env
+from tests.helpers.repo import REPO, cpu_env, load_script
+from tests.helpers.toy import build_toy_shards
 
 
 def command(script: str):
-    spec = importlib.util.spec_from_file_location(f"errors_{Path(script).stem}", REPO / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(script).main
 
 
 @pytest.fixture(scope="module")

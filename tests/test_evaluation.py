@@ -15,7 +15,8 @@ from PIL import Image
 from glow.checkpoint import load_model
 from glow.errors import EXIT_CHECKPOINT, EXIT_DATA
 from glow.model.sampling import sample_seeded
-from tests.toydata import REPO, build_toy_shards, cpu_env, run, train_command
+from tests.helpers.repo import REPO, cpu_env, run
+from tests.helpers.toy import build_toy_shards, train_command
 
 pytestmark = pytest.mark.slow
 EVALUATE = REPO / "eval" / "evaluate.py"

@@ -19,7 +19,7 @@ import torch
 from glow import checkpoint as ckpt
 from glow.errors import EXIT_CHECKPOINT
 from glow.run import Run
-from tests.toydata import REPO
+from tests.helpers.repo import REPO
 
 
 @contextlib.contextmanager
@@ -100,8 +100,8 @@ def test_training_on_a_filling_disk_ends_with_one_line_in_log_txt(tmp_path):
     """The trainer on a 1.2 MB disk: checkpoints at steps 2 and 4 fit, the one at step 6 does not
     (checked before the save); then a first save on a disk with no room fails mid-write. Both end
     with exit 5 and one line naming the disk and its free space, on stderr and in log.txt."""
-    from tests.fakedata import build_small_shards
-    from tests.toydata import TRAIN, cpu_env
+    from tests.helpers.fake_sources import build_small_shards
+    from tests.helpers.repo import TRAIN, cpu_env
 
     build_small_shards(tmp_path / "shards", n=8, samples_per_shard=8, dataset="toy", split="train")
     for size, steps, complete in (("1200k", 6, [2, 4]), ("200k", 2, [])):

@@ -20,7 +20,7 @@ from glow.features.vector_shards import (
     load_vectors,
     read_vector_manifest,
 )
-from tests.test_features import LINEAR, build_pictures, sha256
+from tests.helpers.features import LINEAR, build_pictures, sha256
 
 LINEAR_FRESH = dataclasses.replace(LINEAR, fresh=lambda: torch.nn.Linear(3, 4))
 

@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from glow.data.shards import build
-from glow.data.sources.images import array_source
 from glow.errors import (
     EXIT_CHECKPOINT,
     EXIT_DATA,
@@ -22,7 +20,6 @@ from glow.errors import (
     CheckpointMissing,
 )
 from glow.evaluation import fid
-from glow.features import extractors
 from glow.features.extract import DONE_SUFFIX, extract_features
 from glow.features.extractors import EXTRACTORS, WeightsMismatch, load_extractor
 from glow.features.vector_shards import (
@@ -34,38 +31,15 @@ from glow.features.vector_shards import (
     record_dtype,
 )
 from glow.files import UnsafeFile
-from tests.test_fid import _smooth_images as smooth_images
-from tests.toydata import spawn_gloo
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def build_pictures(root: Path, n: int, per_shard: int) -> np.ndarray:
-    """`pics/test`: n smooth colour images in shards of ``per_shard``, labels 0..2; returns the images."""
-    images = smooth_images(n, seed=0)
-    settings = {"kind": "pics", "resolution": 32, "channels": 3}
-    build(array_source("pics", "test", images, np.arange(n) % 3, 32, settings, "pics"), root,
-          samples_per_shard=per_shard, progress=False)
-    return images
-
+from tests.helpers.features import LINEAR, build_pictures, sha256
+from tests.helpers.gloo import spawn_gloo
+from tests.helpers.models import smooth_images
 
 # --------------------------------------------------------------------------- a cheap extractor for the job's logic
-def _linear_build(state_dict: dict) -> torch.nn.Module:
-    net = torch.nn.Linear(3, 4)
-    net.load_state_dict(state_dict)
-    return net
 
 
-def _linear_features(net, images, device):
-    x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-    return net(x.float().mean((2, 3)) / 255).float()
 
 
-LINEAR = extractors.ExtractorSpec(name="pixel_linear", dim=4, weights_file="pixel_linear-0badc0de.pth",
-                                  weights_url="(made by the test)", preprocessing="mean pixel / 255, then linear",
-                                  build=_linear_build, features=_linear_features)
 
 
 @pytest.fixture

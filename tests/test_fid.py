@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from glow.evaluation import fid
-from tests.toydata import spawn_gloo
+from tests.helpers.gloo import spawn_gloo
+from tests.helpers.models import smooth_images
 
 # --------------------------------------------------------------------------- Frechet distance
 
@@ -152,21 +153,12 @@ def test_missing_inception_weights_clear_error(tmp_path, monkeypatch):
         fid.load_inception("cpu", weights_path=tmp_path / "nope.pth")
 
 
-def _smooth_images(n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:32, 0:32] / 31.0
-    out = []
-    for _ in range(n):
-        c, f = rng.uniform(40, 200, 3), rng.uniform(0.5, 2.0, 2)
-        img = c + 50 * np.sin(2 * np.pi * (f[0] * xx + f[1] * yy))[..., None]
-        out.append(np.clip(img, 0, 255).astype(np.uint8))
-    return np.stack(out)
 
 
 def test_fid_end_to_end_with_random_weights(random_inception_home, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(random_inception_home))
     model = fid.load_inception("cpu")  # from the hub cache (read as plain tensors)
-    real = _smooth_images(12, seed=0)
+    real = smooth_images(12, seed=0)
     noise = np.random.default_rng(1).integers(0, 256, real.shape, dtype=np.uint8)
     # batches of both layouts: numpy NHWC and torch NCHW
     batches = [real[:5], torch.from_numpy(real[5:]).permute(0, 3, 1, 2)]

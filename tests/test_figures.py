@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import types
 from pathlib import Path
@@ -10,66 +9,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 from glow.evaluation import dumps
 from glow.report import figures
 from glow.report import scores as ood
 from glow.report.intervals import Bootstrap
+from tests.helpers.fake_runs import (
+    STEP,
+    assert_png,
+    fake_loader,
+    make_run,
+    point,
+    write_dump,
+    write_vector_dump,
+)
+from tests.helpers.repo import load_script
 
 REPO = Path(__file__).resolve().parents[1]
-STEP = 100
-D = 32 * 32 * 3
 
 
-def write_dump(step_dir: Path, dataset: str, split: str, bpd: np.ndarray, *, model_hash: str = "m0",
-               step: int = STEP, complexity: bool = True, data_root: str = "/nonexistent",
-               checkpoint: str | None = None) -> Path:
-    n = bpd.size
-    path = step_dir / "dumps" / f"{dataset}-{split}.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = dict(
-        key=np.array([f"{i:08d}" for i in range(n)]), index=np.arange(n, dtype=np.int64),
-        label=np.full(n, -1, np.int64), bpd=bpd.astype(np.float64), log_p=-bpd * D * np.log(2.0),
-        step=np.array(step), model_hash=np.array(model_hash), checkpoint=np.array(checkpoint or f"runs/r/checkpoints/step-{step:08d}"),
-        dataset=np.array(dataset), split=np.array(split), data_root=np.array(data_root), n_bits=np.array(8),
-    )
-    if complexity:
-        arrays["complexity_bpd"] = bpd - 1.0 + 0.1 * np.random.default_rng(n).normal(size=n)
-    np.savez(path, **arrays)
-    return path
 
 
-def fake_loader(calls: list | None = None):
-    def load(root, dataset, split, keys):
-        if calls is not None:
-            calls.append((root, dataset, split, list(keys)))
-        return {k: np.full((32, 32, 3), (int(k) * 37) % 256, np.uint8) for k in keys}
-    return load
 
 
-def make_run(tmp_path: Path, *, train: bool = True, samples: bool = True) -> Path:
-    rng = np.random.default_rng(0)
-    run = tmp_path / "runs" / "r"
-    step_dir = run / "eval" / f"step-{STEP:08d}"
-    if train:
-        write_dump(step_dir, "celeba", "train", rng.normal(3.5, 0.2, 120))
-    write_dump(step_dir, "celeba", "test", rng.normal(3.5, 0.2, 60))
-    write_dump(step_dir, "svhn", "test", rng.normal(3.0, 0.3, 55))
-    if samples:
-        Image.new("RGB", (20, 10), (200, 10, 10)).save(step_dir / "samples.png")
-    return run
 
 
-def point(entry: dict) -> dict:
-    """An OOD-table entry without its bootstrap intervals: what ood_metrics gives."""
-    return {k: v for k, v in entry.items() if k != "intervals"}
 
 
-def assert_png(path: Path) -> None:
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
-    with Image.open(path) as im:
-        im.verify()
 
 
 def test_make_figures_writes_every_file(tmp_path):
@@ -201,17 +167,10 @@ def test_index_html_is_one_self_contained_page(tmp_path):
     assert "image_size: 32" in text and res.table["checkpoint"] in text
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("eval_figures_cli", REPO / "eval" / "figures.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
-
-
 def test_cli_with_real_shards(tmp_path):
     """The CLI end to end: images from real (tiny) shards through glow.data.streams.load_images for the
     image panels, scores from the dumps alone, newest step chosen by default."""
-    from tests.fakedata import build_small_shards
+    from tests.helpers.fake_sources import build_small_shards
 
     root = tmp_path / "shards"
     build_small_shards(root, n=30, samples_per_shard=20, dataset="gaussian", split="test")
@@ -223,7 +182,7 @@ def test_cli_with_real_shards(tmp_path):
     new = run / "eval" / f"step-{STEP:08d}"
     write_dump(new, "gaussian", "test", rng.normal(5, 0.1, 30), data_root=str(root))
     write_dump(new, "gaussian-smooth", "test", rng.normal(4, 0.1, 26), data_root=str(root))
-    result = CliRunner().invoke(_cli(), ["--run", str(run), "--in", "gaussian", "--ood", "gaussian-smooth/test",
+    result = CliRunner().invoke(load_script("eval/figures.py").main, ["--run", str(run), "--in", "gaussian", "--ood", "gaussian-smooth/test",
                                          "-k", "4", "--bootstrap", "25", "--bootstrap-seed", "3"])
     assert result.exit_code == 0, result.output
     assert "95% bootstrap intervals, 25 resamples, seed 3" in result.output
@@ -240,26 +199,15 @@ def test_cli_with_real_shards(tmp_path):
 
     # a dump without the complexity term (an older version's): no complexity rows, a note says why
     write_dump(new, "gaussian-smooth", "test", rng.normal(4, 0.1, 26), complexity=False, data_root=str(root))
-    assert CliRunner().invoke(_cli(), ["--run", str(run), "--in", "gaussian", "--ood", "gaussian-smooth/test"]).exit_code == 0
+    assert CliRunner().invoke(load_script("eval/figures.py").main, ["--run", str(run), "--in", "gaussian", "--ood", "gaussian-smooth/test"]).exit_code == 0
     table = json.loads((out / "ood.json").read_text())
     assert set(table["ood"]["gaussian-smooth/test"]) == {"log_likelihood"}
     assert any("gaussian-smooth/test: the dump holds no complexity_bpd" in n for n in table["notes"])
 
-    bad = CliRunner().invoke(_cli(), ["--run", str(run), "--step", "50", "--in", "gaussian", "--ood", "x/test"])
+    bad = CliRunner().invoke(load_script("eval/figures.py").main, ["--run", str(run), "--step", "50", "--in", "gaussian", "--ood", "x/test"])
     assert bad.exit_code != 0 and "x-test.npz" in bad.output
 
 
-def write_vector_dump(step_dir: Path, dataset: str, split: str, bpd: np.ndarray, *, dim: int = 16,
-                      model_hash: str = "t0", checkpoint: str | None = None) -> Path:
-    """A features flow's dump: continuous bits/dim (negative here), no complexity_bpd, no n_bits."""
-    n = bpd.size
-    path = step_dir / "dumps" / f"{dataset}-{split}.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dumps.write_dump(path, {"key": np.array([f"{i:08d}" for i in range(n)]), "index": np.arange(n),
-                            "label": np.full(n, -1), "log_p": -bpd * dim * np.log(2.0), "bpd": bpd},
-                     step=STEP, model_hash=model_hash, checkpoint=checkpoint or f"runs/f/checkpoints/step-{STEP:08d}",
-                     dataset=dataset, split=split, data_root="/features", data_kind="vectors")
-    return path
 
 
 def test_figures_of_a_features_flow(tmp_path, monkeypatch):

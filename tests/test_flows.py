@@ -13,14 +13,7 @@ from glow.model.flows import (
     squeeze,
     unsqueeze,
 )
-
-
-def randomize(module: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> None:
-    """Move every parameter away from its (often trivial) initial value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+from tests.helpers.models import randomize
 
 
 def make_layers(channels: int = 4):

@@ -12,8 +12,9 @@ import pytest
 from glow.data.shards import build
 from glow.data.sources.cifar import cifar_sources
 from glow.data.sources.mnist import idx_sources
-from tests.fakedata import make_fake_cifar, make_fake_idx
-from tests.toydata import REPO, run, train_command
+from tests.helpers.fake_sources import make_fake_cifar, make_fake_idx
+from tests.helpers.repo import REPO, run
+from tests.helpers.toy import train_command
 
 TINY_GRAY = REPO / "train" / "configs" / "tiny_gray.yaml"
 

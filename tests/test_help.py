@@ -3,14 +3,14 @@ help text (with its default) for every option."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner
+
+from tests.helpers.repo import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["train/train.py", "eval/evaluate.py", "eval/figures.py", "eval/report.py", "shards/build.py",
@@ -19,10 +19,7 @@ SCRIPTS = ["train/train.py", "eval/evaluate.py", "eval/figures.py", "eval/report
 
 
 def load_command(script: str) -> click.Command:
-    spec = importlib.util.spec_from_file_location(f"cli_{Path(script).stem}", REPO / script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses in a script look their module up there
-    spec.loader.exec_module(module)
+    module = load_script(script)
     commands = [v for v in vars(module).values() if isinstance(v, click.Command)]
     groups = [c for c in commands if isinstance(c, click.Group)]
     own = [c for c in commands if c.callback.__module__ == module.__name__]  # bench scripts import others

@@ -15,7 +15,7 @@ import pytest
 
 from glow.errors import EXIT_DATA, EXIT_USAGE
 from glow.exit_reports import EXIT_DIR_ENV, private_dir, read_reports, write_report
-from tests.toydata import REPO, TINY, cpu_env
+from tests.helpers.repo import REPO, TINY, cpu_env
 
 CPU_2PROC = str(REPO / "train" / "accelerate" / "cpu_2proc.yaml")
 

@@ -43,7 +43,7 @@ def test_a_manifest_text_cannot_add_a_line_to_the_log(tmp_path, restore_logging)
     """The trainer's fan-out warning (readers outnumber shards) names the shard source; a manifest
     whose source.kind holds a newline and a key stays one record, one line."""
     from glow.data.streams import fan_out_warning
-    from tests.fakedata import build_small_shards
+    from tests.helpers.fake_sources import build_small_shards
 
     build_small_shards(tmp_path / "shards", n=10, samples_per_shard=10, dataset="toy", split="train")
     manifest = tmp_path / "shards" / "toy" / "train" / "manifest.json"

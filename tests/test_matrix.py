@@ -15,7 +15,7 @@ from glow.evaluation import dumps
 from glow.report import matrix
 from glow.report import scores as ood
 from glow.run import Run
-from tests.test_figures import STEP, point, write_dump
+from tests.helpers.fake_runs import STEP, point, write_dump
 
 
 def make_run(root: Path, name: str, in_dataset: str, sets: dict[str, float], seed: int) -> Path:

@@ -7,18 +7,7 @@ import torch
 from torch.autograd.functional import jacobian
 
 from glow.model import Glow, GlowConfig
-from tests.test_flows import randomize
-
-TINY = GlowConfig(image_size=8, in_channels=3, n_levels=2, steps_per_level=2, hidden_channels=8)
-
-
-def initialized_model(config=TINY, dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    model = Glow(config).to(dtype)
-    x = torch.rand(16, 3, config.image_size, config.image_size, dtype=dtype) - 0.5
-    model.log_prob(x)  # ActNorm data-dependent init
-    randomize(model, scale=0.05, seed=seed)
-    return model.eval()
+from tests.helpers.models import TINY, initialized_model
 
 
 def test_round_trip_float64():

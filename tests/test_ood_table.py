@@ -14,7 +14,7 @@ from glow.report import figures, intervals
 from glow.report import scores as ood
 from glow.report.intervals import INTERVAL_METRICS, Bootstrap, ood_intervals
 from glow.run import Run
-from tests.test_figures import STEP, point, write_dump
+from tests.helpers.fake_runs import STEP, point, write_dump
 
 SEED = 4
 BOOTSTRAP = Bootstrap(80, seed=9)

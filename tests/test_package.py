@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.toydata import REPO, build_toy_shards, cpu_env
+from tests.helpers.repo import REPO, cpu_env
+from tests.helpers.toy import build_toy_shards
 
 # Packages that only the extras install (eval, shards, demo, trackers, tests): training needs none.
 EXTRAS_ONLY = {"matplotlib", "sklearn", "scipy", "skimage", "wandb", "tensorboard", "mlflow", "pytorch_fid"}

@@ -20,8 +20,8 @@ from glow.model.performance import (
     eval_log_prob,
     fast_eval,
 )
-from tests.test_flows import randomize
-from tests.toydata import REPO
+from tests.helpers.models import randomize
+from tests.helpers.repo import REPO
 
 TINY = GlowConfig(image_size=8, in_channels=3, n_levels=2, steps_per_level=2, hidden_channels=8)
 
@@ -146,7 +146,7 @@ def test_trainer_with_checkpointing_and_channels_last_matches_plain_run(tmp_path
 
     from glow.run import Run
     from glow.training.trainer import Trainer
-    from tests.toydata import build_toy_shards
+    from tests.helpers.toy import build_toy_shards
 
     shards = build_toy_shards(tmp_path / "shards")
     weights = {}

@@ -15,8 +15,14 @@ import pytest
 import torch
 
 from glow.run import Run
-from tests.fakedata import build_small_shards
-from tests.toydata import build_toy_shards, join_process_group, leave_process_group, spawn_gloo, train_on_gloo
+from tests.helpers.fake_sources import build_small_shards
+from tests.helpers.gloo import (
+    join_process_group,
+    leave_process_group,
+    spawn_gloo,
+    train_on_gloo,
+)
+from tests.helpers.toy import build_toy_shards
 
 N = 12  # samples in gaussian/test
 

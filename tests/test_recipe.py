@@ -19,7 +19,9 @@ from glow.config import load_config
 from glow.run import Run
 from glow.training.optim import lr_factor
 from glow.training.trainer import Trainer
-from tests.toydata import TINY, build_toy_shards, train_on_gloo
+from tests.helpers.gloo import train_on_gloo
+from tests.helpers.repo import TINY
+from tests.helpers.toy import build_toy_shards
 
 pytestmark = pytest.mark.slow  # 6 spawned ranks, ~20 s; tests/test_shape.py is the fast guard
 GLOBAL = 16

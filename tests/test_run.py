@@ -11,7 +11,7 @@ import pytest
 
 from glow.errors import CheckpointMissing, ResultsMissing
 from glow.run import Checkpoint, Run, attempt_end, main, resolve_checkpoint
-from tests.toydata import REPO, cpu_env
+from tests.helpers.repo import REPO, cpu_env
 
 
 def fake_checkpoints(run: Run, complete=(5, 10), partial=(15,)) -> None:
@@ -292,7 +292,8 @@ def test_the_trainer_finishes_early_on_request_with_a_checkpoint(tmp_path):
 
     from glow.config import load_config
     from glow.training.trainer import Trainer
-    from tests.toydata import TINY, build_toy_shards
+    from tests.helpers.repo import TINY
+    from tests.helpers.toy import build_toy_shards
 
     shards = build_toy_shards(tmp_path / "shards", n_train=40, n_test=10, n_ood=10)
     cfg = load_config(TINY, [f"run.root={tmp_path}", f"data.root={shards}", "data.dataset=toy",

@@ -13,8 +13,14 @@ from click.testing import CliRunner
 from glow.config import ConfigError, load_config
 from glow.errors import EXIT_USAGE
 from glow.training.deepspeed import configure_deepspeed
-from glow.training.shape import BatchShape, batch_shape, layout_changes, saved_layout, working_process_counts
-from tests.toydata import TINY
+from glow.training.shape import (
+    BatchShape,
+    batch_shape,
+    layout_changes,
+    saved_layout,
+    working_process_counts,
+)
+from tests.helpers.repo import TINY
 
 
 @pytest.mark.parametrize("global_batch, world, cap, micro, accum", [
@@ -65,7 +71,7 @@ def test_the_retired_batch_keys_say_what_to_write_instead(tmp_path, key, value, 
 def test_every_shipped_config_states_its_global_batch():
     import yaml
 
-    from tests.toydata import REPO
+    from tests.helpers.repo import REPO
 
     configs = sorted((REPO / "train" / "configs").glob("*.yaml"))
     assert len(configs) >= 18

@@ -6,7 +6,6 @@ sha256 alone.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -31,37 +30,8 @@ from glow.data.streams import (
     make_train_loader,
     read_manifest,
 )
-from tests.fakedata import build_small_shards
-
-
-def plant(root: Path, index: int, data: bytes, dataset="gaussian", split="test") -> Path:
-    """Replace shard ``index`` with ``data`` and make its manifest entry match it."""
-    d = root / dataset / split
-    man = json.loads((d / S.MANIFEST).read_text())
-    entry = man["shards"][index]
-    (d / entry["name"]).write_bytes(data)
-    entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    (d / S.MANIFEST).write_text(json.dumps(man))
-    return d / entry["name"]
-
-
-def tar_bytes(members: list[tuple[str, object]], mode: str = "w") -> bytes:
-    """A tar of (name, bytes or (size, fileobj)) members; mode "w:gz" compresses it."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode=mode) as tar:
-        for name, data in members:
-            size, fileobj = (len(data), io.BytesIO(data)) if isinstance(data, bytes) else data
-            info = tarfile.TarInfo(name)
-            info.size = size
-            tar.addfile(info, fileobj)
-    return buf.getvalue()
-
-
-class Zeros(io.RawIOBase):
-    """A stream of zero bytes that never holds them all in memory."""
-
-    def read(self, n=-1):
-        return bytes(n)
+from tests.helpers.fake_sources import build_small_shards
+from tests.helpers.tars import Zeros, plant, tar_bytes
 
 
 def read_all(root, dataset="gaussian", split="test", world_size=1):

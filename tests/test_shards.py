@@ -22,7 +22,7 @@ from glow.data.sources.images import SourceError, center_crop, resize_short
 from glow.data.sources.svhn import svhn_sources
 from glow.data.streams import manifest_hash, read_manifest
 from glow.errors import EXIT_DATA
-from tests.fakedata import (
+from tests.helpers.fake_sources import (
     CELEBA_LAYOUTS,
     make_fake_celeba,
     make_fake_folder,

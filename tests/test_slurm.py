@@ -11,7 +11,7 @@
     figures run on that step; then `submit.sh --only eval,figures` on that run and on the
     finished run of (a): jobs run, no training job.
 
-Data: the toy shards of tests/toydata.py (toy/train, toy/test, toyood/test). The template logic
+Data: the toy shards of tests/helpers/toy.py (toy/train, toy/test, toyood/test). The template logic
 itself is covered by test_slurm_templates.py, the failure semantics by test_slurm_failures.py.
 """
 
@@ -32,7 +32,7 @@ TINY = ["train.max_steps=12", "train.checkpoint_every=4", "data.dataset=toy"]
 
 @pytest.fixture(scope="module")
 def toy_root(tmp_path_factory):
-    from tests.toydata import build_toy_shards
+    from tests.helpers.toy import build_toy_shards
     return build_toy_shards(tmp_path_factory.mktemp("toy-shards"))
 
 

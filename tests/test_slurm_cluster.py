@@ -1,4 +1,4 @@
-"""Smoke tests of the throw-away Slurm cluster (tests/slurm_cluster.py)."""
+"""Smoke tests of the throw-away Slurm cluster (tests/helpers/slurm_cluster.py)."""
 
 import pytest
 

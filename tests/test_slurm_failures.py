@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import TERMINAL_STATES
+from tests.helpers.slurm_cluster import TERMINAL_STATES
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -59,7 +59,7 @@ class Scenario:
         args = [name, config, *overrides] if standin else \
             [name, config, *TINY, f"data.root={self.shards}", *overrides]
         if standin:
-            full_env["GLOW_TRAIN_SCRIPT"] = "tests/slurm_standin/train.py"
+            full_env["GLOW_TRAIN_SCRIPT"] = "tests/helpers/slurm_standin/train.py"
         job = self.cluster.sbatch(script or REPO / "slurm" / "train.sbatch", *args, env=full_env, cwd=REPO,
                                   sbatch_args=[f"--nodes={nodes}", "--cpus-per-task=1",
                                                f"--output={run_dir}/logs/train-%j.out", *extra])
@@ -247,7 +247,7 @@ def requeue_cap(s: Scenario, tmp: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def scenarios(slurm_cluster, tmp_path_factory) -> dict[str, Future]:
-    from tests.toydata import build_toy_shards
+    from tests.helpers.toy import build_toy_shards
 
     if not (REPO / "train" / "train.py").is_file():
         pytest.skip("train/train.py does not exist yet")

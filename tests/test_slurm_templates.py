@@ -13,7 +13,7 @@ import pytest
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[1]
-STANDIN = "tests/slurm_standin/train.py"
+STANDIN = "tests/helpers/slurm_standin/train.py"
 
 
 def _submit(cluster, tmp_path, name, *overrides, nodes=1, procs=1, extra=(), config="tiny.yaml"):

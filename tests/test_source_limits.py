@@ -20,8 +20,8 @@ from glow.data.sources.images import MAX_SOURCE_PIXELS, SourceError
 from glow.data.sources.mnist import MAX_IDX_BYTES, read_idx
 from glow.data.streams import read_manifest
 from glow.errors import EXIT_DATA
-from tests.fakedata import make_fake_cifar, make_fake_folder, make_fake_idx
-from tests.test_data_limits import SMALL, one_line, traced_peak
+from tests.helpers.fake_sources import make_fake_cifar, make_fake_folder, make_fake_idx
+from tests.helpers.tars import SMALL, one_line, traced_peak
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_idx_dimensions_overflowing_int64_refused_unread(tmp_path):
                                   "1.jpg", "000001.png"])
 def test_celeba_partition_names_must_be_celeba_files(tmp_path, name):
     from glow.data.sources.celeba import celeba_sources
-    from tests.fakedata import make_fake_celeba
+    from tests.helpers.fake_sources import make_fake_celeba
 
     root = make_fake_celeba(tmp_path / "src", n_train=2, n_valid=1, n_test=1)
     part = root / "list_eval_partition.txt"

@@ -13,7 +13,7 @@ from glow.data.sources.images import SourceError
 from glow.data.sources.mnist import idx_sources, read_idx
 from glow.data.streams import make_eval_loader, read_manifest
 from glow.errors import EXIT_DATA
-from tests.fakedata import make_fake_cifar, make_fake_idx, write_idx
+from tests.helpers.fake_sources import make_fake_cifar, make_fake_idx, write_idx
 from tests.test_shards import read_shards, run_cli
 
 

@@ -39,7 +39,7 @@ def submit(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from tests.toydata import build_toy_shards
+    from tests.helpers.toy import build_toy_shards
 
     return build_toy_shards(tmp_path_factory.mktemp("submit") / "shards", n_train=20, n_test=10, n_ood=10)
 

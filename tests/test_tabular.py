@@ -16,8 +16,8 @@ from torch.autograd.functional import jacobian
 from glow.model import GlowConfig
 from glow.model.tabular import TabularFlow
 from glow.model.tabular_config import TabularFlowConfig, continuous_bits_per_dim
-from tests.test_flows import randomize
-from tests.toydata import REPO
+from tests.helpers.models import randomize
+from tests.helpers.repo import REPO
 
 
 def random_flow(dim: int, seed: int = 0, **overrides) -> TabularFlow:

@@ -92,8 +92,8 @@ def eval_and_figures_jobs(tmp_path: Path, run_section: str) -> tuple[Path, dict]
     from glow.evaluation.result_tables import add_entries
     from glow.evaluation.tasks import EvalContext, EvalOptions
     from glow.run import Run
-    from tests.test_figures import _cli as figures_cli
-    from tests.test_figures import make_run
+    from tests.helpers.fake_runs import make_run
+    from tests.helpers.repo import load_script
 
     run = make_run(tmp_path)
     (run / "config.yaml").write_text(f"run:\n  name: r\n{run_section}")
@@ -105,7 +105,7 @@ def eval_and_figures_jobs(tmp_path: Path, run_section: str) -> tuple[Path, dict]
     logged = track_results(tracker, ctx)
     tracker.close()
     assert logged == ["bpd/celeba/test", "bpd_per_sample/celeba/test", "samples"]
-    result = CliRunner().invoke(figures_cli(), ["--run", str(run), "--in", "celeba/test", "--ood", "svhn/test"])
+    result = CliRunner().invoke(load_script("eval/figures.py").main, ["--run", str(run), "--in", "celeba/test", "--ood", "svhn/test"])
     assert result.exit_code == 0, result.output
     return run, json.loads((run / "figures" / "ood.json").read_text())
 

@@ -18,15 +18,9 @@ from glow.errors import EXIT_CHECKPOINT, EXIT_USAGE
 from glow.run import Run
 from glow.training.optim import lr_factor
 from glow.training.trainer import EXIT_FAILED
-from tests.toydata import (
-    REPO,
-    build_toy_shards,
-    cpu_env,
-    run,
-    spawn_gloo,
-    train_command,
-    train_on_gloo,
-)
+from tests.helpers.gloo import spawn_gloo, train_on_gloo
+from tests.helpers.repo import REPO, cpu_env, run
+from tests.helpers.toy import build_toy_shards, train_command
 
 pytestmark = pytest.mark.slow
 TIMING_KEYS = {"images_per_s", "peak_memory_mb"}

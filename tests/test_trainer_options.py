@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from glow.config import load_config
 from glow.run import Run
 from glow.training.trainer import Trainer
-from tests.toydata import REPO, build_toy_shards
+from tests.helpers.repo import REPO
+from tests.helpers.toy import build_toy_shards
 
 SMALL = ("model.steps_per_level=1", "model.hidden_channels=4", "train.global_batch_size=4", "train.log_every=1",
          "train.sample_every=1000", "data.num_workers=0", "data.batches_per_epoch=50", "optim.warmup_steps=1")

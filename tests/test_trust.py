@@ -22,7 +22,8 @@ import torch
 from glow import checkpoint as ckpt
 from glow.config import ConfigError, load_config
 from glow.run import Run
-from tests.toydata import REPO, build_toy_shards, cpu_env, run, train_command
+from tests.helpers.repo import REPO, cpu_env, run
+from tests.helpers.toy import build_toy_shards, train_command
 
 TINY = REPO / "train" / "configs" / "tiny.yaml"
 
@@ -123,7 +124,7 @@ def test_deepspeed_state_anyone_else_could_change_is_refused(tmp_path, plant):
 
 
 def _tiny_shards(root: Path) -> Path:
-    from tests.fakedata import build_small_shards
+    from tests.helpers.fake_sources import build_small_shards
 
     for split in ("train", "test"):
         build_small_shards(root, n=8, samples_per_shard=8, dataset="toy", split=split)
@@ -228,7 +229,7 @@ def test_figures_plants_are_refused_and_leak_nothing(tmp_path, monkeypatch, plan
     from click.testing import CliRunner
 
     from glow.cli.figures import main as figures_main
-    from tests.test_figures import STEP, make_run
+    from tests.helpers.fake_runs import STEP, make_run
 
     monkeypatch.delenv("GLOW_ALLOW_SHARED_RUN", raising=False)
     victim = _victim_files(tmp_path / "home")
@@ -386,7 +387,7 @@ def test_lock_and_figures_plants_by_a_second_user(tmp_path):
     import shutil
     import tempfile
 
-    from tests.test_figures import STEP, make_run
+    from tests.helpers.fake_runs import STEP, make_run
 
     if os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("useradd"):
         pytest.skip("needs root with setpriv and useradd (CI runs the tests as root)")

@@ -1,5 +1,4 @@
-"""Fake sources in temp dirs, for data/eval/training tests (import: ``from tests.fakedata import ...``
-or ``from fakedata import ...`` with tests/ on sys.path).
+"""Fake sources in their real on-disk formats, in temp dirs, for the data, evaluation and training tests.
 
 * :func:`make_fake_celeba` - 178x218 JPEGs in ``img_align_celeba/`` + ``list_eval_partition.txt``
   (flat, or as torchvision or the official release lay them out: :data:`CELEBA_LAYOUTS`).

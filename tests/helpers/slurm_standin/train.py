@@ -1,6 +1,6 @@
 """Stand-in for train/train.py with the contract's CLI, for testing the Slurm templates.
 
-    accelerate launch ... tests/slurm_standin/train.py --config X.yaml [key=value ...] [--no-resume]
+    accelerate launch ... tests/helpers/slurm_standin/train.py --config X.yaml [key=value ...] [--no-resume]
 
 Keys: run.name, run.root (run dir = root/name), train.steps (20), train.step_seconds (0.2),
 train.ckpt_every (5), train.save_on_stop (1; 0 stops without a checkpoint: an attempt that

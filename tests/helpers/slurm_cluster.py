@@ -151,7 +151,7 @@ class SlurmCluster:
             f"CPUs={CPUS_PER_NODE} RealMemory=1000 State=UNKNOWN"
             for n, p in zip(ALL_NODES, node_ports))
         self.conf.write_text(f"""\
-# Throw-away test cluster written by tests/slurm_cluster.py
+# Throw-away test cluster written by tests/helpers/slurm_cluster.py
 ClusterName=glowtest
 SlurmctldHost={self.hostname}(127.0.0.1)
 SlurmctldPort={ctl_port}
