@@ -1,4 +1,13 @@
-"""Shared pytest fixtures."""
+"""Shared fixtures (tests/README.md says which to use for what).
+
+Session-scoped, built once and shared read-only: ``toy_shards`` (tests/helpers/toy.py), ``tiny_run``
+(a tiny Glow trained 10 steps on them in this process), ``random_inception_home`` (an FID Inception
+weights file with random weights) and ``slurm_cluster`` (tests/helpers/slurm_cluster.py). A test that
+writes into the run takes ``tiny_run_copy``; one that changes the shards copies them first.
+"""
+
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +15,37 @@ import torch
 from glow.evaluation.fid import FID_WEIGHTS_FILE
 
 # A real two-node Slurm cluster (session scope); see tests/helpers/slurm_cluster.py.
+from tests.helpers.slurm_cluster import slurm_cluster  # noqa: F401
+from tests.helpers.toy import build_toy_shards, train_in_process
+
+TINY_RUN_STEPS = 10
+
+
+def pytest_configure(config):
+    """One intra-op thread, as every subprocess and spawned rank gets (tests/helpers: OMP_NUM_THREADS=1):
+    results computed here and in a rank agree bitwise, and parallel test workers do not oversubscribe."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def toy_shards(tmp_path_factory) -> Path:
+    """`toy/train` (240 blocky images), `toy/test` (50, labels 0..2, 3 shards), `toyood/test` (30)."""
+    return build_toy_shards(tmp_path_factory.mktemp("toy-shards"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, toy_shards) -> Path:
+    """A tiny Glow (train/configs/tiny.yaml) trained TINY_RUN_STEPS steps on ``toy_shards`` in this
+    process: its run directory. Read it; write into ``tiny_run_copy``."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    assert train_in_process(root, toy_shards, f"train.max_steps={TINY_RUN_STEPS}") == 0
+    return root / "tiny"
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run, tmp_path) -> Path:
+    """A private copy of ``tiny_run`` (links kept as links) for a test that writes results into it."""
+    return Path(shutil.copytree(tiny_run, tmp_path / "runs" / "tiny", symlinks=True))
 
 
 @pytest.fixture(scope="session")

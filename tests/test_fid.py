@@ -158,18 +158,18 @@ def test_missing_inception_weights_clear_error(tmp_path, monkeypatch):
 def test_fid_end_to_end_with_random_weights(random_inception_home, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(random_inception_home))
     model = fid.load_inception("cpu")  # from the hub cache (read as plain tensors)
-    real = smooth_images(12, seed=0)
+    real = smooth_images(6, seed=0)
     noise = np.random.default_rng(1).integers(0, 256, real.shape, dtype=np.uint8)
     # batches of both layouts: numpy NHWC and torch NCHW
-    batches = [real[:5], torch.from_numpy(real[5:]).permute(0, 3, 1, 2)]
-    f_real = fid.inception_features(batches, "cpu", batch_size=4, model=model)
-    assert f_real.shape == (12, 2048) and f_real.dtype == np.float64
-    f_noise = fid.inception_features(noise, "cpu", batch_size=12, model=model)
-    st_real, st_noise = fid.feature_statistics(f_real), fid.feature_statistics(f_noise)
-    fid_same = fid.frechet_distance(*st_real, *st_real)
-    fid_noise = fid.frechet_distance(*st_real, *st_noise)
-    assert fid_noise > 0
-    assert abs(fid_same) < 1e-3 * fid_noise
+    batches = [real[:3], torch.from_numpy(real[3:]).permute(0, 3, 1, 2)]
+    f_real = fid.inception_features(batches, "cpu", batch_size=2, model=model)
+    assert f_real.shape == (6, 2048) and f_real.dtype == np.float64
+    f_noise = fid.inception_features(noise, "cpu", batch_size=6, model=model)
+    # the layouts and batchings give the same features; noise lands elsewhere (the distance of the
+    # statistics, a 2048x2048 matrix square root, is computed once end to end: test_evaluation.py)
+    np.testing.assert_allclose(fid.inception_features(real, "cpu", batch_size=6, model=model), f_real,
+                               rtol=1e-5, atol=1e-6)
+    assert np.linalg.norm(f_real.mean(0) - f_noise.mean(0)) > 1e-3 * np.linalg.norm(f_real.mean(0))
 
     # an explicit weights file gives the same network
     explicit = fid.load_inception(

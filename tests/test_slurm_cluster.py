@@ -2,7 +2,7 @@
 
 import pytest
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(180), pytest.mark.xdist_group("slurm")]
 
 
 def test_two_node_job_runs_on_both_nodes(slurm_cluster, tmp_path):

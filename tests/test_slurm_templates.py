@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300), pytest.mark.xdist_group("slurm")]
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = "tests/helpers/slurm_standin/train.py"

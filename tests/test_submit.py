@@ -324,6 +324,7 @@ PLANTS = {
 
 
 @pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")
 @pytest.mark.parametrize("plant", list(PLANTS))
 def test_each_planted_mistake_is_refused_before_the_queue(slurm_cluster, tmp_path, shards, plant):
     args, env, code, words = PLANTS[plant]

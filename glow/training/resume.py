@@ -99,7 +99,7 @@ def save_checkpoint(accelerator, run: Run, cfg: Config, *, state, scheduler, ema
         ckpt.save_trainer_state(checkpoint.state_dir, state.state_dict(), scheduler.state_dict(),
                                 None if ema is None else ema.state_dict())
     digests = check_replicas(f"at step {step}")
-    fault_injection_pause()
+    fault_injection_pause(step)
     if acc.is_main_process:
         meta = ckpt.checkpoint_meta(cfg, step=step, images_seen=state.images_seen, ema=ema is not None,
                                     replica_digests=digests, layout=layout)

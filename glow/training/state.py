@@ -31,13 +31,20 @@ class TrainState:
         vars(self).update(state)
 
 
-def fault_injection_pause() -> None:
-    """Tests only: sleep between saving the state and writing COMPLETE, so that a test
-    can kill the process in the middle of a checkpoint save."""
-    seconds = float(os.environ.get("GLOW_TEST_PAUSE_BEFORE_COMPLETE", "0"))
-    if seconds > 0:
-        log.warning("GLOW_TEST_PAUSE_BEFORE_COMPLETE: pausing %.1f s before COMPLETE", seconds)
-        time.sleep(seconds)
+def fault_injection_pause(step: int) -> None:
+    """Tests only: with GLOW_TEST_HOLD_BEFORE_COMPLETE=<dir>, hold between saving the state of
+    ``step`` and writing COMPLETE: write ``<dir>/holding-<step>``, then wait until
+    ``<dir>/release-<step>`` exists, so that a test can kill the process in the middle of a save
+    (a file gate, no clock)."""
+    gate = os.environ.get("GLOW_TEST_HOLD_BEFORE_COMPLETE")
+    if not gate:
+        return
+    log.warning("GLOW_TEST_HOLD_BEFORE_COMPLETE: holding step %d before COMPLETE until %s/release-%d exists",
+                step, gate, step)
+    with open(os.path.join(gate, f"holding-{step}"), "w"):
+        pass
+    while not os.path.exists(os.path.join(gate, f"release-{step}")):
+        time.sleep(0.05)
 
 
 def fault_injection_step_delay() -> None:
