@@ -156,9 +156,9 @@ def test_wheel_installs_and_its_commands_train_and_evaluate_from_any_directory(t
     site = Path(sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})["purelib"])
     assert Path(where[0]).resolve() == (site / "glow" / "__init__.py").resolve()  # the wheel's, not the checkout's
     assert where[1] == wheel.name.split("-")[1]
-    for command, module in COMMANDS.items():
+    for command in COMMANDS:  # every console script; the `-m glow.cli.<module>` entries: tests/test_help.py
         assert "usage:" in run(bin_dir / command, "--help").stdout.lower()
-        assert "usage:" in run(py, "-m", f"glow.cli.{module}", "--help").stdout.lower()
+    assert "usage:" in run(py, "-m", "glow.cli.train", "--help").stdout.lower()
     listed = run(bin_dir / "glow-train", "--list-configs").stdout
     assert f"tiny{' ' * 20} {site / 'glow' / 'configs' / 'tiny.yaml'}" in listed
     launch = run(bin_dir / "glow-train", "--launch-config", "cpu_2proc").stdout.strip()
@@ -176,23 +176,3 @@ def test_wheel_installs_and_its_commands_train_and_evaluate_from_any_directory(t
                   "-k", "2").stdout
     assert "log_likelihood" in figures and (work / "runs" / "tiny" / "figures" / "ood.json").is_file()
     assert not (work / "glow").exists() and not list(work.glob("*.egg-info"))
-
-
-@pytest.mark.slow
-def test_module_entry_trains_under_deepspeed_with_the_shipped_launch_file(tmp_path):
-    """`accelerate launch --config_file <deepspeed_zero2> -m glow.cli.train` (DeepSpeed ZeRO-2 on CPU, gloo)."""
-    pytest.importorskip("deepspeed")
-    from glow.config import launch_config_path
-
-    shards = build_toy_shards(tmp_path / "shards", n_train=64, n_test=8, n_ood=8)
-    env = cpu_env()
-    env.pop("ACCELERATE_USE_CPU")  # with cpu=True accelerate silently drops DeepSpeed
-    accelerate = Path(sys.executable).with_name("accelerate")
-    result = subprocess.run(
-        [str(accelerate), "launch", "--config_file", str(launch_config_path("deepspeed_zero2")), "--num_processes", "2",
-         "-m", "glow.cli.train", "--config", "tiny", f"run.root={tmp_path / 'runs'}", f"data.root={shards}",
-         "data.dataset=toy", "train.max_steps=4"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    log = (tmp_path / "runs" / "tiny" / "log.txt").read_text()
-    assert "DistributedType.DEEPSPEED" in log and "world size 2" in log

@@ -186,6 +186,22 @@ def test_kill_9_during_checkpoint_save_keeps_previous_checkpoint(toy_shards, tmp
     assert [c.step for c in Run(run_dir).complete_checkpoints()] == [5, 10, 15]
 
 
+def test_a_finished_run_started_again_writes_nothing(toy_shards, tmp_path):
+    """What a second `make demo` relies on: the run is at max_steps, so it resumes, finishes at once and
+    writes no checkpoint, sample or metrics line (config.yaml, LOCK and log.txt are the attempt's own)."""
+    assert train_in_process(tmp_path, toy_shards, "train.max_steps=4", "train.checkpoint_every=2") == 0
+    run_dir = tmp_path / "tiny"
+
+    def files():
+        made = [*run_dir.glob("checkpoints/**/*"), *run_dir.glob("samples/*")]
+        return {str(p): p.stat().st_mtime_ns for p in made if p.is_file()}, (run_dir / "metrics.jsonl").read_text()
+
+    before = files()
+    assert train_in_process(tmp_path, toy_shards, "train.max_steps=4", "train.checkpoint_every=2") == 0
+    assert files() == before
+    assert "resumed at step 4" in (run_dir / "log.txt").read_text()
+
+
 def _train_cli(tmp_path: Path, shards: Path, *overrides: str):
     return invoke(train_main, "--config", TINY, f"run.root={tmp_path}", f"data.root={shards}", "data.dataset=toy",
                   *overrides)

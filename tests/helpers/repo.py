@@ -51,10 +51,11 @@ class Result:
     stderr: str
 
 
-def invoke(command, *args: str, env: dict[str, str] | None = None) -> Result:
+def invoke(command, *args: str, env: dict[str, str] | None = None, bugs_propagate: bool = True) -> Result:
     """A click entry point (``glow.cli.evaluate.main``) run in this process with ``args``, as its
     console script would be: exit status, stdout (the log lines included) and stderr apart. An
-    exception that is not a user error propagates with its traceback, as it does in the script."""
+    exception that is not a user error propagates with its traceback, as it does in the script;
+    with ``bugs_propagate=False`` it is status 1 with the exception in stderr instead."""
     import logging
 
     from click.testing import CliRunner
@@ -62,11 +63,12 @@ def invoke(command, *args: str, env: dict[str, str] | None = None) -> Result:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
-        result = CliRunner().invoke(command, [str(a) for a in args], env=env, catch_exceptions=False)
+        result = CliRunner().invoke(command, [str(a) for a in args], env=env, catch_exceptions=not bugs_propagate)
     finally:  # the entry point's log handlers write to the runner's streams and to the run's log.txt
         for handler in root.handlers:
             if handler not in saved[0]:
                 handler.close()
         root.handlers[:], root.level = saved
     code = result.exit_code if isinstance(result.exit_code, int) else 1
-    return Result(code, result.stdout, result.stderr)
+    crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
+    return Result(code, result.stdout, result.stderr + (f"\n{result.exception!r}" if crashed else ""))
