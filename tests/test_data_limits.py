@@ -30,9 +30,8 @@ from glow.data.streams import (
 )
 from glow.errors import EXIT_DATA
 from tests.helpers.fake_sources import build_small_shards, make_fake_svhn
+from tests.helpers.repo import REPO
 from tests.helpers.tars import SMALL, one_line, plant, tar_bytes, traced_peak
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

@@ -14,13 +14,14 @@ import torch
 from PIL import Image
 
 from glow.checkpoint import load_model
-from glow.errors import EXIT_CHECKPOINT, EXIT_DATA
 from glow.cli.evaluate import main as evaluate_main
 from glow.cli.figures import main as figures_main
+from glow.errors import EXIT_CHECKPOINT, EXIT_DATA
 from glow.model.sampling import sample_seeded
 from tests.helpers.gloo import join_process_group, spawn_gloo
 from tests.helpers.repo import invoke
 from tests.helpers.toy import build_toy_shards, train_in_process
+
 
 def evaluate(run_dir: Path, *args: str, env: dict | None = None):
     """`eval/evaluate.py --checkpoint <run>/checkpoints/latest ARGS` in this process (one process)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ import torch
 from glow import checkpoint as ckpt
 from glow.errors import EXIT_CHECKPOINT
 from glow.run import Run
-from tests.helpers.repo import REPO
 
 
 @contextlib.contextmanager
@@ -95,21 +93,20 @@ def test_other_errors_pass_through(tmp_path):
             1 / 0
 
 
-@pytest.mark.slow
 def test_training_on_a_filling_disk_ends_with_one_line_in_log_txt(tmp_path):
     """The trainer on a 1.2 MB disk: checkpoints at steps 2 and 4 fit, the one at step 6 does not
     (checked before the save); then a first save on a disk with no room fails mid-write. Both end
     with exit 5 and one line naming the disk and its free space, on stderr and in log.txt."""
+    from glow.cli.train import main as train_main
     from tests.helpers.fake_sources import build_small_shards
-    from tests.helpers.repo import TRAIN, cpu_env
+    from tests.helpers.repo import TINY, invoke
 
     build_small_shards(tmp_path / "shards", n=8, samples_per_shard=8, dataset="toy", split="train")
     for size, steps, complete in (("1200k", 6, [2, 4]), ("200k", 2, [])):
         with small_disk(tmp_path / f"disk{size}", size) as disk:
-            result = subprocess.run(
-                [sys.executable, str(TRAIN), "--config", str(REPO / "train/configs/tiny.yaml"), f"run.root={disk}", f"data.root={tmp_path / 'shards'}",
-                 "data.dataset=toy", f"train.max_steps={steps}", "train.checkpoint_every=2", "train.sample_every=100",
-                 "train.keep_checkpoints=10"], env=cpu_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+            result = invoke(train_main, "--config", TINY, f"run.root={disk}", f"data.root={tmp_path / 'shards'}",
+                            "data.dataset=toy", f"train.max_steps={steps}", "train.checkpoint_every=2",
+                            "train.sample_every=100", "train.keep_checkpoints=10")
             errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
             assert result.returncode == EXIT_CHECKPOINT and len(errors) == 1, result.stderr[-3000:]
             assert f"{disk} (tmpfs)" in errors[0] and "free" in errors[0] and "Traceback" not in result.stderr

@@ -25,18 +25,6 @@ from tests.helpers.fake_runs import (
 )
 from tests.helpers.repo import load_script
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-
-
-
-
-
-
-
-
-
 
 def test_make_figures_writes_every_file(tmp_path):
     run = make_run(tmp_path)

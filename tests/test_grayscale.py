@@ -3,42 +3,41 @@ RGB shards, evaluation against a grayscale set and an RGB set converted by --con
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from glow.data.shards import build
 from glow.data.sources.cifar import cifar_sources
 from glow.data.sources.mnist import idx_sources
+from glow.cli.evaluate import main as evaluate_main
+from glow.cli.figures import main as figures_main
+from glow.cli.train import main as train_main
 from tests.helpers.fake_sources import make_fake_cifar, make_fake_idx
-from tests.helpers.repo import REPO, run
-from tests.helpers.toy import train_command
+from tests.helpers.gloo import train_on_gloo
+from tests.helpers.repo import REPO, invoke
 
 TINY_GRAY = REPO / "train" / "configs" / "tiny_gray.yaml"
 
 
 def evaluate(run_dir: Path, *args: str):
-    return run([sys.executable, str(REPO / "eval" / "evaluate.py"), "--checkpoint",
-                str(run_dir / "checkpoints" / "latest"), *args])
+    return invoke(evaluate_main, "--checkpoint", run_dir / "checkpoints" / "latest", *args)
 
 
-@pytest.mark.slow
 def test_grayscale_model_trains_and_scores_gray_and_converted_rgb(tmp_path):
     src = make_fake_cifar(make_fake_idx(tmp_path / "src", "MNIST", n_train=64, n_test=12), per_batch=2, n_test=10)
     shards = tmp_path / "shards"
     for s in idx_sources("mnist", src) + cifar_sources("cifar10", src, splits=["test"]):
         build(s, shards, samples_per_shard=64, progress=False)
     # A gray model refuses RGB training shards at start, naming them and the model key.
-    bad = run(train_command(tmp_path / "runs", shards, "data.dataset=cifar10", "data.split=test", "run.name=bad",
-                            config=TINY_GRAY))
+    bad = invoke(train_main, "--config", TINY_GRAY, f"run.root={tmp_path / 'runs'}", f"data.root={shards}",
+                 "data.dataset=cifar10", "data.split=test", "run.name=bad")
     assert bad.returncode != 0
     assert "cifar10/test hold RGB images" in bad.stderr and "model.in_channels=1" in bad.stderr
-    # 2 processes, 1 shard: trains, and warns that readers outnumber shards.
-    res = run(train_command(tmp_path / "runs", shards, "data.dataset=mnist", "train.max_steps=4",
-                            "train.checkpoint_every=4", "train.sample_every=4", nproc=2, config=TINY_GRAY))
-    assert res.returncode == 0, res.stderr[-3000:]
+    # 2 processes (gloo ranks), 1 shard: trains, and warns that readers outnumber shards.
+    train_on_gloo(2, tmp_path / "plan", [[f"run.root={tmp_path / 'runs'}", f"data.root={shards}", "data.dataset=mnist",
+                                          "train.max_steps=4", "train.checkpoint_every=4", "train.sample_every=4"]],
+                  config=TINY_GRAY)
     run_dir = tmp_path / "runs" / "tiny_gray"
     log = (run_dir / "log.txt").read_text()
     assert "world size 2" in log and "2 training readers (2 ranks x 1 loader workers) share the 1 shard(s)" in log
@@ -56,8 +55,7 @@ def test_grayscale_model_trains_and_scores_gray_and_converted_rgb(tmp_path):
             assert np.allclose(z["bpd"], -z["log_p"] / (1 * 32 * 32 * np.log(2)))  # D = 1 x 32 x 32
     assert (step_dir / "latents.png").stat().st_size > 0 and (run_dir / "samples").is_dir()
     # the figures of a gray run: distributions, most/least likely images (gray shown as RGB), OOD table
-    res = run([sys.executable, str(REPO / "eval" / "figures.py"), "--run", str(run_dir), "--in", "mnist",
-               "--ood", "cifar10/test"])
+    res = invoke(figures_main, "--run", run_dir, "--in", "mnist", "--ood", "cifar10/test")
     assert res.returncode == 0, res.stderr[-3000:]
     assert all((run_dir / "figures" / f).is_file() for f in ("exp1.png", "exp2.png", "ood.md", "distributions.png"))
 

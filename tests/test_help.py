@@ -4,15 +4,13 @@ help text (with its default) for every option."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner
 
-from tests.helpers.repo import load_script
+from tests.helpers.repo import REPO, load_script
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["train/train.py", "eval/evaluate.py", "eval/figures.py", "eval/report.py", "shards/build.py",
            *sorted(str(p.relative_to(REPO)) for p in (REPO / "bench").glob("*.py")
                    if "__main__" in p.read_text())]  # the runnable ones (not bench/harness.py)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from glow.config import ConfigError, load_config
-from glow.model import Glow, GlowConfig
+from glow.model import Glow
 from glow.model.flows import InvConv2dLU
 from glow.model.performance import (
     apply_fast_paths,
@@ -20,10 +20,8 @@ from glow.model.performance import (
     eval_log_prob,
     fast_eval,
 )
-from tests.helpers.models import randomize
+from tests.helpers.models import TINY, randomize
 from tests.helpers.repo import REPO
-
-TINY = GlowConfig(image_size=8, in_channels=3, n_levels=2, steps_per_level=2, hidden_channels=8)
 
 
 def model_and_batch(dtype=torch.float64, seed=0, config=TINY):

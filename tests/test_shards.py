@@ -29,10 +29,9 @@ from tests.helpers.fake_sources import (
     make_fake_svhn,
     svhn_expected_labels,
 )
+from tests.helpers.repo import REPO, load_script
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "shards"))
-from build import cli  # noqa: E402
+cli = load_script("shards/build.py").cli
 
 
 def read_shards(d: Path) -> dict[str, tuple[np.ndarray, dict]]:
@@ -203,6 +202,7 @@ SLOW_BUILD = """
 import functools, sys, time
 from glow.data import shards as S
 from glow.data.sources.celeba import celeba_sources
+from tests.helpers.repo import REPO
 def slow(process, payload):
     time.sleep(0.05)
     return process(payload)

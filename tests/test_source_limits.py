@@ -21,9 +21,8 @@ from glow.data.sources.mnist import MAX_IDX_BYTES, read_idx
 from glow.data.streams import read_manifest
 from glow.errors import EXIT_DATA
 from tests.helpers.fake_sources import make_fake_cifar, make_fake_folder, make_fake_idx
+from tests.helpers.repo import REPO
 from tests.helpers.tars import SMALL, one_line, traced_peak
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class _ArrayPickle:

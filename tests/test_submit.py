@@ -24,8 +24,8 @@ import pytest
 
 from glow.errors import EXIT_CHECKPOINT, EXIT_DATA, EXIT_USAGE
 from glow.names import check_name, parse_spec
+from tests.helpers.repo import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SUBMIT = REPO / "slurm" / "submit.sh"
 CONFIG = "train/configs/tiny.yaml"
 SHELL_FILES = sorted([*REPO.glob("slurm/*.sh"), *REPO.glob("slurm/*.sbatch")])

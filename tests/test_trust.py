@@ -20,12 +20,11 @@ import pytest
 import torch
 
 from glow import checkpoint as ckpt
+from glow.cli.train import main as train_main
 from glow.config import ConfigError, load_config
 from glow.run import Run
-from glow.cli.train import main as train_main
 from tests.helpers.repo import REPO, TINY, cpu_env, invoke, run
 from tests.helpers.toy import train_command
-
 
 
 class _Payload:
