@@ -227,10 +227,11 @@ def test_perturbation_off_and_out_of_range():
 def test_trainer_perturbs_inputs_only_when_asked(monkeypatch):
     """`data.perturb_prob` reaches perturb_pixels in the training loss with that probability."""
     from glow.config import load_config
+    from glow.training import batches as batches_module
     from glow.training import trainer as trainer_module
 
     calls = []
-    monkeypatch.setattr(trainer_module, "perturb_pixels", lambda x, p: calls.append(p) or x)
+    monkeypatch.setattr(batches_module, "perturb_pixels", lambda x, p: calls.append(p) or x)
 
     class Stub:
         acc = type("A", (), {"device": torch.device("cpu")})()
@@ -243,5 +244,6 @@ def test_trainer_perturbs_inputs_only_when_asked(monkeypatch):
         stub = Stub()
         stub.cfg = load_config(None, ["run.name=x", f"data.perturb_prob={prob}", "model.image_size=8",
                                       "model.n_levels=2"])
+        stub.data = batches_module.training_data(stub.cfg)
         trainer_module.Trainer._loss(stub, batch)
         assert calls == expected
