@@ -351,7 +351,7 @@ def _by_path_or_name(value: str | Path, shipped: dict[str, Path], what: str) -> 
     path = Path(value)
     if path.is_file():
         return path
-    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    name = path.name.removesuffix(".yaml")
     if str(value) in (name, path.name) and name in shipped:
         return shipped[name]
     raise ConfigError(f"{what} {value} is neither a file nor a shipped name; shipped: {', '.join(shipped)}")

@@ -99,7 +99,7 @@ def test_masked_coupling_sees_only_m_in_and_changes_only_m_out(kind):
     # changing positions outside m_in (here: inside m_out) changes y only on m_out, pointwise
     x2 = x + m_out * torch.randn_like(x)
     y2, _ = layer(x2)
-    shift_scale = lambda v: layer._shift_scale(v, m_in.double())  # noqa: E731
+    shift_scale = lambda v: layer._shift_scale(v, m_in.double())
     s1, s2 = shift_scale(x), shift_scale(x2)
     assert torch.equal(s1[0], s2[0]) and torch.equal(s1[1], s2[1])
     assert torch.equal(y2 * (1 - m_out), x * (1 - m_out))

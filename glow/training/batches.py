@@ -30,7 +30,12 @@ import torch
 
 from glow.config import Config
 from glow.data.manifest import MAX_MANIFEST_BYTES, manifest_path, split_dir
-from glow.data.streams import check_channels, fan_out_warning, make_train_loader, read_manifest
+from glow.data.streams import (
+    check_channels,
+    fan_out_warning,
+    make_train_loader,
+    read_manifest,
+)
 from glow.errors import DataError
 from glow.features.streams import make_vector_train_loader, vector_manifest
 from glow.features.vector_shards import KIND as VECTORS
