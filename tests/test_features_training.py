@@ -169,3 +169,20 @@ def test_model_kind_on_the_command_line_picks_the_schema():
     assert cfg.model.kind == "tabular" and cfg.model.dim == 6
     with pytest.raises(ConfigError, match="unknown key model.dim"):
         load_config(None, ["run.name=x", "model.dim=6"])
+
+
+def test_submit_preflight_checks_a_features_run_as_the_trainer_does(features, tmp_path, capsys):
+    """glow.preflight (submit.sh's checks before the queue) on a flow on vectors: its vector splits
+    pass, image shards are refused with the trainer's message and exit code."""
+    from glow import preflight
+
+    def check(data_root: Path) -> int:
+        return preflight.main(["--run-dir", str(tmp_path / "runs" / "f"), "--stages", "train,eval", "--in",
+                               "demo/test", "--ood", "digits/test", "--config", "demo_features",
+                               "--data-root", str(data_root), "--split", "demo/test", "--split", "digits/test",
+                               "--", f"data.root={data_root}", f"model.dim={DIM}"])
+
+    assert check(features / "vectors") == 0
+    assert "evaluation vectors digits/test" in "".join(capsys.readouterr())
+    assert check(features / "images") == EXIT_DATA
+    assert "holds images but model.kind is tabular" in capsys.readouterr().err
