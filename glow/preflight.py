@@ -40,7 +40,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from glow.errors import BadArgument, CheckpointMismatch, CheckpointMissing, ResultsMissing, UserError
+from glow.errors import (
+    BadArgument,
+    CheckpointMismatch,
+    CheckpointMissing,
+    ResultsMissing,
+    UserError,
+)
 from glow.files import open_nofollow
 from glow.run import Run, resolve_checkpoint
 
