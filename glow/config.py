@@ -25,10 +25,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from glow.digest import json_digest
 from glow.errors import UserError
-from glow.model import GlowConfig
+from glow.model import MODEL_CONFIGS, GlowConfig, TabularFlowConfig
 from glow.names import check_name
 
-__all__ = ["LOGGERS", "TRACKER_PACKAGES", "Config", "ConfigError", "config_hash", "config_path", "launch_config_path",
+__all__ = ["LOGGERS", "TRACKER_PACKAGES", "Config", "ConfigError", "TabularConfig", "config_hash", "config_path", "launch_config_path",
            "launch_configs", "load_config", "shipped_configs", "to_dict", "to_yaml"]
 
 
@@ -118,6 +118,18 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.root) / self.run.name
+
+
+@dataclass
+class TabularConfig(Config):
+    """The schema of a run whose ``model.kind`` is ``tabular``: a flow on feature vectors
+    (`glow.model.tabular_config`); a Glow key under its ``model`` is an unknown key."""
+
+    model: TabularFlowConfig = field(default_factory=TabularFlowConfig)
+
+
+_SCHEMAS = {"glow": Config, "tabular": TabularConfig}  # model.kind -> the config schema
+assert set(_SCHEMAS) == set(MODEL_CONFIGS)
 
 
 # run.logger -> (the module accelerate drives, the extra that installs it).
@@ -220,7 +232,19 @@ def _validate(cfg: Config) -> None:
         cfg.model.validate()
     except ValueError as err:
         raise ConfigError(f"model: {err}") from err
+    if isinstance(cfg.model, TabularFlowConfig):
+        _refuse_image_options(cfg)
     check_tracker_installed(cfg.run.logger)
+
+
+def _refuse_image_options(cfg: Config) -> None:
+    """Options that act on images only, refused for a flow on feature vectors (model.kind: tabular)."""
+    image_only = {"data.hflip": cfg.data.hflip, "data.perturb_prob": cfg.data.perturb_prob > 0,
+                  "train.channels_last": cfg.train.channels_last, "train.checkpointing": cfg.train.checkpointing}
+    for key, on in image_only.items():
+        if on:
+            raise ConfigError(f"{key} acts on images, but model.kind is tabular (a flow on feature vectors): "
+                              f"remove {key} (flip or perturb the images before extracting features instead)")
 
 
 def check_tracker_installed(logger: str, key: str = "run.logger=", instead: str = "run.logger=none") -> None:
@@ -235,20 +259,26 @@ def check_tracker_installed(logger: str, key: str = "run.logger=", instead: str 
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file at `path` <- `key=value` overrides; returns a validated Config.
+    """Defaults <- YAML file at `path` <- `key=value` overrides; returns a validated Config
+    (a `TabularConfig` when ``model.kind`` is ``tabular``, in the file or an override).
 
     Layers are merged one at a time, so an error names its source: the file (and key) for a
     bad file entry, the override itself for a bad override.
     """
-    merged = OmegaConf.structured(Config)
+    layer = None
     if path is not None:
         path = config_path(path)
         try:
             layer = OmegaConf.load(path)
             _refuse_retired(OmegaConf.to_container(layer, resolve=False), f"config file {path}")
-            merged = OmegaConf.merge(merged, layer)
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"config file {path}: {_describe(err)}") from None
+    merged = OmegaConf.structured(_SCHEMAS[_model_kind(layer, overrides)])
+    if layer is not None:
+        try:
+            merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
             raise ConfigError(f"config file {path}: {_describe(err)}") from None
     for item in overrides:
@@ -272,6 +302,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"invalid configuration: {_describe(err)}") from None
     _validate(cfg)
     return cfg
+
+
+def _model_kind(layer, overrides) -> str:
+    """``model.kind`` as the file and then the overrides set it (the last one wins; default glow):
+    it picks the schema the layers are merged onto."""
+    kind = "glow"
+    if layer is not None and OmegaConf.is_dict(layer) and OmegaConf.is_dict(layer.get("model")):
+        kind = layer.model.get("kind", kind)
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if sep and key.strip() == "model.kind":
+            try:
+                kind = OmegaConf.from_dotlist([item]).model.kind
+            except (yaml.YAMLError, OmegaConfBaseException):
+                raise ConfigError(f"override {item!r}: its value is not valid YAML") from None
+    if not isinstance(kind, str) or kind not in _SCHEMAS:
+        raise ConfigError(f"model.kind must be one of {tuple(_SCHEMAS)}, got {kind!r}")
+    return kind
 
 
 def _describe(err: OmegaConfBaseException) -> str:
@@ -303,7 +351,7 @@ def _by_path_or_name(value: str | Path, shipped: dict[str, Path], what: str) -> 
     path = Path(value)
     if path.is_file():
         return path
-    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    name = path.name.removesuffix(".yaml")
     if str(value) in (name, path.name) and name in shipped:
         return shipped[name]
     raise ConfigError(f"{what} {value} is neither a file nor a shipped name; shipped: {', '.join(shipped)}")

@@ -40,7 +40,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from glow.errors import BadArgument, CheckpointMissing, ResultsMissing, UserError
+from glow.errors import (
+    BadArgument,
+    CheckpointMismatch,
+    CheckpointMissing,
+    ResultsMissing,
+    UserError,
+)
 from glow.files import open_nofollow
 from glow.run import Run, resolve_checkpoint
 
@@ -125,7 +131,7 @@ class Preflight:
         self.stages = set(args.stages)
         self.passed: list[str] = []
         self.warnings: list[str] = []
-        self.model: tuple[int, int] | None = None  # (image_size, in_channels) of the model to evaluate
+        self.model = None  # the architecture config (GlowConfig | TabularFlowConfig) of the model to evaluate
         self.data_root: str | None = args.data_root
 
     def ok(self, what: str) -> None:
@@ -172,8 +178,11 @@ class Preflight:
         self.ok(f"config {a.config} with {len(a.overrides)} override(s)")
         self.launcher()
         self.time_limit(cfg.train.checkpoint_every)
-        self.model = (cfg.model.image_size, cfg.model.in_channels)
+        from glow.training.batches import training_data
+
+        self.model = cfg.model
         self.data_root = self.data_root or cfg.data.root
+        training_data(cfg).check()  # as the trainer checks: first the kind of data the split holds
         self.shards(cfg.data.root, f"{cfg.data.dataset}/{cfg.data.split}", convert=False, what="training")
 
     def time_limit(self, checkpoint_every: int) -> None:
@@ -190,9 +199,14 @@ class Preflight:
         from glow.data.streams import check_channels, read_manifest
 
         dataset, split = spec.split("/", 1)
+        if self.model.kind == "tabular":  # a flow on feature vectors: vector shards of its dimension
+            from glow.features.streams import vector_manifest
+
+            manifest = vector_manifest(root, dataset, split, self.model.dim)
+            self.ok(f"{what} vectors {spec} under {root} ({manifest['count']} of dimension {manifest['dim']})")
+            return
         manifest = read_manifest(root, dataset, split)
-        size, channels = self.model
-        check_channels(manifest, Path(root) / dataset / split, channels, convert, size)
+        check_channels(manifest, Path(root) / dataset / split, self.model.in_channels, convert, self.model.image_size)
         self.ok(f"{what} shards {spec} under {root} ({manifest.get('count', '?')} images, fit the model)")
 
     def evaluation(self) -> None:
@@ -201,8 +215,13 @@ class Preflight:
             self.launcher()
             checkpoint = resolve_checkpoint(self.run.path)
             meta = checkpoint.meta()
-            model = meta.get("model_config", {})
-            self.model = (int(model.get("image_size", 0)), int(model.get("in_channels", 3)))
+            from glow.model import model_config
+
+            try:
+                self.model = model_config(meta.get("model_config", {}))
+            except (ValueError, TypeError) as err:
+                raise CheckpointMismatch(f"{checkpoint.meta_path}: its model_config cannot be read ({err}); the "
+                                         "checkpoint was written by an incompatible version") from None
             self.data_root = self.data_root or meta.get("data", {}).get("root")
             self.ok(f"checkpoint {checkpoint.path} is complete")
         for spec in a.split:

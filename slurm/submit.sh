@@ -35,6 +35,9 @@
 #   --train-split SPLIT  in-distribution training split, dumped for the distributions and
 #                        typicality rows; 'none' skips it (default: train)
 #   --nodes N            training nodes (default: 1)
+#   --seeds N            N seeds of the recipe as N runs: NAME-s0 .. NAME-s<N-1>, run k with
+#                        train.seed=k, each a chain of its own (checked and submitted in turn;
+#                        `eval/report.py compare --group-seeds` puts them in one row)
 #   --data-root DIR      shard root for training and evaluation (default: the config's data.root;
 #                        with --only eval: the one the checkpoint was trained on)
 #   --tasks "T ..."      evaluate.py tasks per split (default: "dump", which also writes bpd.json)
@@ -87,12 +90,18 @@ for arg in "$@"; do [[ "$arg" == -h || "$arg" == --help ]] && usage 0; done
 # shellcheck source=slurm/env.sh
 source "$REPO/slurm/env.sh"
 
-NAME="" CONFIG="" NODES=1 IN="" DATA_ROOT="" DRY=0 ONLY=train,eval,figures FINISH="" PREFLIGHT=1
+NAME="" CONFIG="" NODES=1 IN="" DATA_ROOT="" DRY=0 ONLY=train,eval,figures FINISH="" PREFLIGHT=1 SEEDS=""
+ARGS=() SKIP=0   # the arguments less --name NAME and --seeds N: what the run of each seed gets
+for arg in "$@"; do
+    if ((SKIP)); then SKIP=0; continue; fi
+    case $arg in --name | --seeds) SKIP=1 ;; *) ARGS+=("$arg") ;; esac
+done
 TRAIN_SPLIT=train ACC_CONFIG="$GLOW_ACCELERATE_CONFIG" TASKS="dump" RUN_TASKS="samples"
 OOD=() OVERRIDES=() CONVERT=()
 while (($#)); do
     case $1 in
         --name) NAME=${2?--name needs a value}; shift 2 ;;
+        --seeds) SEEDS=${2?--seeds needs a value}; shift 2 ;;
         --config) CONFIG=${2?--config needs a value}; shift 2 ;;
         --nodes) NODES=${2?--nodes needs a value}; shift 2 ;;
         --in) IN=${2?--in needs a value}; shift 2 ;;
@@ -109,7 +118,7 @@ while (($#)); do
         --skip-preflight) PREFLIGHT=0; shift ;;
         --allow-shared-run) export GLOW_ALLOW_SHARED_RUN=1; shift ;;
         --dry-run) DRY=1; shift ;;
-        -*) die "unknown option '$1' (options: --name --config --in --ood --train-split --nodes --data-root --tasks --run-tasks --convert-channels --accelerate-config --only --no-eval --finish --skip-preflight --allow-shared-run --dry-run; then KEY=VALUE overrides); see --help" ;;
+        -*) die "unknown option '$1' (options: --name --config --in --ood --train-split --nodes --seeds --data-root --tasks --run-tasks --convert-channels --accelerate-config --only --no-eval --finish --skip-preflight --allow-shared-run --dry-run; then KEY=VALUE overrides); see --help" ;;
         *=*) OVERRIDES+=("$1"); shift ;;
         *) die "unexpected argument '$1': training overrides are KEY=VALUE; see --help" ;;
     esac
@@ -153,6 +162,15 @@ has() { [[ " ${STAGES[*]} " == *" $1 "* ]]; }
 
 [[ -n "$NAME" ]] || die "--name is required (the run directory will be $GLOW_RUN_ROOT/NAME)"
 valid_name "$NAME" || die "--name '$NAME' is not a valid run name: use 1-128 $NAME_RULE"
+if [[ -n "$SEEDS" ]]; then   # one chain per seed: this script again, as NAME-s<k> with train.seed=k
+    [[ "$SEEDS" =~ ^[1-9][0-9]{0,2}$ ]] || die "--seeds '$SEEDS' must be a number of runs from 1 to 999"
+    has train || die "--seeds trains the recipe once per seed: it needs the train stage (not --only $ONLY)"
+    for ((k = 0; k < 10#$SEEDS; k++)); do
+        echo "# seed $k of $SEEDS: run $NAME-s$k (train.seed=$k)"
+        "$0" "${ARGS[@]}" --name "$NAME-s$k" "train.seed=$k" || exit $?
+    done
+    exit 0
+fi
 [[ -z "$DATA_ROOT" ]] || valid_path "$DATA_ROOT" ||
     die "--data-root '$DATA_ROOT' must be a path without spaces, quotes or glob characters, not starting with '-'"
 if has train; then

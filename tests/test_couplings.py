@@ -98,7 +98,7 @@ def test_masked_coupling_sees_only_m_in_and_changes_only_m_out(kind):
     # changing positions outside m_in (here: inside m_out) changes y only on m_out, pointwise
     x2 = x + m_out * torch.randn_like(x)
     y2, _ = layer(x2)
-    shift_scale = lambda v: layer._shift_scale(v, m_in.double())  # noqa: E731
+    shift_scale = lambda v: layer._shift_scale(v, m_in.double())
     s1, s2 = shift_scale(x), shift_scale(x2)
     assert torch.equal(s1[0], s2[0]) and torch.equal(s1[1], s2[1])
     assert torch.equal(y2 * (1 - m_out), x * (1 - m_out))
@@ -226,10 +226,11 @@ def test_perturbation_off_and_out_of_range():
 def test_trainer_perturbs_inputs_only_when_asked(monkeypatch):
     """`data.perturb_prob` reaches perturb_pixels in the training loss with that probability."""
     from glow.config import load_config
+    from glow.training import batches as batches_module
     from glow.training import trainer as trainer_module
 
     calls = []
-    monkeypatch.setattr(trainer_module, "perturb_pixels", lambda x, p: calls.append(p) or x)
+    monkeypatch.setattr(batches_module, "perturb_pixels", lambda x, p: calls.append(p) or x)
 
     class Stub:
         acc = type("A", (), {"device": torch.device("cpu")})()
@@ -242,5 +243,6 @@ def test_trainer_perturbs_inputs_only_when_asked(monkeypatch):
         stub = Stub()
         stub.cfg = load_config(None, ["run.name=x", f"data.perturb_prob={prob}", "model.image_size=8",
                                       "model.n_levels=2"])
+        stub.data = batches_module.training_data(stub.cfg)
         trainer_module.Trainer._loss(stub, batch)
         assert calls == expected

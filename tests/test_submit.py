@@ -387,3 +387,23 @@ def test_the_manual_commands_in_the_docs_are_what_submit_prints(tmp_path):
     assert len(docs) == len(printed) == 3
     for doc, dry in zip(docs, printed):
         assert split_command(doc) == split_command(dry), (doc, dry)
+
+
+def test_seeds_submits_one_chain_per_seed_named_and_seeded(tmp_path):
+    """--seeds 3: runs exp-s0..exp-s2, each the whole chain with train.seed=k (the name --group-seeds reads)."""
+    result = submit(tmp_path, *base(), "train.max_steps=7", "--seeds", "3", "--skip-preflight", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    trains = [shlex.split(line) for line in result.stdout.splitlines() if "slurm/train.sbatch" in line]
+    assert len(trains) == 3
+    for k, train in enumerate(trains):
+        args = train[train.index("slurm/train.sbatch") + 1:]
+        assert args == [f"exp-s{k}", str(REPO / CONFIG), "train.max_steps=7", f"train.seed={k}"]
+        assert f"--job-name=glow-train-exp-s{k}" in train
+    figures = [line for line in result.stdout.splitlines() if "slurm/figures.sbatch" in line]
+    assert [f"--run {tmp_path}/runs/exp-s{k} " in line for k, line in enumerate(figures)] == [True] * 3
+    for bad in ("0", "x", "-1"):
+        refused = submit(tmp_path, *base(), "--seeds", bad, "--skip-preflight", "--dry-run")
+        assert refused.returncode == EXIT_USAGE and "--seeds" in refused.stderr
+    only_eval = submit(tmp_path, *base(), "--seeds", "2", "--only", "eval,figures", "--skip-preflight", "--dry-run")
+    assert only_eval.returncode == EXIT_USAGE and "needs the train stage" in only_eval.stderr
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing

@@ -118,7 +118,7 @@ def test_fit_recovers_a_correlated_gaussian():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny net: threads only contend (10x slower on a loaded 2-core machine)
     try:
-        for _ in range(500):
+        for _ in range(700):
             batch = train[torch.randint(0, train.shape[0], (256,), generator=g)]
             loss = -model.log_prob(batch).mean()
             optimizer.zero_grad()
@@ -268,3 +268,31 @@ def test_model_kinds_dispatch_and_leave_glow_hashes_unchanged():
         model_config({**tab.to_dict(), "image_size": 32})  # a Glow key under a tabular model
     with pytest.raises(ValueError, match="kind must be 'glow'"):
         GlowConfig(kind="tabular").validate()
+
+
+def test_training_does_not_depend_on_the_features_units():
+    """With the input ActNorm, every trained number is in standardised units: Adam (which moves a
+    parameter by ~lr a step whatever its scale) trains the same flow on features x and on 1e-8 x
+    (a random extractor's scale), and its continuous bits/dim are lower by exactly log2(1e8)."""
+    x = torch.from_numpy(np.random.default_rng(0).multivariate_normal([1.0, -2.0, 0.5], np.eye(3) + 0.5, 512)).float()
+
+    def trained(scale: float) -> tuple[TabularFlow, torch.Tensor]:
+        torch.manual_seed(0)
+        model = TabularFlow(TabularFlowConfig(dim=3, n_couplings=2, hidden_width=8, hidden_layers=1,
+                                              input_actnorm=True))
+        model.log_prob(x[:256] * scale)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for i in range(30):
+            loss = -model.log_prob(x[(i % 4) * 128:(i % 4 + 1) * 128] * scale).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            return model, continuous_bits_per_dim(model.log_prob(x * scale), 3)
+
+    _, unit = trained(1.0)
+    model, tiny = trained(1e-8)
+    assert torch.isfinite(tiny).all()
+    np.testing.assert_allclose((unit - tiny).numpy(), np.log2(1e8), atol=2e-3)
+    y, _ = model.input_norm(x * 1e-8)
+    assert 0.5 < float(y.detach().std()) < 2.0  # still standardised after training

@@ -48,11 +48,15 @@ class _VectorActNorm(ActNorm):
     """`glow.model.flows.ActNorm` on (B, D) vectors: the same parameters, initialisation flag
     and statistics reducer (so distributed training initialises it as it does Glow's).
 
+    Features come in any units (a randomly initialised extractor gives features of ~1e-8), so
+    every trained number is kept in standardised units: ``y = x * exp(log_scale) + loc``, with
+    ``loc`` the shift *after* scaling (initialised to ``-mean * scale``). An optimizer such as
+    Adam moves a parameter by about its learning rate per step whatever the parameter's scale,
+    which would wipe out a shift held in the features' own units (1e-8) in one step.
+
     The floor added to each feature's standard deviation is ActNorm's 1e-6, or `_RELATIVE_EPS`
     times the features' typical spread (the root of their mean variance, over all ranks) when
-    that is smaller: features come in any units, and a randomly initialised extractor gives
-    features that vary by ~1e-9, which an absolute floor would swamp. A constant feature still
-    gets a finite scale."""
+    that is smaller, for the same reason. A constant feature still gets a finite scale."""
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -62,13 +66,16 @@ class _VectorActNorm(ActNorm):
         if spread > 0:
             self.eps = min(self.eps, _RELATIVE_EPS * spread)
         super().initialize(x)
+        self.loc.mul_(torch.exp(self.log_scale))  # -mean * scale: the shift in standardised units
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        y, logdet = super().forward(x[:, :, None, None])
-        return y[:, :, 0, 0], logdet
+        if not torch.compiler.is_compiling() and not self.initialized:
+            self.initialize(x[:, :, None, None])
+        loc, log_scale = self.loc[:, :, 0, 0], self.log_scale[:, :, 0, 0]
+        return x * torch.exp(log_scale) + loc, log_scale.sum().expand(x.shape[0])
 
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
-        return super().reverse(y[:, :, None, None])[:, :, 0, 0]
+        return (y - self.loc[:, :, 0, 0]) * torch.exp(-self.log_scale[:, :, 0, 0])
 
 
 class TabularCoupling(nn.Module):

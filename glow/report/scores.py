@@ -221,7 +221,8 @@ def ood_table(in_test: Dump, oods: Sequence[Dump], train: Dump | None = None, *,
         "notes": [
             "Scores are oriented higher = more in-distribution; in-distribution is the positive class. "
             "AUROC < 0.5 means the OOD set looks MORE in-distribution than held-out in-distribution data.",
-            "png_complexity is -L(x), the PNG size alone (a model-free baseline): it shows what the flow adds.",
+            *(() if in_test.vectors else
+              ("png_complexity is -L(x), the PNG size alone (a model-free baseline): it shows what the flow adds.",)),
             bootstrap.note(),
         ],
         "ood": {},

@@ -2,9 +2,9 @@
 
 `check_launch` holds the recipe against the launch: the batch layout for this world size
 (`glow.training.shape`), the launcher's mixed precision and accumulation; a disagreement is a
-ConfigError (exit 2) raised alike on every rank. `check_data` holds the model against the
-shards (rank 0 runs it for every rank). `log_startup` writes who, where, the recipe's layout and
-precision, and what resuming on another layout changes.
+ConfigError (exit 2) raised alike on every rank. (The model is held against its shards by
+`glow.training.batches`, whose ``check`` rank 0 runs for every rank.) `log_startup` writes who,
+where, the recipe's layout and precision, and what resuming on another layout changes.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import os
 from pathlib import Path
 
 from glow.config import Config, ConfigError
-from glow.data.streams import check_channels, fan_out_warning, read_manifest
 from glow.distributed import check_launcher_precision
 from glow.tracking import git_sha
 from glow.training.resume import ResumePoint
 from glow.training.shape import BatchShape, batch_shape, layout_changes
 
-__all__ = ["check_data", "check_launch", "log_startup"]
+__all__ = ["check_launch", "log_startup"]
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +36,10 @@ def check_launch(cfg: Config, accelerator, deepspeed: bool) -> BatchShape:
     return shape
 
 
-def check_data(cfg: Config) -> None:
-    """The training shards exist, are complete and fit the model (exit 4 otherwise)."""
-    c, m = cfg.data, cfg.model
-    manifest = read_manifest(c.root, c.dataset, c.split)
-    check_channels(manifest, Path(c.root) / c.dataset / c.split, m.in_channels, False, m.image_size)
-
-
-def log_startup(cfg: Config, accelerator, shape: BatchShape, *, run_path: Path, n_parameters: int,
+def log_startup(cfg: Config, accelerator, shape: BatchShape, data, *, run_path: Path, n_parameters: int,
                 resumed: ResumePoint | None, resumed_from: Path | None) -> None:
-    """The first lines of the training log (every rank; rank 0's reach log.txt)."""
+    """The first lines of the training log (every rank; rank 0's reach log.txt); ``data``: the
+    run's `glow.training.batches.TrainingData`."""
     acc = accelerator
     log.info("glow-ood train: run %s, git %s, world size %d, device %s, distributed %s",
              run_path, git_sha(), acc.num_processes, acc.device, acc.distributed_type)
@@ -64,8 +57,9 @@ def log_startup(cfg: Config, accelerator, shape: BatchShape, *, run_path: Path, 
         log.info("resuming from %s", resumed_from)
     else:
         log.info("starting from scratch")
+    if not data.samples:
+        log.info("no sample grids: a flow on feature vectors has no images to draw (train.sample_every is unused)")
     if acc.is_main_process:  # readers (ranks x workers) sharing shards: say how to rebuild
-        warning = fan_out_warning(cfg.data.root, cfg.data.dataset, cfg.data.split, acc.num_processes,
-                                  cfg.data.num_workers)
+        warning = data.fan_out_warning(acc.num_processes)
         if warning:
             log.warning(warning)

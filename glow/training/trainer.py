@@ -18,6 +18,10 @@ all-reduce carries the loss and the stop flag, and one host read takes it togeth
 the all-reduced gradient norm (the same on every rank): a non-finite norm skips the update
 on every rank while the data stream advances as usual.
 
+The model is a Glow on images or a flow on feature vectors (``model.kind: tabular``); what differs
+(the shards, the model input, discrete or continuous bits/dim, sample grids) is
+`glow.training.batches`'s, so the loop below is the same for both.
+
 The recipe: `train.global_batch_size` images per optimizer step on any world size that divides
 it (`glow.training.shape` derives the micro-batch and accumulation), logged at start and stored
 in every meta.json with the precision.
@@ -44,7 +48,6 @@ from accelerate.utils import DistributedType
 
 from glow import checkpoint as ckpt
 from glow.config import Config, to_dict, to_yaml
-from glow.data.streams import make_train_loader
 from glow.distributed import (
     StopFlag,
     all_reduce_mean,
@@ -54,14 +57,14 @@ from glow.distributed import (
 )
 from glow.files import atomic_write_text
 from glow.logs import setup_logging
-from glow.model import Glow
+from glow.model import build_model
 from glow.model.flows import set_actnorm_reducer
-from glow.model.likelihood import bits_per_dim, perturb_pixels, preprocess
 from glow.model.performance import apply_train_config
 from glow.model.sampling import save_sample_grid
 from glow.progress import Progress
 from glow.run import FINISH_REASON, Checkpoint, Run, RunInUse, resolve_checkpoint
 from glow.tracking import MetricsLog, Tracker
+from glow.training.batches import training_data
 from glow.training.deepspeed import configure_deepspeed
 from glow.training.optim import make_ema, make_optimizer, make_scheduler
 from glow.training.resume import (
@@ -72,7 +75,7 @@ from glow.training.resume import (
     save_checkpoint,
     seed_noise,
 )
-from glow.training.startup import check_data, check_launch, log_startup
+from glow.training.startup import check_launch, log_startup
 from glow.training.state import TrainState, fault_injection_step_delay, peak_memory_mb
 
 __all__ = ["EXIT_FAILED", "RunExists", "RunInUse", "Trainer"]
@@ -92,6 +95,7 @@ class Trainer:
         self.tracker: Tracker | None = None
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.shape = check_launch(cfg, accelerator, self.deepspeed)  # before anything is written
+        self.data = training_data(cfg)  # images or feature vectors, by model.kind (glow.training.batches)
         self.resumed: ResumePoint | None = None
 
     # -- set-up ------------------------------------------------------------------------
@@ -113,7 +117,7 @@ class Trainer:
     def _build(self, resume_from: Checkpoint | None) -> None:
         c, acc = self.cfg, self.acc
         torch.manual_seed(c.train.seed)  # identical initial weights on every rank
-        model = Glow(c.model).to(acc.device)
+        model = build_model(c.model).to(acc.device)
         if c.run.init_from and resume_from is None:  # one checkpoint for every rank, chosen by rank 0
             source = on_main(lambda: str(resolve_checkpoint(c.run.init_from).path), acc.num_processes,
                              acc.process_index)
@@ -141,17 +145,16 @@ class Trainer:
         """Bitwise-exact resume at any world size (see `glow.distributed.settle_ddp_buckets`)."""
         if self.deepspeed or self.acc.num_processes == 1:
             return
-        m = self.cfg.model  # the training batch shape, so a compiled model compiles once
-        y = torch.zeros(self.shape.micro_batch, m.in_channels, m.image_size, m.image_size, device=self.acc.device)
+        y = self.data.example(self.shape.micro_batch, self.acc.device)  # the training shape: compiled once
         settle_ddp_buckets(lambda: self._log_p_y(y).sum(), self.optimizer)
 
-    def _init_actnorm(self, model: Glow) -> None:
+    def _init_actnorm(self, model: torch.nn.Module) -> None:
         """One data-dependent init pass whose statistics are averaged over all ranks."""
         c = self.cfg
         batch = next(iter(self._loader(epoch=0, skip=0)))
         generator = torch.Generator().manual_seed(c.train.seed * 1000 + 7 + self.acc.process_index)
-        x = batch.to(self.acc.device)
-        y = preprocess(x, c.model.n_bits, torch.rand(x.shape, generator=generator).to(self.acc.device))
+        y = self.data.init_input(batch.to(self.acc.device),
+                                 lambda shape: torch.rand(shape, generator=generator).to(self.acc.device))
         set_actnorm_reducer(model, all_reduce_mean(self.acc))
         with torch.no_grad():
             model.log_prob(y)
@@ -159,14 +162,8 @@ class Trainer:
 
     # -- data --------------------------------------------------------------------------
     def _loader(self, epoch: int, skip: int):
-        c = self.cfg.data
-        return make_train_loader(
-            c.root, c.dataset, c.split, batch_size=self.shape.micro_batch, seed=self.cfg.train.seed,
-            epoch=epoch, rank=self.acc.process_index, world_size=self.acc.num_processes,
-            num_workers=c.num_workers, batches_per_epoch=c.batches_per_epoch, hflip=c.hflip,
-            shuffle_buffer=c.shuffle_buffer, skip_batches=skip,
-            channels=self.cfg.model.in_channels, resolution=self.cfg.model.image_size,
-        )
+        return self.data.loader(batch_size=self.shape.micro_batch, epoch=epoch, skip=skip,
+                                rank=self.acc.process_index, world_size=self.acc.num_processes)
 
     def _batches(self) -> Iterator[torch.Tensor]:
         """Endless stream of this rank's batches, starting where the resumed step left off."""
@@ -179,12 +176,8 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------
     def _loss(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
-        x = x.to(self.acc.device, non_blocking=True)
-        if c.data.perturb_prob > 0:
-            x = perturb_pixels(x, c.data.perturb_prob)
-        y = preprocess(x, c.model.n_bits, torch.rand(x.shape, device=x.device))
-        return bits_per_dim(self._log_p_y(y), c.model.n_dims, c.model.n_bits).mean()
+        y = self.data.train_input(x.to(self.acc.device, non_blocking=True))
+        return self.data.bits_per_dim(self._log_p_y(y)).mean()
 
     def _log_p_y(self, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
@@ -270,7 +263,7 @@ class Trainer:
                 self.acc.backward(loss / self.shape.accumulation)
 
     # -- outputs -----------------------------------------------------------------------
-    def _export_model(self) -> Glow:
+    def _export_model(self) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else self.model_unwrapped
 
     def check_replicas(self, when: str) -> list[str]:
@@ -290,7 +283,7 @@ class Trainer:
                                check_replicas=self.check_replicas)
 
     def save_samples(self) -> None:
-        if not self.acc.is_main_process:
+        if not self.acc.is_main_process or not self.data.samples:
             return
         t = self.cfg.train
         path = self.run.samples_path(self.state.step)
@@ -318,7 +311,7 @@ class Trainer:
     def fit(self) -> int:
         # Before the lock (a refused start leaves no run directory behind); rank 0 reads the shards'
         # manifest, so every rank takes the same decision.
-        on_main(lambda: check_data(self.cfg), self.acc.num_processes, self.acc.process_index)
+        on_main(self.data.check, self.acc.num_processes, self.acc.process_index)
         with contextlib.ExitStack() as stack:
             on_main(lambda: stack.enter_context(self.run.lock()) and None, self.acc.num_processes,
                     self.acc.process_index)
@@ -329,7 +322,7 @@ class Trainer:
         c, acc = self.cfg, self.acc
         resume_from = self._prepare_run_dir()
         self._build(resume_from)
-        log_startup(c, acc, self.shape, run_path=self.run.path, resumed=self.resumed,
+        log_startup(c, acc, self.shape, self.data, run_path=self.run.path, resumed=self.resumed,
                     resumed_from=resume_from and resume_from.path,
                     n_parameters=sum(p.numel() for p in self.model_unwrapped.parameters()))
         self.check_replicas("after initialization" if resume_from is None else "after resuming")
