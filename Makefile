@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 EXTRAS ?= test          # what `make install` installs, e.g. EXTRAS=eval,wandb,deepspeed on a cluster
 PIP_CONSTRAINTS ?=      # e.g. constraints.txt: the versions behind the README's measured numbers
 PYTEST_ARGS ?=
+# The suite runs on TEST_WORKERS processes (pytest-xdist); the Slurm tests stay together on one of them
+# (xdist_group "slurm"), beside the others. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 
 # The demo: every step skips or resumes what is already done. Override for a quick run, e.g.
 #   make demo DEMO_STEPS=50 DEMO_N_TRAIN=2000 DEMO_N_TEST=500 DEMO_DATA=/tmp/d DEMO_RUNS=/tmp/r
@@ -40,7 +43,7 @@ $(VENV)/.installed-%: pyproject.toml
 install: $(VENV)/.installed-$(strip $(EXTRAS))
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed-demo
 	$(PY) shards/build.py demo --out $(DEMO_DATA) --n-train $(DEMO_N_TRAIN) --n-test $(DEMO_N_TEST) --workers 2

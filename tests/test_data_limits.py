@@ -3,7 +3,7 @@ member could plant in a shard root is refused in one line naming it, with memory
 bound (tracemalloc). Source files: ``tests/test_source_limits.py``.
 
 Shards are planted with a manifest that matches them (bytes and sha256), as someone with write
-access to a shared shard root could do (``tests/test_shard_read.py``'s ``plant``)."""
+access to a shared shard root could do (``tests/helpers/tars.py``'s ``plant``)."""
 from __future__ import annotations
 
 import contextlib

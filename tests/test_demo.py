@@ -30,7 +30,7 @@ def test_make_demo_reduced(tmp_path):
     if not (venv / ".installed").exists():
         pytest.skip(f"{venv} was not made by `make install` (no .installed stamp)")
     args = [f"VENV={venv}", f"DEMO_DATA={tmp_path / 'shards'}", f"DEMO_RUNS={tmp_path / 'runs'}", "DEMO_NAME=demo",
-            "DEMO_STEPS=12", "DEMO_N_TRAIN=600", "DEMO_N_TEST=200",
+            "DEMO_STEPS=12", "DEMO_N_TRAIN=400", "DEMO_N_TEST=100",
             "DEMO_OVERRIDES=train.checkpoint_every=6 train.sample_every=6 train.log_every=3 data.batches_per_epoch=20"]
     env = cpu_env()
     env.pop("ACCELERATE_USE_CPU")  # the Makefile sets it itself
@@ -54,4 +54,4 @@ def test_make_demo_reduced(tmp_path):
         Image.open(run / "figures" / name).verify()
     table = json.loads((run / "figures" / "ood.json").read_text())
     assert set(table["ood"]["digits/test"]) >= {"log_likelihood", "complexity_corrected", "png_complexity"}
-    assert table["bpd"]["demo/test"]["count"] == 200 and table["bpd"]["digits/test"]["count"] == 1797
+    assert table["bpd"]["demo/test"]["count"] == 100 and table["bpd"]["digits/test"]["count"] == 1797

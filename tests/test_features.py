@@ -168,12 +168,16 @@ def test_vectors_are_the_same_on_one_and_two_processes(tmp_path):
     assert vectors.label.tolist() == [i % 3 for i in range(5)]
 
 
-@pytest.mark.slow
-def test_inception_vectors_are_the_same_on_one_and_two_processes(tmp_path, random_inception_home):
-    """Bitwise-equal shards from 1 and 2 processes, and the vectors are the FID network's features."""
+def test_inception_vectors_are_the_fid_networks_features(tmp_path, random_inception_home):
+    """The inception extractor's vectors (in this process) are the FID network's pool3 features, with
+    the manifest's provenance; that any number of processes writes the same bytes is
+    test_vectors_are_the_same_on_one_and_two_processes (the extraction does not depend on the network)."""
     weights = random_inception_home / "hub" / "checkpoints" / fid.FID_WEIGHTS_FILE
-    out = _extract_on_one_and_two_processes(tmp_path, "inception", weights)
-    vectors = load_vectors(out[2].parent.parent, "pics", "test")
+    source = tmp_path / "images"
+    build_pictures(source, 5, per_shard=2)
+    extractor = load_extractor("inception", weights, expected_sha256=sha256(weights))
+    extract_features(source, "pics", "test", tmp_path / "features", extractor, batch_size=2, progress=False)
+    vectors = load_vectors(tmp_path / "features", "pics", "test")
     assert vectors.keys.tolist() == [f"{i:08d}" for i in range(5)]
     assert vectors.vectors.shape == (5, 2048) and vectors.vectors.dtype == np.float32
     manifest = vectors.manifest

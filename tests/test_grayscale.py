@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from glow.data.shards import build
-from glow.data.sources.cifar import cifar_sources
-from glow.data.sources.mnist import idx_sources
 from glow.cli.evaluate import main as evaluate_main
 from glow.cli.figures import main as figures_main
 from glow.cli.train import main as train_main
+from glow.data.shards import build
+from glow.data.sources.cifar import cifar_sources
+from glow.data.sources.mnist import idx_sources
 from tests.helpers.fake_sources import make_fake_cifar, make_fake_idx
 from tests.helpers.gloo import train_on_gloo
 from tests.helpers.repo import REPO, invoke

@@ -69,11 +69,10 @@ def test_a_config_error_under_two_processes_ends_with_2_and_no_traceback(tmp_pat
     assert "Traceback" not in output and "ChildFailedError" not in output, output
     assert last_line(result.stderr).startswith("error: override 'train.max_stepz=3': unknown key"), output
     assert output.count("unknown key train.max_stepz") == 1  # printed once, by the launcher
-    # both workers ran; the one the launcher stopped after the first failure may still have been
-    # writing its report (an atomic write's temporary file, never a partial report)
+    # a worker's report, and the launcher's one line (the launcher stops the other worker after the first
+    # failure: that one may have written its report, part of it as an atomic write's temporary file, or none)
     names = sorted(p.name for p in exit_dir.iterdir())
-    assert names[-3:] in (["error", "rank-0", "rank-1"],) or (names[-2:] == ["error", "rank-0"] and
-                                                           any(n.startswith(".rank-1.") for n in names)), names
+    assert "error" in names and {"rank-0", "rank-1"} & set(names), names
     assert (exit_dir / "error").read_text() == last_line(result.stderr) + "\n"
 
 

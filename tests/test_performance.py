@@ -8,6 +8,8 @@ on gradient norms per parameter.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -128,10 +130,12 @@ def test_train_config_options_and_validation():
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager_log_p_and_gradients():
-    """One compile test (cold compile: see docs/PERFORMANCE.md; a few seconds with a warm inductor cache)."""
-    ref_model, y = model_and_batch(torch.float32)
+    """One compile test (cold compile: see docs/PERFORMANCE.md; a few seconds with a warm inductor cache),
+    on the smallest model with a split and the learned prior (one flow step a level: less to compile)."""
+    config = dataclasses.replace(TINY, steps_per_level=1)
+    ref_model, y = model_and_batch(torch.float32, config=config)
     ref = forward_backward(ref_model, y)
-    model, _ = model_and_batch(torch.float32)
+    model, _ = model_and_batch(torch.float32, config=config)
     apply_fast_paths(model, compile=True)
     out = forward_backward(model, y)
     assert_close(*out, *ref, 1e-5, 1e-3)

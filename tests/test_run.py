@@ -11,16 +11,8 @@ import pytest
 
 from glow.errors import CheckpointMissing, ResultsMissing
 from glow.run import Checkpoint, Run, attempt_end, main, resolve_checkpoint
+from tests.helpers.fake_runs import fake_checkpoints
 from tests.helpers.repo import REPO, cpu_env
-
-
-def fake_checkpoints(run: Run, complete=(5, 10), partial=(15,)) -> None:
-    for step in (*complete, *partial):
-        c = run.checkpoint(step)
-        c.path.mkdir(parents=True)
-        (c.path / "meta.json").write_text(f'{{"step": {step}, "model_hash": "m"}}')
-        if step in complete:
-            c.complete_marker.write_text(f"{step}\n")
 
 
 def test_latest_is_the_newest_complete_checkpoint_and_the_link_follows(tmp_path):

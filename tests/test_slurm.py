@@ -248,7 +248,7 @@ def submit_chain(s: Scenario) -> dict:
            "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), "HOME": str(home)}
 
     def submit(*args: str) -> dict[str, str]:
-        out = s.cluster.run(["slurm/submit.sh", *args], env=env, cwd=REPO).stdout
+        out = s.cluster.run(["slurm/submit.sh", *args], env=env, cwd=REPO, timeout=600).stdout
         return dict(line.split()[:2] for line in out.splitlines())
 
     ids = submit("--name", "chain", "--config", CONFIG, "--in", "toy/test", "--ood", "toyood/test",
@@ -256,7 +256,7 @@ def submit_chain(s: Scenario) -> dict:
                  "train.max_steps=100000", "train.checkpoint_every=100000", "train.sample_every=100000")
     run_dir = s.root / "runs" / "chain"
     s.wait_until(ids["train"], run_dir, lambda: (run_dir / "metrics.jsonl").exists(), what="training")
-    s.cluster.run(["slurm/submit.sh", "--finish", "chain"], env=env, cwd=REPO)
+    s.cluster.run(["slurm/submit.sh", "--finish", "chain"], env=env, cwd=REPO, timeout=600)
     result = {"ids": ids, "run_dir": run_dir, "figures": s.wait_end(ids["figures"]),
               "train": s.state(ids["train"]), "eval": s.cluster.job_states(ids["eval"])}
     items = (run_dir / "slurm" / "eval-jobs.txt").read_text().splitlines()

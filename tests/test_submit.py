@@ -214,7 +214,7 @@ def test_the_job_list_replaces_a_planted_link_and_the_array_gets_its_items_as_ar
 
 def test_only_eval_and_figures_submits_no_training(tmp_path, shards):
     from glow.run import Run
-    from tests.test_run import fake_checkpoints
+    from tests.helpers.fake_runs import fake_checkpoints
 
     run = Run(tmp_path / "runs" / "done")
     fake_checkpoints(run, complete=(8,), partial=())

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from glow.evaluation import dumps
+from glow.run import Run
 
 STEP = 100
 D = 32 * 32 * 3
@@ -70,3 +71,13 @@ def write_vector_dump(step_dir: Path, dataset: str, split: str, bpd: np.ndarray,
                             "label": np.full(n, -1), "log_p": -bpd * dim * np.log(2.0), "bpd": bpd},
                      step=STEP, model_hash=model_hash, checkpoint=checkpoint or f"runs/f/checkpoints/step-{STEP:08d}",
                      dataset=dataset, split=split, data_root="/features", data_kind="vectors")
+
+
+def fake_checkpoints(run: Run, complete=(5, 10), partial=(15,)) -> None:
+    """Step folders of ``run``: meta.json in each, COMPLETE in those of ``complete`` (no weights)."""
+    for step in (*complete, *partial):
+        c = run.checkpoint(step)
+        c.path.mkdir(parents=True)
+        (c.path / "meta.json").write_text(f'{{"step": {step}, "model_hash": "m"}}')
+        if step in complete:
+            c.complete_marker.write_text(f"{step}\n")
