@@ -9,20 +9,23 @@ all started together by the module fixture, so the module costs about as long as
 (b) the trainer of one node frozen (SIGSTOP: a hung node keeps its sockets open), and in another
     job killed: the job ends FAILED (dist.timeout_s 10), is not requeued, the last checkpoint loads;
 (c) scancel: CANCELLED, not requeued, the trainer saved a complete checkpoint on TERM;
-(g) a second launch on a live run refuses (exit 2), naming the holder, and the live run goes on;
 (h) a config error inside the job: FAILED with exit status 2, no traceback, the message last;
 (i) Slurm's own preemption (PreemptMode=REQUEUE, partition low preempted by high): TERM to the job,
     the script does not requeue, Slurm does, and the run resumes from a checkpoint;
 (j) the requeue cap: with GLOW_MAX_REQUEUES=0 a preempted job that made progress ends FAILED;
 (k) slurm/submit.sh: train -> eval array -> figures on tiny data, finished early (`submit.sh
-    --finish`): COMPLETED without a requeue, evaluation and figures on that step; then `submit.sh
-    --only eval,figures` and one task resubmitted by hand: no training job, every result skipped.
+    --finish`): COMPLETED without a requeue, evaluation and figures on that step; then one task
+    resubmitted by hand (docs/cluster.md): it finds its result and skips.
 
 Removed from earlier rounds, and what covers each now: an attempt without progress (the requeue
 decision, tests/test_run.py::test_the_requeue_decision, the same sbatch branch as (j)); DeepSpeed on
 2 Slurm nodes (tests/test_trainer.py::test_deepspeed_zero2_trains_like_ddp_seals_its_state_and_resumes);
 1 node x 2 processes and 2 nodes x 1 process trained to the end ((a): 2 nodes x 2 processes); a finished
-run evaluated alone ((k): the run finished early, evaluated again).
+run evaluated alone and `submit.sh --only eval,figures` on the cluster ((k)'s task resubmitted by hand;
+tests/test_submit.py::test_only_eval_and_figures_submits_no_training: the jobs submitted, no training;
+tests/test_evaluation.py: every result skipped); a second launch on a live run
+(tests/test_trainer.py::test_second_trainer_on_a_live_run_refuses_naming_the_holder; exit 2 through the
+template: (h)).
 
 Jobs ask for one CPU per node (the cluster advertises more CPUs than the machine has) and sleep
 between steps (GLOW_TEST_STEP_SECONDS, no CPU) where they must live until the test acts on them.
@@ -152,7 +155,7 @@ def preempt_twice(s: Scenario) -> dict:
     hostile.mkdir(parents=True)
     (hostile / "COMPLETE").touch()
     job, run_dir = s.submit("pre4", *common, procs=2, env=slow)
-    ref, ref_dir = s.submit("ref4", *common, procs=2, env=slow)
+    ref, ref_dir = s.submit("ref4", *common, procs=2)
     for attempt in range(2):
         s.wait_until(job, run_dir, lambda: restarts(s.state(job)) == attempt and s.state(job)["JobState"] == "RUNNING",
                      what=f"attempt {attempt} running")
@@ -170,12 +173,6 @@ def freeze_or_kill(s: Scenario, how: str) -> dict:
     s.wait_until(job, run_dir, lambda: complete_steps(run_dir) and trainer_pids(job, "n2"),
                  what="a complete checkpoint")
     result = {"run_dir": run_dir}
-    if how == "stop":  # (g) piggybacks on this live run: a second launch must refuse
-        second, _ = s.submit("hang-stop", "train.max_steps=100000", nodes=1, script=None)
-        result["second"] = s.wait_end(second, timeout=300)
-        result["alive_after_second"] = s.state(job)["JobState"]
-        result["lock"] = json.loads((run_dir / "LOCK").read_text())
-        result["job"] = job
     pids = trainer_pids(job, "n2")
     t0 = time.monotonic()
     for pid in pids:
@@ -241,7 +238,7 @@ def requeue_cap(s: Scenario, tmp: Path) -> dict:
 
 def submit_chain(s: Scenario) -> dict:
     """(k): `submit.sh` (train -> eval array -> figures), finished early with `submit.sh --finish`;
-    then `submit.sh --only eval,figures` on it and one evaluation task resubmitted by hand."""
+    then one evaluation task resubmitted by hand."""
     home = s.root / "home"
     home.mkdir(exist_ok=True)
     env = {"GLOW_REPO": str(REPO), "GLOW_CPU": "1", "GLOW_PROCS_PER_NODE": "1", "GLOW_RUN_ROOT": str(s.root / "runs"),
@@ -262,11 +259,7 @@ def submit_chain(s: Scenario) -> dict:
     items = (run_dir / "slurm" / "eval-jobs.txt").read_text().splitlines()
     by_hand = s.cluster.sbatch(REPO / "slurm" / "eval.sbatch", *items, env=env, cwd=REPO,
                                sbatch_args=["--array=1", f"--output={s.root}/again-%a.out"])
-    again = submit("--only", "eval,figures", "--name", "chain", "--in", "toy/test", "--ood", "toyood/test",
-                   "--data-root", str(s.shards), "--train-split", "none")
-    result.update(items=items, again=again, again_figures=s.wait_end(again["figures"]),
-                  again_eval=s.cluster.job_states(again["eval"]), by_hand=s.wait_end(by_hand),
-                  by_hand_log=(s.root / "again-1.out").read_text())
+    result.update(items=items, by_hand=s.wait_end(by_hand), by_hand_log=(s.root / "again-1.out").read_text())
     return result
 
 
@@ -300,6 +293,8 @@ def test_a_world_size_4_two_preemptions_equal_uninterrupted(scenarios):
     assert r["ref"]["JobState"] == "COMPLETED" and restarts(r["ref"]) == 0, log_of(r["ref_dir"])
     meta = json.loads((r["run_dir"] / "checkpoints" / "step-00000030" / "meta.json").read_text())
     assert meta["world_size"] == 4 and len(set(meta["replica_digests"])) == 1, meta
+    assert (meta["global_batch_size"], meta["micro_batch_size"], meta["accumulation_steps"]) == (8, 2, 1), meta
+    assert "recipe: global batch 8 = 4 process(es) x 1 micro-batch(es) of 2" in (r["run_dir"] / "log.txt").read_text()
     a, b = weights(r["run_dir"]), weights(r["ref_dir"])
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), "resumed weights differ"
     # the hostile folder name ran nothing, in the job's home, the run, the repository or anywhere here
@@ -331,16 +326,6 @@ def test_c_scancel_checkpoints_and_is_not_requeued(scenarios):
     assert "requeueing" not in log
 
 
-def test_g_second_launch_on_a_live_run_refuses(scenarios):
-    r = scenarios["stop"].result()
-    second = r["second"]
-    assert second["JobState"] == "FAILED" and second["ExitCode"] == "2:0" and restarts(second) == 0, second
-    text = "\n".join(p.read_text() for p in (r["run_dir"] / "logs").glob(f"train-{second['JobId']}.out"))
-    assert "is held by another process" in text and f"slurm_job_id={r['job']}" in text, text
-    assert r["alive_after_second"] == "RUNNING"
-    assert r["lock"]["slurm_job_id"] == r["job"]
-
-
 def test_h_a_config_error_ends_the_job_with_2_and_no_traceback(scenarios):
     r = scenarios["config_error"].result()
     log = log_of(r["run_dir"])
@@ -368,7 +353,7 @@ def test_j_the_requeue_cap_ends_the_job(scenarios):
     assert complete_steps(r["run_dir"]), log  # it had made progress: the cap, not "no progress", ended it
 
 
-def test_k_submit_finish_early_then_evaluate_again(scenarios):
+def test_k_submit_finish_early_then_resubmit_a_task_by_hand(scenarios):
     r = scenarios["chain"].result()
     run_dir = r["run_dir"]
     log = log_of(run_dir, tail=0)
@@ -382,8 +367,7 @@ def test_k_submit_finish_early_then_evaluate_again(scenarios):
     assert table["step"] == int(step), table  # evaluation and figures on the finish checkpoint
     for f in ("distributions.png", "ood.md", "index.html", "samples.png"):
         assert (run_dir / "figures" / f).is_file(), f
-    # evaluated again: no training job, every task finds its results and skips
-    assert set(r["again"]) == {"eval", "figures"}, r["again"]
-    assert r["again_figures"]["JobState"] == "COMPLETED" and {t["JobState"] for t in r["again_eval"]} == {"COMPLETED"}
-    assert log_of(run_dir, tail=0).count("every result exists; skipping") == len(r["items"]) == 3
+    # one task resubmitted by hand as docs/cluster.md shows (its work items as the array's arguments, from
+    # the list submit.sh keeps): it finds its result and skips
+    assert len(r["items"]) == 3
     assert r["by_hand"]["JobState"] == "COMPLETED" and f"exists; skipping ({r['items'][1]})" in r["by_hand_log"]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import shutil
 import signal
 import subprocess
 import time
@@ -415,23 +413,15 @@ def test_sigkill_of_the_launcher_leaves_no_worker(toy_shards, tmp_path):
 
 
 # -- the one DeepSpeed proof ----------------------------------------------------------------
-def _malicious_pickle_into(path: Path, marker: Path) -> None:
-    class Payload:
-        def __reduce__(self):  # unpickling opens (creates) the marker file
-            return (open, (str(marker), "w"))
-
-    path.write_bytes(pickle.dumps({"module": Payload()}))
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("GLOW_SKIP_DEEPSPEED") == "1", reason="GLOW_SKIP_DEEPSPEED=1")
 def test_deepspeed_zero2_trains_like_ddp_seals_its_state_and_resumes(toy_shards, tmp_path):
     """ZeRO-2 on 2 CPU processes with the shipped launch file and the module entry
     (`accelerate launch --config_file <deepspeed_zero2> -m glow.cli.train`, from another directory):
     the layout derived as for DDP, the same losses and gradient norms as 2 gloo DDP ranks; under
-    umask 002 no file of the saved state is group-writable; a pickle written into
-    mp_rank_00_model_states.pt is refused on resume (exit 5, one line naming it) and never runs;
-    with the real file back the run resumes and continues the DDP trajectory."""
+    umask 002 no file of the saved state is group-writable;
+    the run resumes and continues the DDP trajectory. (A state a group member could have changed is
+    refused before DeepSpeed reads it: tests/test_trust.py, in this process.)"""
     pytest.importorskip("deepspeed")
     from glow.config import launch_config_path
 
@@ -461,20 +451,6 @@ def test_deepspeed_zero2_trains_like_ddp_seals_its_state_and_resumes(toy_shards,
         assert checkpoint.step == 6 and list(checkpoint.state_dir.glob("pytorch_model/*.pt"))
         for path in [checkpoint.state_dir, *checkpoint.state_dir.rglob("*")]:
             assert path.lstat().st_mode & 0o022 == 0, path
-        # a group member's pickle, written in place (owner unchanged, group-writable as umask 002 leaves it)
-        target = checkpoint.state_dir / "pytorch_model" / "mp_rank_00_model_states.pt"
-        real = tmp_path / "real.pt"
-        shutil.copy2(target, real)
-        marker = tmp_path / "ran"
-        target.chmod(0o664)
-        _malicious_pickle_into(target, marker)
-        refused = launch(10)
-        errors = sorted({line for line in refused.stderr.splitlines() if line.startswith("error: ")})
-        assert refused.returncode != 0 and len(errors) == 1, refused.stderr[-3000:]
-        assert str(target) in errors[0] and "writable by group" in errors[0]
-        assert not marker.exists()
-        shutil.copy2(real, target)
-        target.chmod(0o644)
         resumed = launch(10)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     finally:

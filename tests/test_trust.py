@@ -83,6 +83,27 @@ def _deepspeed_state(root: Path) -> Path:
     return state
 
 
+def test_a_deepspeed_resume_checks_the_state_before_deepspeed_reads_it(tmp_path):
+    """The trainer's restore (every rank, under DeepSpeed) refuses a state a group member could have
+    changed before accelerate/DeepSpeed unpickle anything: load_state is never reached. (The real
+    ZeRO-2 run with a planted pickle: tests/test_trainer.py's DeepSpeed proof.)"""
+    from glow.training.resume import ResumePoint, restore
+
+    checkpoint = Run(tmp_path / "run").checkpoint(2)
+    state = _deepspeed_state(checkpoint.path)
+    (state / "pytorch_model" / "mp_rank_00_model_states.pt").chmod(0o664)
+
+    class Accelerator:  # one process; a load means the check came too late
+        num_processes, process_index = 1, 0
+
+        def load_state(self, path):
+            raise AssertionError(f"DeepSpeed state {path} loaded before it was checked")
+
+    with pytest.raises(ckpt.DeepSpeedStateRefused, match="writable by group"):
+        restore(Accelerator(), checkpoint, ResumePoint(2, {"world_size": 1}, False), state=None, scheduler=None,
+                ema=None, seed=0, deepspeed=True)
+
+
 @pytest.mark.parametrize("plant", ["group-writable", "replaced", "link", "group-writable-folder"])
 def test_deepspeed_state_anyone_else_could_change_is_refused(tmp_path, plant):
     """DeepSpeed unpickles its state: a group member who overwrote mp_rank_00_model_states.pt in
