@@ -24,21 +24,40 @@ procs_per_node() {
 
 # rendezvous_port WHAT: MASTER_PORT when set, else GLOW_PORT_BASE + job id % 15000 (below the
 # Linux ephemeral range). Every job, and every task of an array, has its own job id, so tasks
-# that share a node get different ports.
+# that share a node get different ports. The batch script runs on the rendezvous host: a derived
+# port something there already listens on (the previous attempt of a requeued job still shutting
+# down, another job's port) is passed over for the next free one of 16 (accelerate refuses a busy
+# port on multi-node launches).
 rendezvous_port() {
-    local what=$1 port=${MASTER_PORT:-}
+    local what=$1 port=${MASTER_PORT:-} tries=0
     if [[ -z "$port" ]]; then
         if ! is_count "$GLOW_PORT_BASE" || ! is_count "${SLURM_JOB_ID:-}"; then
             echo "$what: GLOW_PORT_BASE='$GLOW_PORT_BASE' and SLURM_JOB_ID='${SLURM_JOB_ID:-}' must be numbers" >&2
             return 1
         fi
         port=$((10#$GLOW_PORT_BASE + 10#$SLURM_JOB_ID % 15000))
+        while port_listened_on "$port" && ((tries < 15)); do
+            echo "$what: port $port is in use on this host; trying $((port + 1))" >&2
+            port=$((port + 1))
+            tries=$((tries + 1))
+        done
     fi
     if ! [[ "$port" =~ ^[1-9][0-9]{0,4}$ ]] || ((10#$port > 65535)); then
         echo "$what: rendezvous port '$port' (MASTER_PORT or GLOW_PORT_BASE) is not a port number" >&2
         return 1
     fi
     echo "$port"
+}
+
+# port_listened_on PORT: whether a process on this host accepts connections on PORT (IPv4 or IPv6).
+port_listened_on() {
+    local host
+    for host in 127.0.0.1 ::1; do
+        if (exec 3<>"/dev/tcp/$host/$1") 2>/dev/null; then
+            return 0
+        fi
+    done
+    return 1
 }
 
 # cpu_mode_env USE_DEEPSPEED: in CPU mode (GLOW_CPU=1), gloo processes: ACCELERATE_USE_CPU=1

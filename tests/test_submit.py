@@ -407,3 +407,23 @@ def test_seeds_submits_one_chain_per_seed_named_and_seeded(tmp_path):
     only_eval = submit(tmp_path, *base(), "--seeds", "2", "--only", "eval,figures", "--skip-preflight", "--dry-run")
     assert only_eval.returncode == EXIT_USAGE and "needs the train stage" in only_eval.stderr
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_the_rendezvous_port_passes_over_one_in_use_on_the_head_host():
+    """slurm/jobs.sh: base + job id, or the next free port when something on this (the rendezvous) host
+    listens there, e.g. a requeued job's previous attempt still shutting down; MASTER_PORT is kept."""
+    import socket
+
+    def port(base: int, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", "source slurm/jobs.sh && rendezvous_port test"], cwd=REPO,
+                              env={"PATH": os.environ["PATH"], "GLOW_PORT_BASE": str(base), "SLURM_JOB_ID": "7", **env},
+                              capture_output=True, text=True)
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))  # a free port P = base + job id 7
+        free = busy.getsockname()[1]
+        assert port(free - 7).stdout.strip() == str(free)
+        busy.listen()
+        taken = port(free - 7)
+        assert taken.stdout.strip() == str(free + 1) and f"port {free} is in use" in taken.stderr
+        assert port(free - 7, MASTER_PORT="12345").stdout.strip() == "12345"
