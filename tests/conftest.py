@@ -21,6 +21,13 @@ from tests.helpers.toy import build_toy_shards, train_in_process
 TINY_RUN_STEPS = 10
 
 
+def pytest_collection_modifyitems(config, items):
+    """The Slurm tests first: their jobs mostly wait (requeues, timeouts), so under pytest-xdist the
+    worker that holds the cluster starts them at once and the other workers fill the machine meanwhile,
+    instead of the cluster's waits trailing at the end of the run."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slurm") else 1)  # stable: order kept within
+
+
 def pytest_configure(config):
     """One intra-op thread, as every subprocess and spawned rank gets (tests/helpers: OMP_NUM_THREADS=1):
     results computed here and in a rank agree bitwise, and parallel test workers do not oversubscribe."""
