@@ -8,7 +8,7 @@ import importlib.util
 from glow.config import LOGGERS
 from glow.errors import UserError
 
-__all__ = ["EVAL_MODULES", "LOGGERS", "require_extra", "use_file_backend"]
+__all__ = ["EVAL_MODULES", "LOGGERS", "logger_options", "require_extra", "shared_run_option", "use_file_backend"]
 
 EVAL_MODULES = ("matplotlib", "sklearn", "scipy")  # what the [eval] extra installs
 
@@ -26,3 +26,28 @@ def use_file_backend() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+
+
+def logger_options(results: str):
+    """``--logger`` (the tracker that gets ``results``, beside the training run) and its hidden alias
+    ``--wandb/--no-wandb``: the options of every job that reports to the run's tracker."""
+    import click
+
+    def decorate(command):
+        command = click.option("--wandb/--no-wandb", "use_wandb", default=None, hidden=True,
+                               help="Same as --logger wandb / --logger none. [default: the training run's "
+                                    "run.logger]")(command)
+        return click.option("--logger", type=click.Choice(LOGGERS), default=None,
+                            help=f"Tracker for {results}, beside the training run. [default: the training run's run.logger]")(command)
+
+    return decorate
+
+
+def shared_run_option(what: str, default: str = "refuse"):
+    """``--allow-shared-run``: ``what`` the command does with a run whose directory (or fixed folders)
+    is a link or another user's, as a deliberately shared layout allows."""
+    import click
+
+    return click.option("--allow-shared-run", is_flag=True,
+                        help=f"{what}: a deliberately shared layout (also GLOW_ALLOW_SHARED_RUN=1). "
+                             f"[default: {default}]")

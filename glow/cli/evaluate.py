@@ -39,7 +39,13 @@ error (shards missing, corrupt or not fitting the model), 5 checkpoint or FID we
 
 import click
 
-from glow.cli import EVAL_MODULES, LOGGERS, require_extra, use_file_backend
+from glow.cli import (
+    EVAL_MODULES,
+    logger_options,
+    require_extra,
+    shared_run_option,
+    use_file_backend,
+)
 from glow.config import check_tracker_installed
 from glow.errors import exit_on_user_error
 from glow.evaluation import TASKS
@@ -95,15 +101,9 @@ def _parse_spec(spec: str) -> tuple[str, str]:
 @click.option("--convert-channels", is_flag=True,
               help="Score sets of the other modality: grayscale replicated to RGB for an RGB model, RGB to "
                    "luma (ITU-R 601-2) for a grayscale model. Without it a mismatch is an error.")
-@click.option("--logger", type=click.Choice(LOGGERS), default=None,
-              help="Tracker for the results (job type eval, beside the training run). "
-                   "[default: the training run's run.logger]")
-@click.option("--wandb/--no-wandb", "use_wandb", default=None, hidden=True,
-              help="Same as --logger wandb / --logger none. [default: the training run's run.logger]")
-@click.option("--allow-shared-run", is_flag=True,
-              help="Evaluate a run whose directory (or fixed folders) is a link or another user's, and take results "
-                   "another user wrote as done: a deliberately shared layout (also GLOW_ALLOW_SHARED_RUN=1). "
-                   "[default: refuse them; recompute results you did not write]")
+@logger_options("the results (job type eval)")
+@shared_run_option("Evaluate a run whose directory (or fixed folders) is a link or another user's, and take "
+                   "results another user wrote as done", "refuse them; recompute results you did not write")
 @exit_on_user_error
 def main(checkpoint, tasks, specs, data_root, batch_size, workers, seed, force, temperatures,
          samples_per_temperature, fid_samples, fid_temperatures, inception_weights, fid_cache, latents_images,

@@ -23,7 +23,13 @@ is a link or another user's), 4 dumps missing or not matching, 1 internal error 
 
 import click
 
-from glow.cli import EVAL_MODULES, LOGGERS, require_extra, use_file_backend
+from glow.cli import (
+    EVAL_MODULES,
+    logger_options,
+    require_extra,
+    shared_run_option,
+    use_file_backend,
+)
 from glow.config import check_tracker_installed
 from glow.errors import exit_on_user_error
 from glow.logs import setup_logging
@@ -71,14 +77,9 @@ def parse_in_spec(value: str, in_split: str | None) -> tuple[str, str]:
               metavar="N", help="Bootstrap resamples of the 95% interval of every AUROC, AUPR and FPR@95 "
                                 "(0: no intervals, faster).")
 @click.option("--bootstrap-seed", type=int, default=0, show_default=True, help="Seed of the bootstrap resamples.")
-@click.option("--logger", type=click.Choice(LOGGERS), default=None,
-              help="Tracker for the OOD table, bits/dim and figures (job type figures, beside the training run). "
-                   "[default: the training run's run.logger]")
-@click.option("--wandb/--no-wandb", "use_wandb", default=None, hidden=True,
-              help="Same as --logger wandb / --logger none. [default: the training run's run.logger]")
-@click.option("--allow-shared-run", is_flag=True,
-              help="Draw a run whose directory (or fixed folders) is a link or another user's, from dumps another "
-                   "user wrote: a deliberately shared layout (also GLOW_ALLOW_SHARED_RUN=1). [default: refuse]")
+@logger_options("the OOD table, bits/dim and figures (job type figures)")
+@shared_run_option("Draw a run whose directory (or fixed folders) is a link or another user's, from dumps another "
+                   "user wrote")
 @exit_on_user_error
 def main(run_dir, step, in_dataset, in_split, train_split, ood_specs, data_root, out_dir, k, seed, n_resamples,
          bootstrap_seed, logger, use_wandb, allow_shared_run):
