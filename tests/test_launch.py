@@ -102,24 +102,3 @@ def test_the_launcher_takes_accelerates_arguments():
     result = launch("--help")
     assert result.returncode == 0 and "--num_processes" in result.stdout and "python -m glow.cli.launch" in result.stdout
     assert os.path.isfile(CPU_2PROC)
-
-
-def test_a_multi_node_launch_waits_for_its_port_before_refusing_it():
-    """glow.cli.launch's port check (multi-node, machine rank 0): a port released within the wait is
-    taken; one held throughout is refused, as accelerate would."""
-    import socket
-    import threading
-
-    from glow.cli.launch import _patient_port_check
-
-    check = _patient_port_check(wait_s=5.0)
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        port = held.getsockname()[1]
-        assert check(port) is False
-        held.listen()
-        assert _patient_port_check(wait_s=0.2)(port) is True
-        release = threading.Timer(0.5, held.close)
-        release.start()
-        assert check(port) is False  # released while it waited
-        release.join()

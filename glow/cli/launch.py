@@ -73,38 +73,12 @@ def _end(line: str, code: int, given: Path | None) -> int:
     return code
 
 
-PORT_WAIT_S = 30.0  # how long a multi-node launch waits for its rendezvous port to be released
-
-
-def _patient_port_check(wait_s: float = PORT_WAIT_S):
-    """accelerate refuses a multi-node launch on machine rank 0 when its rendezvous port is in use
-    at that instant. The Slurm template picks a port free at the head host just before; what still
-    holds it then is short-lived (a requeued attempt's processes shutting down, a peer's probe when
-    nodes share a host): wait up to ``wait_s`` for it to be released before refusing."""
-    import time
-
-    from accelerate.utils import other
-
-    def in_use(port: int | None = None) -> bool:
-        deadline = time.monotonic() + wait_s
-        while other.is_port_in_use(port):
-            if time.monotonic() > deadline:
-                return True
-            time.sleep(0.5)
-        return False
-
-    return in_use
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    import accelerate.utils.launch
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     parser = launch_command_parser()
     parser.prog = "python -m glow.cli.launch"
     args = parser.parse_args(argv)
-    if (args.num_machines or 1) > 1:
-        accelerate.utils.launch.is_port_in_use = _patient_port_check()
     with contextlib.ExitStack() as stack:
         # The batch script's private directory when it passes one (it reads the report back),
         # else our own; either way mode 0700 on this node's local temp space.
