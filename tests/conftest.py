@@ -21,11 +21,27 @@ from tests.helpers.toy import build_toy_shards, train_in_process
 TINY_RUN_STEPS = 10
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     """The Slurm tests first: their jobs mostly wait (requeues, timeouts), so under pytest-xdist the
     worker that holds the cluster starts them at once and the other workers fill the machine meanwhile,
-    instead of the cluster's waits trailing at the end of the run."""
+    instead of the cluster's waits trailing at the end of the run.
+
+    And `--dist loadgroup` really groups: pytest-xdist 3.8 marks a grouped test by appending
+    `@<group>` to `item._nodeid`, which pytest 9 no longer reads (it keeps `item._id`), so every
+    worker would run Slurm tests and start a cluster of its own (two clusters on one host hand out
+    the same job ids, hence the same rendezvous ports). Done here when xdist's suffix is missing."""
     items.sort(key=lambda item: 0 if item.get_closest_marker("slurm") else 1)  # stable: order kept within
+    if not config.getoption("loadgroup", default=False):
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix):
+            item._id = coerce_node_id(item.nodeid + suffix)
 
 
 def pytest_configure(config):
