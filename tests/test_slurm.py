@@ -18,8 +18,8 @@ all started together by the module fixture, so the module costs about as long as
     resubmitted by hand (docs/cluster.md): it finds its result and skips.
 
 Removed from earlier rounds, and what covers each now: the second and third preemption in a row (the
-requeue count across attempts: tests/test_run.py::test_the_requeue_decision and (j); resuming a resumed
-run: tests/test_trainer.py's STOP test resumes bitwise); an attempt without progress (the requeue
+requeue count across attempts: tests/test_run.py::test_the_requeue_decision and (j); the exact resume:
+(a)'s one preemption and tests/test_trainer.py's STOP test); an attempt without progress (the requeue
 decision, tests/test_run.py::test_the_requeue_decision, the same sbatch branch as (j)); DeepSpeed on
 2 Slurm nodes (tests/test_trainer.py::test_deepspeed_zero2_trains_like_ddp_seals_its_state_and_resumes);
 1 node x 2 processes and 2 nodes x 1 process trained to the end ((a): 2 nodes x 2 processes); a finished
