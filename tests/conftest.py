@@ -44,10 +44,20 @@ def pytest_collection_modifyitems(config, items):
             item._id = coerce_node_id(item.nodeid + suffix)
 
 
+_BLAS_LIMITS = []  # keeps threadpoolctl's limits for the session
+
+
 def pytest_configure(config):
     """One intra-op thread, as every subprocess and spawned rank gets (tests/helpers: OMP_NUM_THREADS=1):
-    results computed here and in a rank agree bitwise, and parallel test workers do not oversubscribe."""
+    results computed here and in a rank agree bitwise, and parallel test workers do not oversubscribe.
+    numpy's and scipy's BLAS too: their spinning threads beside a busy neighbour made a 1-s shard build
+    take 25 s."""
     torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # without the eval extra's scikit-learn
+        return
+    _BLAS_LIMITS.append(threadpool_limits(limits=1))
 
 
 @pytest.fixture(scope="session")
